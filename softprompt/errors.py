@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Every mistake a user can make (a wrong path, a missing column, a prompt trained for another
+model) raises a `SoftpromptError` whose message names the problem and the fix. The CLI prints
+it on one line and exits with status 2, without a traceback; library users can catch it.
+"""
+
+from __future__ import annotations
+
+
+class SoftpromptError(Exception):
+    """A problem with the user's input, config or files, with the fix in the message."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+
+
+class DataError(SoftpromptError):
+    """Task data that cannot be read or does not match the task spec."""
+
+
+class ConfigError(SoftpromptError):
+    """An invalid option or combination of options."""
+
+
+class PromptFileError(SoftpromptError):
+    """A prompt file that is missing, corrupted, of an unknown format or for another model."""
+
+
+class InputTooLongError(SoftpromptError):
+    """An input that, with its virtual tokens, exceeds the model's context."""
+
+
+class TrainingError(SoftpromptError):
+    """Training cannot go on (for example a NaN loss); the last good checkpoint is kept."""

@@ -1,0 +1,175 @@
+"""Metrics: rank classification by verbalizer likelihood, and generation scored by BLEU and ROUGE-L.
+
+The same functions score the plain template (no injection: zero-shot), a trained prompt, and a
+hard-prompt candidate, so every number in a report is comparable.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Encoder, Split, Task, TaskSpec, collate
+from .generate import generate_ids
+from .inject import EMPTY, Injection, _per_row, assemble, forward
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding is small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _budget(base, enc: Encoder, inj: Injection, reserve: int) -> int | None:
+    return None if base.max_positions is None else base.max_positions - inj.num_positions - reserve
+
+
+@torch.inference_mode()
+def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: Injection | list[Injection] = EMPTY,
+                          batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """(N, C) log-likelihood of each class's verbalizer tokens after each prompt.
+
+    When every verbalizer is one token (the common case), one forward per prompt reads all C
+    scores from the last position; otherwise each (prompt, class) pair is scored as a sequence.
+    """
+    rows = _per_row(injections, len(prompts))
+    verb = enc.verbalizer_ids
+    reserve = max(len(v) for v in verb)
+    ids = [enc.fit(enc.prompt_ids(p), _budget(base, enc, r, reserve)) for p, r in zip(prompts, rows)]
+    C = len(verb)
+    single = all(len(v) == 1 for v in verb)
+    if single:
+        seqs, labels, owner = ids, None, list(range(len(ids)))
+        scores = torch.empty(len(ids), C)
+        first = torch.tensor([v[0] for v in verb])
+    else:
+        seqs = [p + v for p in ids for v in verb]
+        labels = [[-100] * len(p) + v for p in ids for v in verb]
+        owner = [i for i in range(len(ids)) for _ in verb]
+        scores = torch.empty(len(seqs))
+    for batch in tqdm(length_batches([len(s) for s in seqs], batch_size), disable=not progress, desc="scoring",
+                      leave=False):
+        b = collate([seqs[i] for i in batch], base.tokenizer.pad_token_id,
+                    None if single else [labels[i] for i in batch])
+        inputs = assemble(base, b["input_ids"], b["attention_mask"], [rows[owner[i]] for i in batch],
+                          labels=b.get("labels"))
+        if single:
+            logits, _ = forward(base, inputs, logits_to_keep=1)
+            scores[batch] = logits[:, -1].float().log_softmax(-1)[:, first.to(logits.device)].cpu()
+        else:
+            scores[batch] = target_log_likelihood(base, inputs).cpu()
+    return scores if single else scores.view(len(ids), C)
+
+
+def target_log_probs(base, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target token) at the labelled trailing positions: (logp (B, K), mask (B, K)).
+
+    Targets sit at the end of every row (left padding), so logits are only computed for the last
+    K + 1 positions, K = the longest target: the vocabulary projection is the costliest layer here.
+    """
+    labels = inputs.labels
+    K = int((labels != -100).sum(1).max())
+    logits, _ = forward(base, inputs, logits_to_keep=K + 1)
+    logp = logits[:, :-1].float().log_softmax(-1)  # (B, K, V) predictions for the last K positions
+    tgt = labels[:, -K:]
+    mask = tgt != -100
+    return logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * mask, mask
+
+
+def target_log_likelihood(base, inputs) -> torch.Tensor:
+    """Per-row sum of log p(target tokens); (B,)."""
+    return target_log_probs(base, inputs)[0].sum(1)
+
+
+def classification_metrics(scores: torch.Tensor, gold: list[int]) -> dict:
+    pred = scores.argmax(-1)
+    gold_t = torch.tensor(gold)
+    C = scores.shape[1]
+    f1s = []
+    for c in range(C):
+        tp = int(((pred == c) & (gold_t == c)).sum())
+        fp = int(((pred == c) & (gold_t != c)).sum())
+        fn = int(((pred != c) & (gold_t == c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float((pred == gold_t).float().mean()), "macro_f1": sum(f1s) / C, "n": len(gold)}
+
+
+def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
+    """Corpus BLEU (sacrebleu, all references of an input together) and mean best-reference ROUGE-L F1."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    most = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = sum(scorer.score_multi(refs, hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references))
+    return {"bleu": bleu, "rouge_l": 100 * rouge / len(hypotheses), "n": len(hypotheses)}
+
+
+def primary_metric(spec: TaskSpec) -> str:
+    return "accuracy" if spec.is_classification else "bleu"
+
+
+def subset(split: Split, spec: TaskSpec, limit: int | None, seed: int = 0) -> Split:
+    """A fixed, seeded subset: `limit` rows (classification) or `limit` distinct inputs (generation)."""
+    if limit is None:
+        return split
+    if spec.is_classification:
+        if limit >= len(split):
+            return split
+        g = torch.Generator().manual_seed(seed)
+        return split.subset(sorted(torch.randperm(len(split), generator=g)[:limit].tolist()))
+    groups = list(OrderedDict.fromkeys(split.prompts))
+    if limit >= len(groups):
+        return split
+    g = torch.Generator().manual_seed(seed)
+    keep = {groups[i] for i in torch.randperm(len(groups), generator=g)[:limit].tolist()}
+    return split.subset(i for i, p in enumerate(split.prompts) if p in keep)
+
+
+def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | None = None, batch_size: int = 32,
+             truncate: str = "error", spec: TaskSpec | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """Score a prompt (a `Prompt`, an `Injection`, or None for the plain template) on a task split.
+
+    spec: the template and verbalizers to use; default the prompt's own (it was trained with
+    them), else the task's.
+    """
+    from .store import Prompt
+
+    if isinstance(prompt, Prompt):
+        spec = spec or prompt.spec
+        injection = prompt.injection
+    else:
+        injection = prompt or EMPTY
+    spec = spec or task.spec
+    data = subset(task.split(split), task.spec, limit, seed)
+    enc = Encoder(spec, base.tokenizer, truncate)
+    prompts = [spec.render(r) for r in data.rows]
+    if spec.is_classification:
+        # gold labels are indices into the task's label map; map them to the spec's class order
+        order = {name: i for i, name in enumerate(spec.class_names)}
+        gold = [order[task.spec.class_names[y]] for y in data.labels]
+        scores = class_log_likelihoods(base, enc, prompts, injection, batch_size, progress)
+        return classification_metrics(scores, gold)
+    refs: OrderedDict[str, list[str]] = OrderedDict()
+    for p, t in zip(prompts, data.targets):
+        refs.setdefault(p, []).append(t)
+    hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, progress)
+    return generation_metrics(hyps, list(refs.values()))
+
+
+def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection | list[Injection], max_new_tokens: int,
+                   batch_size: int = 32, progress: bool = False, use_cache: bool = True) -> list[str]:
+    """Greedy continuations of rendered prompts, decoded to text."""
+    rows = _per_row(injection, len(prompts))
+    ids = [enc.fit(enc.prompt_ids(p), _budget(base, enc, r, max_new_tokens)) for p, r in zip(prompts, rows)]
+    out = [""] * len(ids)
+    for batch in tqdm(length_batches([len(s) for s in ids], batch_size), disable=not progress, desc="generating",
+                      leave=False):
+        new = generate_ids(base, [ids[i] for i in batch], [rows[i] for i in batch], max_new_tokens, use_cache=use_cache)
+        for i, toks in zip(batch, new):
+            out[i] = base.tokenizer.decode(toks, skip_special_tokens=True).strip()
+    return out

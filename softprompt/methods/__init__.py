@@ -1,0 +1,35 @@
+"""Prompt methods: one file each, registered here by name.
+
+Adding a method means writing its module and adding one line to `METHODS`; nothing else in the
+package names methods.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .method import InitContext, MethodConfig, PromptMethod
+from .soft import SoftPrompt, SoftPromptConfig
+
+METHODS: dict[str, type[PromptMethod]] = {m.name: m for m in (SoftPrompt,)}
+
+
+def get_method(name: str) -> type[PromptMethod]:
+    if name not in METHODS:
+        raise ConfigError(f"Unknown method '{name}'.", f"use one of {sorted(METHODS)} (--method).")
+    return METHODS[name]
+
+
+def build_method(name: str, config: MethodConfig | dict | None, ctx: InitContext) -> PromptMethod:
+    cls = get_method(name)
+    if config is None:
+        config = cls.config_class()
+    elif isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    elif not isinstance(config, cls.config_class):
+        raise ConfigError(f"Method '{name}' takes a {cls.config_class.__name__}, got {type(config).__name__}.",
+                          f"pass a {cls.config_class.__name__}.")
+    return cls(config, ctx)
+
+
+__all__ = ["METHODS", "InitContext", "MethodConfig", "PromptMethod", "SoftPrompt", "SoftPromptConfig",
+           "build_method", "get_method"]

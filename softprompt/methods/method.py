@@ -1,0 +1,148 @@
+"""What every prompt method shares: a config base class, the module contract, and init helpers.
+
+A method is an `nn.Module` holding only its trainable tensors. Calling it returns an `Injection`
+(see `softprompt.inject`); it never sees the base model's forward. After training, `collapse()`
+gives the plain tensors that a prompt file stores (an encoder or reparametrization MLP is run once
+and dropped), while `state_dict()` keeps everything for resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..inject import Injection
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all continuous prompt methods."""
+
+    num_virtual_tokens: int = field(default=20, metadata={"help": "number of virtual tokens P"})
+
+    def __post_init__(self):
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.",
+                              "pass --num-virtual-tokens N with N >= 1 (20 is a good start).")
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        """Validate an enum-like option, naming the flag to fix."""
+        value = getattr(self, name)
+        if value not in allowed:
+            raise ConfigError(f"Unknown {name} '{value}' for {type(self).__name__}.",
+                              f"pass --{name.replace('_', '-')} with one of {list(allowed)}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no option(s) {unknown}.", f"use only {sorted(known)}.")
+        return cls(**d)
+
+
+class InitContext:
+    """What a method may use to initialize itself: the frozen base model and the task's words.
+
+    label_words: the verbalizer strings as they follow the prompt (e.g. " positive").
+    texts: the task's training text; its most frequent tokens are the pool for vocab sampling.
+    generator: seeded, so initialization is reproducible.
+    """
+
+    def __init__(self, base, label_words: list[str] | None = None, texts: list[str] | None = None, seed: int = 0):
+        self.base = base
+        self.label_words = list(label_words or [])
+        self.texts = texts
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @cached_property
+    def frequent_ids(self) -> torch.Tensor | None:
+        """Token ids ranked by frequency in `texts` (computed on first use: only some inits need it)."""
+        from ..data import frequent_token_ids
+
+        return frequent_token_ids(self.base.tokenizer, self.texts) if self.texts else None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.hidden_size
+
+    def _embeddings(self) -> torch.Tensor:
+        return self.base.embedding_matrix.detach().float().cpu()  # (V, D)
+
+    def token_ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.base.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def random(self, n: int) -> torch.Tensor:
+        """(n, D) Gaussian noise at the scale of the embedding matrix (whose std differs a lot between models)."""
+        std = self._embeddings().std()
+        return torch.randn(n, self.hidden_size, generator=self.generator) * std
+
+    def vocab(self, n: int, top: int = 5000) -> torch.Tensor:
+        """(n, D) embeddings of tokens drawn from the `top` most frequent ids (Lester et al.'s sampled vocab)."""
+        pool = self.frequent_ids
+        if pool is None or len(pool) == 0:
+            # Without task text, byte-level BPE merge order is a fair proxy for frequency.
+            special = set(self.base.tokenizer.all_special_ids)
+            pool = torch.tensor([i for i in range(min(len(self.base.tokenizer), top + len(special)))
+                                 if i not in special])
+        pool = pool[:top]
+        pick = pool[torch.randint(len(pool), (n,), generator=self.generator)] if n > len(pool) else \
+            pool[torch.randperm(len(pool), generator=self.generator)[:n]]
+        return self._embeddings()[pick]
+
+    def text(self, n: int, text: str | None) -> torch.Tensor:
+        """(n, D) embeddings of the tokens of `text`, cut or cycled to n."""
+        if not text:
+            raise ConfigError("init 'text' needs a text.", "pass --init-text \"...\" (e.g. a task instruction).")
+        ids = self.token_ids(text)
+        if len(ids) == 0:
+            raise ConfigError(f"init text {text!r} has no tokens.", "pass a non-empty --init-text.")
+        return self._embeddings()[ids.repeat((n + len(ids) - 1) // len(ids))[:n]]
+
+    def labels(self, n: int) -> torch.Tensor:
+        """(n, D): one label word per leading position (multi-token words averaged), the rest sampled vocab.
+
+        Lester et al. 2021, section 3: "class label" initialization.
+        """
+        if not self.label_words:
+            raise ConfigError("init 'labels' needs class labels, but this task has none (generation task).",
+                              "use --init vocab, random or text for generation tasks.")
+        emb = self._embeddings()
+        words = [emb[self.token_ids(w)].mean(0) for w in self.label_words[:n]]
+        rest = self.vocab(n - len(words)) if n > len(words) else emb[:0]
+        return torch.cat([torch.stack(words), rest])
+
+    def embeddings(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
+        """Dispatch on an init mode: random | vocab | text | labels."""
+        return {"random": lambda: self.random(n), "vocab": lambda: self.vocab(n),
+                "text": lambda: self.text(n, text), "labels": lambda: self.labels(n)}[mode]()
+
+
+class PromptMethod(nn.Module):
+    """Base class of prompt methods. Subclasses set `name`, `config_class` and implement `forward`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self) -> Injection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def collapse(self) -> Injection:
+        """The injection as plain tensors (float32, detached): what a prompt file stores."""
+        return self().to(dtype=torch.float32).detach()
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,46 @@
+"""Soft prompt tuning.
+
+Lester, Al-Rfou & Constant 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
+(arXiv:2104.08691). P trainable virtual-token embeddings are prepended to the input embeddings of
+a frozen model; only they receive gradients.
+
+Shapes: embedding (P, D) -> Injection.embeds (P, D). D = the model's hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..inject import Injection
+from .method import InitContext, MethodConfig, PromptMethod
+
+INITS = ("random", "vocab", "text", "labels")
+
+
+@dataclass
+class SoftPromptConfig(MethodConfig):
+    init: str = field(default="labels", metadata={
+        "help": "initialization: random (Gaussian at the embedding scale), vocab (embeddings of tokens sampled "
+                "from the 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
+                "first, then sampled vocab; Lester et al.'s best)"})
+    init_text: str | None = field(default=None, metadata={"help": "text whose token embeddings start the prompt "
+                                                                  "(init text)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.choice("init", INITS)
+
+
+class SoftPrompt(PromptMethod):
+    name = "soft"
+    config_class = SoftPromptConfig
+
+    def __init__(self, config: SoftPromptConfig, ctx: InitContext):
+        super().__init__(config)
+        init = ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text)
+        self.embedding = nn.Parameter(init.to(ctx.base.device))  # (P, D)
+
+    def forward(self) -> Injection:
+        return Injection(embeds=self.embedding)

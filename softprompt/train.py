@@ -1,0 +1,347 @@
+"""The one training loop, shared by every prompt method.
+
+The method module is the only thing with trainable parameters; the base model stays frozen (in
+eval mode, no gradients to its weights). Each step draws a fixed slice of a seeded data stream,
+so a run killed at any point resumes from its last checkpoint with the same data, optimizer state
+and random state, and reaches the same prompt as an uninterrupted run.
+
+Runs unchanged under `accelerate launch`: micro-batches of the global stream are dealt to ranks,
+gradients of the (tiny) prompt are averaged by DDP, and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import Encoder, Task, collate
+from .errors import ConfigError, TrainingError
+from .evaluate import evaluate, primary_metric, target_log_probs
+from .fileio import atomic_write_text, read_safetensors, write_safetensors
+from .inject import Injection, assemble, disable_gradient_checkpointing, enable_gradient_checkpointing
+from .methods import InitContext, MethodConfig, PromptMethod, build_method
+from .store import Prompt
+
+CHECKPOINT = "checkpoint.safetensors"
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+def _opt(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training loop (the same for every method)."""
+
+    steps: int = _opt("optimizer steps", default=150)
+    batch_size: int = _opt("examples per micro-batch (per process)", default=8)
+    grad_accum: int = _opt("micro-batches per optimizer step (gradient accumulation)", default=1)
+    lr: float = _opt("peak learning rate", default=3e-2)
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    optimizer: str = _opt(f"one of {OPTIMIZERS}", default="adamw")
+    scheduler: str = _opt(f"learning-rate decay after warmup: one of {SCHEDULERS}", default="linear")
+    warmup_steps: int = _opt("linear warmup steps", default=10)
+    max_grad_norm: float = _opt("gradient clipping norm (0 = off)", default=1.0)
+    eval_every: int = _opt("evaluate on the eval split every N steps, keeping the best prompt (0 = only at the end)",
+                           default=50)
+    eval_limit: int | None = _opt("rows (or distinct inputs, for generation) of the eval split used during training",
+                                  default=200)
+    eval_split: str = _opt("split used to pick the best prompt and report metrics", default="dev")
+    eval_batch_size: int = _opt("batch size for evaluation", default=32)
+    final_eval: bool = _opt("after training, score the zero-shot template and the best prompt on the full eval split",
+                            default=True)
+    final_eval_limit: int | None = _opt("cap for the final evaluation (default: the whole split)", default=None)
+    checkpoint_every: int = _opt("write a resumable checkpoint every N steps", default=25)
+    seed: int = _opt("seed for initialization and data order", default=0)
+    gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
+    max_length: int | None = _opt("cap on positions per example (virtual tokens + text); default the model's context",
+                                  default=None)
+    truncate: str = _opt("what to do with inputs over the limit: error, left (drop the start) or right", default="error")
+    log_every: int = _opt("append a loss record to metrics.jsonl every N steps", default=5)
+    progress: bool = _opt("show a progress bar", default=True)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.", f"pass --{name.replace('_', '-')} 1 or more.")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.", "pass --lr, e.g. 3e-2 for soft prompts.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"Unknown optimizer '{self.optimizer}'.", f"pass --optimizer with one of {list(OPTIMIZERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"Unknown scheduler '{self.scheduler}'.", f"pass --scheduler with one of {list(SCHEDULERS)}.")
+        if self.truncate not in ("error", "left", "right"):
+            raise ConfigError(f"Unknown truncation policy '{self.truncate}'.", "pass --truncate error, left or right.")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0.", f"pass --{name.replace('_', '-')} 0 or more.")
+
+    # Options that change what is trained; a checkpoint only resumes a run that agrees on all of them.
+    IDENTITY = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "optimizer", "scheduler", "warmup_steps",
+                "max_grad_norm", "seed", "max_length", "truncate")
+
+
+@dataclass
+class TrainResult:
+    prompt: Prompt  # the best prompt (collapsed), with metrics
+    method: PromptMethod  # the trained module (uncollapsed; e.g. with its MLP)
+    history: list[dict]
+    run_dir: Path | None
+    seconds_per_step: float
+    peak_memory_bytes: int
+    train_seconds: float
+
+
+# --- checkpoint (de)serialization without pickle -------------------------------------------------------------------
+
+def _pack(obj, tensors: dict, path: str):
+    """Replace tensors in a nested structure by references, so the rest can go to JSON."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__t": path}
+    if isinstance(obj, dict):
+        return {"__d": [[k, _pack(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _unpack(obj, tensors: dict):
+    if isinstance(obj, dict) and "__t" in obj:
+        return tensors[obj["__t"]]
+    if isinstance(obj, dict) and "__d" in obj:
+        return {k: _unpack(v, tensors) for k, v in obj["__d"]}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
+
+
+def peak_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+class Trainer:
+    """Trains one method on one task. Use `train()` unless you need the pieces."""
+
+    def __init__(self, base, task: Task, method: str = "soft", method_config: MethodConfig | dict | None = None,
+                 config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
+                 accelerator=None, trainable: PromptMethod | None = None):
+        from accelerate import Accelerator
+
+        self.base, self.task, self.config = base, task, config or TrainConfig()
+        self.acc = accelerator or Accelerator(cpu=base.device.type == "cpu")
+        self.run_dir = Path(run_dir) if run_dir else None
+        spec = task.spec
+        self.enc = Encoder(spec, base.tokenizer, self.config.truncate)
+        self.train_split = task.split("train")
+        c = self.config
+        if trainable is None:
+            texts = self.train_split.prompts[:20000] + self.train_split.targets[:20000]
+            ctx = InitContext(base, spec.verbalizers, texts, seed=c.seed)
+            trainable = build_method(method, method_config, ctx)
+        self.method = trainable
+        self.method_name = trainable.name
+        self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable
+        params = [p for p in trainable.parameters() if p.requires_grad]
+        if c.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            from transformers.optimization import Adafactor
+
+            self.optimizer = Adafactor(params, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                                       weight_decay=c.weight_decay)
+        from transformers import get_scheduler
+
+        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[c.scheduler]
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.steps)
+        self.limit = c.max_length or base.max_positions
+        self.step = 0
+        self.history: list[dict] = []
+        self.best: Injection | None = None
+        self.best_metric = -math.inf
+        self.metric_name = primary_metric(spec)
+        self.has_eval = task.has_split(c.eval_split)
+        self._perms: dict[int, torch.Tensor] = {}
+        self.identity = {"task": task.name, "method": self.method_name, "method_config": trainable.config.to_dict(),
+                         "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
+                         "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY}}
+        if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
+            self._load_checkpoint()
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def _example(self, j: int) -> int:
+        """Index into the train split of the j-th example of the seeded stream (reshuffled every epoch)."""
+        n = len(self.train_split)
+        epoch, pos = divmod(j, n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(n, generator=g)}
+        return int(self._perms[epoch][pos])
+
+    def micro_batch(self, step: int, micro: int) -> dict:
+        """The micro-batch `micro` of optimizer step `step` for this process."""
+        c, world, rank = self.config, self.acc.num_processes, self.acc.process_index
+        k = (step * c.grad_accum + micro) * world + rank  # index in the global stream of micro-batches
+        idx = [self._example(k * c.batch_size + i) for i in range(c.batch_size)]
+        budget = None if self.limit is None else self.limit - self._num_positions
+        pairs = [self.enc.training_example(self.train_split.prompts[i], self.train_split.targets[i], budget) for i in idx]
+        return collate([p[0] for p in pairs], self.base.tokenizer.pad_token_id, [p[1] for p in pairs])
+
+    # --- steps --------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> torch.Tensor:
+        injection = self.model()
+        inputs = assemble(self.base, batch["input_ids"], batch["attention_mask"], injection, labels=batch["labels"],
+                          max_length=self.limit)
+        logp, mask = target_log_probs(self.base, inputs)
+        return -logp.sum() / mask.sum()
+
+    def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
+        c = self.config
+        return evaluate(self.base, self.task, injection, split=c.eval_split, limit=limit, batch_size=c.eval_batch_size,
+                        truncate=c.truncate, seed=c.seed)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.run_dir and self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _eval_and_keep_best(self) -> None:
+        current = self.method.collapse()
+        metrics = self.evaluate(current, self.config.eval_limit)
+        self._log({"step": self.step, "eval": metrics})
+        if metrics[self.metric_name] > self.best_metric:
+            self.best_metric, self.best = metrics[self.metric_name], current
+
+    def run(self) -> TrainResult:
+        c, acc = self.config, self.acc
+        self.method.train()
+        self._num_positions = self.method.collapse().num_positions
+        if self.run_dir and acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(self.base)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {self.task.name}/{self.method_name}",
+                   disable=not (c.progress and acc.is_main_process), dynamic_ncols=True)
+        t0, start_step, ema = time.perf_counter(), self.step, None
+        try:
+            while self.step < c.steps:
+                total = 0.0
+                for micro in range(c.grad_accum):
+                    batch = self.micro_batch(self.step, micro)
+                    sync = micro == c.grad_accum - 1
+                    with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
+                        loss = self.loss(batch) / c.grad_accum
+                        acc.backward(loss)
+                    total += loss.item()
+                if not math.isfinite(total):
+                    where = f"step {self.step + 1}"
+                    raise TrainingError(f"The loss became {total} at {where}; the last good checkpoint is kept"
+                                        f"{' in ' + str(self.run_dir) if self.run_dir else ''}.",
+                                        "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).")
+                if c.max_grad_norm:
+                    acc.clip_grad_norm_(self.method.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                ema = total if ema is None else 0.9 * ema + 0.1 * total
+                if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
+                    self._log({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
+                               "elapsed": time.perf_counter() - t0})
+                if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
+                    self._eval_and_keep_best()
+                    bar.set_postfix(loss=f"{ema:.3f}", **{self.metric_name: f"{self.best_metric:.3f}"})
+                else:
+                    bar.set_postfix(loss=f"{ema:.3f}")
+                bar.update(1)
+                if self.run_dir and c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
+                    self._save_checkpoint()
+        finally:
+            bar.close()
+            if c.gradient_checkpointing:
+                disable_gradient_checkpointing(self.base)
+            self.method.eval()
+        train_seconds = time.perf_counter() - t0
+        steps_done = self.step - start_step
+        if self.best is None:
+            self.best = self.method.collapse()
+        prompt = self._prompt()
+        if c.final_eval and self.has_eval:
+            prompt.metrics["zero_shot"] = self.evaluate(None, c.final_eval_limit)
+            prompt.metrics[c.eval_split] = self.evaluate(self.best, c.final_eval_limit)
+        if self.run_dir and acc.is_main_process:
+            from .plots import plot_history
+
+            plot_history(self.history, self.run_dir / "curves.png", title=f"{self.task.name} / {self.method_name}")
+        return TrainResult(prompt, self.method, self.history, self.run_dir,
+                           train_seconds / steps_done if steps_done else float("nan"),
+                           peak_memory_bytes(self.base.device), train_seconds)
+
+    def _prompt(self) -> Prompt:
+        c = self.config
+        return Prompt(injection=self.best, method=self.method_name, method_config=self.method.config.to_dict(),
+                      task=self.task.spec.portable(), base=self.base.fingerprint.to_dict(),
+                      trainable_parameters=self.method.num_trainable(), base_parameters=self.base.num_parameters(),
+                      base_bytes=self.base.num_bytes(),
+                      metrics={"best_during_training": {self.metric_name: self.best_metric}} if self.has_eval else {},
+                      train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step})
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        if not self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"identity": self.identity, "step": self.step, "history": self.history, "best_metric": self.best_metric,
+                 "best": None if self.best is None else {**self.best.tensors(), "kv_positions": self.best.kv_positions},
+                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng}
+        tensors: dict[str, torch.Tensor] = {}
+        meta = _pack(state, tensors, "s")
+        # Written to a temporary file and renamed: a kill mid-write leaves the previous checkpoint intact.
+        write_safetensors(self.run_dir / CHECKPOINT, tensors, meta)
+        self.acc.wait_for_everyone()
+
+    def _load_checkpoint(self) -> None:
+        tensors, meta = read_safetensors(self.run_dir / CHECKPOINT, what="checkpoint")
+        state = _unpack(meta, tensors)
+        if state["identity"] != json.loads(json.dumps(self.identity)):
+            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run (task, method, model or training "
+                              "options differ).", "use another --run-dir, or --no-resume to start over there.")
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.history, self.best_metric = state["step"], state["history"], state["best_metric"]
+        b = state["best"]
+        self.best = None if b is None else Injection(b.get("embeds"), b.get("kv"), b["kv_positions"]).to(self.base.device)
+
+
+def train(base, task: Task, method: str = "soft", method_config: MethodConfig | dict | None = None,
+          config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
+          accelerator=None) -> TrainResult:
+    """Train a prompt of `method` on `task` with the frozen `base`; returns the best prompt and the run's record."""
+    return Trainer(base, task, method, method_config, config, run_dir, resume, accelerator).run()
+
