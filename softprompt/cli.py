@@ -131,12 +131,12 @@ def add_model_options(parser):
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto (float32 on CPU, bf16 on CUDA)")
 
 
-def add_task_options(parser, required: bool = True):
+def add_task_options(parser):
     from .data import builtin_tasks
 
     g = parser.add_argument_group("task")
-    g.add_argument("--task", required=required,
-                   help=f"built-in task ({', '.join(builtin_tasks())}) or a YAML/JSON task spec file")
+    # not `required=True`: argparse would demand the flag even when a --config file gives it
+    g.add_argument("--task", help=f"built-in task ({', '.join(builtin_tasks())}) or a YAML/JSON task spec file")
     g.add_argument("--data-dir", default=None, help="folder with the task's data files (default: $SOFTPROMPT_DATA, "
                    "./shared/data or ../shared/data for built-in tasks; the spec's folder otherwise)")
 
@@ -326,7 +326,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     gen = sub.add_parser("generate", help="continue inputs with a prompt file (batched, KV cache)")
     gen.add_argument("--config", help="YAML/JSON file of options")
     gen.add_argument("--prompt", help="prompt file (its template formats the inputs)")
-    add_task_options(gen, required=False)
+    add_task_options(gen)
     add_model_options(gen)
     gen.add_argument("inputs", nargs="*", help="inputs: the value of a one-field template, or a JSON object of "
                                                "fields; read from stdin (one per line) when none are given")
@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         handler = {"train": lambda: cmd_train(ns, method_names), "eval": lambda: cmd_eval(ns),
                    "generate": lambda: cmd_generate(ns), "info": lambda: cmd_info(ns), "demo": lambda: cmd_demo(ns)}
+        if ns.command in ("train", "eval") and not ns.task:
+            raise ConfigError(f"`softprompt {ns.command}` needs a task.", "pass --task NAME_OR_SPEC (or `task:` in --config).")
         handler[ns.command]()
         return 0
     except SoftpromptError as e:

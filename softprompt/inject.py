@@ -259,7 +259,11 @@ def enable_gradient_checkpointing(base) -> None:
     if not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
         raise RuntimeError("this transformers version cannot keep KV prefixes under gradient checkpointing; "
                            "upgrade transformers or train without --gradient-checkpointing")
-    base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = base.model
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in base.model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._can_checkpoint_with_cache = True
@@ -269,7 +273,12 @@ def enable_gradient_checkpointing(base) -> None:
 def disable_gradient_checkpointing(base) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    base.model.gradient_checkpointing_disable()
+    model = base.model
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    model.disable_input_require_grads()  # enabling added an embedding hook; leave the model as we found it
     for module in base.model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.__dict__.pop("_can_checkpoint_with_cache", None)

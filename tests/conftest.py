@@ -93,3 +93,19 @@ def sst2():
 @pytest.fixture(scope="session")
 def e2e():
     return _task("e2e_nlg")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SOFTPROMPT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs the real SmolLM2; run with SOFTPROMPT_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import softprompt as sp
+
+    return sp.load_base("smollm2")

@@ -1,0 +1,126 @@
+"""Tasks from the real shared data (different formats and label encodings) and data errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import softprompt as sp
+from softprompt.data import Encoder, collate
+from softprompt.errors import ConfigError, DataError
+
+from conftest import DATA
+
+
+@pytest.mark.parametrize("name, n_classes, first_label", [("sst2", 2, "negative"), ("trec", 6, "description"),
+                                                          ("rte", 2, "False"), ("cb", 3, "yes")])
+def test_builtin_classification_tasks_load_real_data(name, n_classes, first_label):
+    if not (DATA / name).is_dir():
+        pytest.skip("shared data missing")
+    task = sp.load_task(name, data_dir=str(DATA))
+    train = task.split("train")
+    assert len(task.spec.labels) == n_classes
+    assert train.targets[0] == first_label
+    assert set(train.labels) == set(range(n_classes))
+    assert all("{" not in p for p in train.prompts[:50])  # every template field was filled
+
+
+def test_e2e_is_generation_with_grouped_references(e2e):
+    dev = e2e.split("dev")
+    assert not e2e.spec.is_classification and dev.labels is None
+    assert len(set(dev.prompts)) < len(dev.prompts)  # several references per meaning representation
+    assert dev.targets[0] == dev.rows[0]["ref"]
+
+
+def write_spec(tmp_path, body: str, files: dict[str, str | bytes]):
+    for name, content in files.items():
+        p = tmp_path / name
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = tmp_path / "task.yaml"
+    spec.write_text(body)
+    return spec
+
+
+BASIC = 'name: t\nsplits: {train: train.tsv, dev: dev.tsv}\ntemplate: "Text: {text}\\nLabel:"\nlabel_column: y\nlabels: {a: yes, b: "no"}\n'
+
+
+def test_missing_file_names_path_and_fix(tmp_path):
+    spec = write_spec(tmp_path, BASIC, {"train.tsv": "text\ty\nhi\ta\n"})
+    with pytest.raises(DataError, match="dev.tsv") as e:
+        sp.load_task(str(spec)).split("dev")
+    assert e.value.fix
+
+
+def test_missing_column(tmp_path):
+    spec = write_spec(tmp_path, BASIC, {"train.tsv": "sentence\ty\nhi\ta\n"})
+    with pytest.raises(DataError, match=r"no column\(s\) \['text'\]"):
+        sp.load_task(str(spec)).split("train")
+
+
+def test_label_not_in_label_map(tmp_path):
+    spec = write_spec(tmp_path, BASIC, {"train.tsv": "text\ty\nhi\ta\nho\tc\n"})
+    with pytest.raises(DataError, match="Row 2 .* label 'c'"):
+        sp.load_task(str(spec)).split("train")
+
+
+def test_empty_split(tmp_path):
+    spec = write_spec(tmp_path, BASIC, {"train.tsv": "text\ty\n"})
+    with pytest.raises(DataError, match="empty"):
+        sp.load_task(str(spec)).split("train")
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    spec = write_spec(tmp_path, BASIC, {"train.tsv": "text\ty\ncaf\xe9\ta\n".encode("latin-1")})
+    with pytest.raises(DataError, match="UTF-8"):
+        sp.load_task(str(spec)).split("train")
+
+
+def test_template_field_that_does_not_exist(tmp_path):
+    spec = write_spec(tmp_path, BASIC.replace("{text}", "{sentence}"), {"train.tsv": "text\ty\nhi\ta\n"})
+    with pytest.raises(DataError, match="sentence"):
+        sp.load_task(str(spec)).split("train")
+
+
+def test_unknown_task_and_unknown_spec_key(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown task 'nope'"):
+        sp.load_task("nope")
+    spec = write_spec(tmp_path, BASIC + "colour: red\n", {})
+    with pytest.raises(ConfigError, match="colour"):
+        sp.load_task(str(spec))
+
+
+def test_unknown_split(sst2):
+    with pytest.raises(DataError, match="no split 'validation'"):
+        sst2.split("validation")
+
+
+def test_column_mapping_and_jsonl(tmp_path):
+    body = ('name: t\nsplits: {train: train.jsonl}\ntemplate: "{p} / {h}"\ncolumns: {p: premise, h: hypothesis}\n'
+            'label_column: label\nlabels: {0: "no", 1: "yes"}\n')
+    spec = write_spec(tmp_path, body, {"train.jsonl": '{"premise": "A", "hypothesis": "B", "label": 1}\n'})
+    split = sp.load_task(str(spec)).split("train")
+    assert split.prompts == ["A / B"] and split.labels == [1] and split.targets == ["yes"]
+
+
+def test_training_example_masks_prompt_and_ends_generation_with_eos(tokenizer, e2e):
+    enc = Encoder(e2e.spec, tokenizer)
+    ids, labels = enc.training_example("Table: x\nText:", "A pub.", None)
+    n_prompt = len(enc.prompt_ids("Table: x\nText:"))
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_policy(tokenizer, sst2):
+    enc = Encoder(sst2.spec, tokenizer, truncate="error")
+    long = "word " * 50
+    with pytest.raises(sp.SoftpromptError, match="does not fit"):
+        enc.training_example(long, "positive", budget=20)
+    left = Encoder(sst2.spec, tokenizer, truncate="left")
+    ids, labels = left.training_example(long, "positive", budget=20)
+    assert len(ids) == 20 and labels[-1] != -100
+
+
+def test_collate_left_pads():
+    b = collate([[1, 2, 3], [4]], pad_id=0, labels=[[-100, 2, 3], [4]])
+    assert b["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b["labels"].tolist() == [[-100, 2, 3], [-100, -100, 4]]

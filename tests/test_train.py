@@ -1,0 +1,108 @@
+"""The training loop: resume after an interruption, NaN handling, gradient checkpointing, records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import softprompt as sp
+from softprompt.errors import TrainingError
+from softprompt.methods import METHODS
+from softprompt.train import CHECKPOINT, Trainer
+
+
+def cfg(**kw):
+    base = dict(steps=6, batch_size=2, lr=5e-2, eval_every=3, eval_limit=8, final_eval=False, progress=False,
+                checkpoint_every=2, log_every=1)
+    base.update(kw)
+    return sp.TrainConfig(**base)
+
+
+def method_cfg(name):
+    return METHODS[name].config_class(num_virtual_tokens=3)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_interrupted_run_resumes_to_the_same_prompt(base, sst2, tmp_path, name, monkeypatch):
+    full = sp.train(base, sst2, name, method_cfg(name), cfg(), run_dir=tmp_path / "full")
+
+    # Interrupt the second run right after step 3 (checkpoint at step 2: one interval of work lost at most).
+    real_step = Trainer._eval_and_keep_best
+
+    def crash_after_step_3(self):
+        real_step(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_eval_and_keep_best", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        sp.train(base, sst2, name, method_cfg(name), cfg(), run_dir=tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "_eval_and_keep_best", real_step)
+    resumed = Trainer(base, sst2, name, method_cfg(name), cfg(), run_dir=tmp_path / "cut")
+    assert resumed.step == 2
+    result = resumed.run()
+
+    for k, v in full.method.state_dict().items():
+        torch.testing.assert_close(result.method.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert [h["step"] for h in result.history] == [h["step"] for h in full.history]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [h["step"] for h in full.history]
+
+
+def test_checkpoint_of_another_run_is_refused(base, sst2, tmp_path):
+    sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=2), run_dir=tmp_path)
+    with pytest.raises(sp.SoftpromptError, match="different run"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=2, lr=1.0), run_dir=tmp_path)
+
+
+def test_nan_loss_stops_with_error_and_keeps_checkpoint(base, sst2, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Trainer.loss
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss = real(self, batch)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(Trainer, "loss", poisoned)
+    with pytest.raises(TrainingError, match="nan at step 5"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path)
+    t = Trainer(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path)
+    assert t.step == 4 and (tmp_path / CHECKPOINT).exists()
+    assert all(torch.isfinite(p).all() for p in t.method.parameters())
+
+
+def _count_attention_calls(base):
+    """Count calls of every attention module; recomputation under checkpointing calls them again."""
+    calls = {"n": 0}
+    for name, m in base.model.named_modules():
+        if name.endswith(("self_attn", ".attn")):
+            m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gradient_checkpointing_gives_the_same_training(base, sst2, tmp_path, name):
+    calls = _count_attention_calls(base)
+    plain = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0), run_dir=tmp_path / "a")
+    plain_calls, calls["n"] = calls["n"], 0
+    ckpt = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0, gradient_checkpointing=True),
+                    run_dir=tmp_path / "b")
+    n_layers = base.kv_layout.num_layers
+    assert calls["n"] - plain_calls == 3 * n_layers  # each training forward's layers were recomputed in backward
+    for k, v in plain.method.state_dict().items():
+        torch.testing.assert_close(ckpt.method.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert not base.model.is_activation_checkpointing
+    assert not any(m.training for m in base.model.modules())
+
+
+def test_run_records(base, sst2, tmp_path):
+    result = sp.train(base, sst2, "soft", method_cfg("soft"), cfg(final_eval=True), run_dir=tmp_path)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert {"zero_shot", "dev"} <= set(result.prompt.metrics)
+    assert result.prompt.train["steps_done"] == 6
+    assert result.seconds_per_step > 0 and result.peak_memory_bytes > 0
