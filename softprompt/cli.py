@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -64,18 +65,21 @@ def add_method_options(parser) -> list[str]:
 
     group = parser.add_argument_group("method", "options of the prompt method (each applies to the methods named)")
     group.add_argument("--method", default="soft", choices=sorted(METHODS), help="prompt method (default: soft)")
-    owners: dict[str, list[str]] = {}
+    # field name -> {help text -> [methods]}: a shared option may mean slightly different things per method
+    helps: dict[str, dict[str, list[str]]] = {}
     first: dict[str, tuple] = {}
     for name, cls in sorted(METHODS.items()):
         hints = typing.get_type_hints(cls.config_class)
         for f in dataclasses.fields(cls.config_class):
-            owners.setdefault(f.name, []).append(name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            text = f"{f.metadata.get('help', '')} (default {default})"
+            helps.setdefault(f.name, {}).setdefault(text, []).append(name)
             first.setdefault(f.name, (f, hints[f.name]))
-    for fname, methods in owners.items():
+    for fname, by_help in helps.items():
         f, hint = first[fname]
-        who = "all methods" if len(methods) == len(METHODS) else ", ".join(methods)
-        _add_field(group, f, hint, argparse.SUPPRESS, f"{f.metadata.get('help', '')} [{who}]")
-    return list(owners)
+        parts = [f"[{'all methods' if len(ms) == len(METHODS) else ', '.join(ms)}] {text}" for text, ms in by_help.items()]
+        _add_field(group, f, hint, argparse.SUPPRESS, "; ".join(parts))
+    return list(helps)
 
 
 def method_config_from(ns: argparse.Namespace, names: list[str]):
@@ -290,7 +294,11 @@ def cmd_demo(ns):
 
 # --- parser ----------------------------------------------------------------------------------------------------------
 
-def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+# Modules that add subcommands: each has `add_commands(subparsers)` and sets `handler` on its parsers.
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n\n")[0],
@@ -312,6 +320,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     g.add_argument("--run-dir", help="folder for metrics, curves and checkpoints (default: runs/TASK-METHOD)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="resume from the run folder's checkpoint when it holds the same run")
+    t.set_defaults(handler=lambda ns: cmd_train(ns, method_names), needs_task=True)
 
     e = sub.add_parser("eval", help="score a prompt file (or the plain template) on a task split")
     e.add_argument("--config", help="YAML/JSON file of options")
@@ -322,6 +331,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--limit", type=int, default=None, help="score a fixed random subset of this many rows/inputs")
     e.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     e.add_argument("--truncate", default="error", choices=["error", "left", "right"], help="over-long input policy")
+    e.set_defaults(handler=cmd_eval, needs_task=True)
 
     gen = sub.add_parser("generate", help="continue inputs with a prompt file (batched, KV cache)")
     gen.add_argument("--config", help="YAML/JSON file of options")
@@ -339,22 +349,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (reference)")
     gen.add_argument("--truncate", default="error", choices=["error", "left", "right"], help="over-long input policy")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
+    gen.set_defaults(handler=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, bytes and metrics of a prompt file, against a full model copy")
     i.add_argument("file", help="prompt file (.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(handler=cmd_info)
 
     d = sub.add_parser("demo", help="the main job: zero-shot vs soft prompt on SST-2 with the embedded SmolLM2")
     add_model_options(d)
     d.add_argument("--steps", type=int, default=150, help="training steps")
     d.add_argument("--out", default="prompts/sst2-soft.safetensors", help="where to save the prompt")
     d.add_argument("--data-dir", default=None, help="folder holding sst2/ (default: $SOFTPROMPT_DATA or ../shared/data)")
-    return p, method_names
+    d.set_defaults(handler=cmd_demo)
+
+    for module in EXTENSIONS:
+        importlib.import_module(module).add_commands(sub)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, method_names = build_parser()
+    parser = build_parser()
     try:
         sub = parser._subparsers._group_actions[0].choices.get(argv[0]) if argv else None
         if sub is not None:
@@ -363,11 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command is None:
             parser.print_help()
             return 2
-        handler = {"train": lambda: cmd_train(ns, method_names), "eval": lambda: cmd_eval(ns),
-                   "generate": lambda: cmd_generate(ns), "info": lambda: cmd_info(ns), "demo": lambda: cmd_demo(ns)}
-        if ns.command in ("train", "eval") and not ns.task:
+        if getattr(ns, "needs_task", False) and not ns.task:
             raise ConfigError(f"`softprompt {ns.command}` needs a task.", "pass --task NAME_OR_SPEC (or `task:` in --config).")
-        handler[ns.command]()
+        ns.handler(ns)
         return 0
     except SoftpromptError as e:
         print(f"softprompt: error: {e.problem}", file=sys.stderr)

@@ -52,20 +52,21 @@ def run_demo(model: str = "smollm2", device: str | None = None, dtype: str | Non
     d = info(result.prompt)
     file_bytes = path.stat().st_size
 
-    table = Table(title="SST-2 dev (872 rows): zero-shot template vs 20-token soft prompt")
-    table.add_column("", style="bold")
+    table = Table(title="SST-2 dev, all 872 rows")
+    table.add_column("")
     table.add_column("zero-shot template", justify="right")
-    table.add_column("soft prompt", justify="right")
+    table.add_column("soft prompt (20 tokens)", justify="right")
     table.add_row("accuracy", f"{100 * zero_shot['accuracy']:.1f}%", f"{100 * tuned['accuracy']:.1f}%")
     table.add_row("macro-F1", f"{100 * zero_shot['macro_f1']:.1f}%", f"{100 * tuned['macro_f1']:.1f}%")
     table.add_row("trainable parameters", "0", f"{d['parameters_saved']:,}")
-    table.add_row("prompt file", "-", f"{file_bytes:,} bytes")
-    table.add_row("vs full model copy", f"{d['base_parameters']:,} params, {d['base_bytes'] / 1e6:,.0f} MB",
-                  f"{100 * d['fraction_of_base']:.4f}% of params, 1/{d['base_bytes'] / file_bytes:,.0f} of bytes")
-    table.add_row("wall time", f"{times['zero-shot eval']:.0f} s eval",
-                  f"{times['train']:.0f} s train ({result.seconds_per_step:.2f} s/step) + {times['tuned eval']:.0f} s eval")
+    table.add_row("prompt file", "-", f"{file_bytes:,} B")
+    table.add_row("share of a full copy", "-", f"{100 * d['fraction_of_base']:.4f}% params")
+    table.add_row("", "", f"1/{d['base_bytes'] / file_bytes:,.0f} bytes")
+    table.add_row("wall time", f"{times['zero-shot eval']:.0f} s", f"{times['train'] + times['tuned eval']:.0f} s")
     console.print(table)
     total = sum(times.values())
-    console.print(f"saved {path}; curves in {result.run_dir}/curves.png; total wall time {total:.0f} s "
-                  f"(model load {times['load model']:.0f} s)")
+    console.print(f"full model copy: {d['base_parameters']:,} parameters, {d['base_bytes'] / 1e6:,.0f} MB")
+    console.print(f"train {times['train']:.0f} s ({result.seconds_per_step:.2f} s/step), tuned eval "
+                  f"{times['tuned eval']:.0f} s, model load {times['load model']:.0f} s; total {total:.0f} s")
+    console.print(f"saved {path}; run record and curves in {result.run_dir}/")
     return {"zero_shot": zero_shot, "tuned": tuned, "file_bytes": file_bytes, "seconds": times, "path": str(path)}

@@ -283,3 +283,35 @@ def disable_gradient_checkpointing(base) -> None:
         if isinstance(module, GradientCheckpointingLayer):
             module.__dict__.pop("_can_checkpoint_with_cache", None)
             module.training = False
+
+
+@torch.no_grad()
+def kv_of_embeddings(base, embeds: torch.Tensor, prefix: Injection = EMPTY) -> torch.Tensor:
+    """Run virtual tokens (P, D) through the frozen model and return their keys/values (L, 2, H_kv, K + P, hd).
+
+    With causal attention, what a token stores in the cache depends only on what came before it,
+    never on what follows; so a soft prompt's keys/values can be computed once and reused as a
+    prefix for any text. `prefix` (a KV prefix already in front of them) is included in the result.
+    """
+    device, dtype = base.device, base.dtype
+    prefix = prefix.to(device, dtype)
+    P, K = embeds.shape[0], prefix.num_kv
+    kv_layers = None if prefix.kv is None else [(prefix.kv[None, l, 0], prefix.kv[None, l, 1])
+                                                for l in range(prefix.kv.shape[0])]
+    cache = make_cache(base, kv_layers, for_decoding=True)
+    mask = torch.ones(1, K + P, dtype=torch.long, device=device)
+    positions = torch.arange(prefix.kv_positions, prefix.kv_positions + P, device=device)[None]
+    _, cache = run(base, embeds.to(device, dtype)[None], mask, positions, cache, logits_to_keep=1, use_cache=True)
+    return torch.stack([torch.stack([k[0], v[0]]) for k, v, *_ in cache])  # (L, 2, H_kv, K + P, hd)
+
+
+def compile_injection(base, injection: Injection) -> Injection:
+    """The same prompt as a pure KV prefix: its virtual tokens' keys/values computed once.
+
+    Outputs equal the uncompiled prompt's (the text sees the same keys, values and positions), but
+    a request no longer pays for the virtual tokens in prefill.
+    """
+    if injection.embeds is None:
+        return injection
+    kv = kv_of_embeddings(base, injection.embeds, Injection(kv=injection.kv, kv_positions=injection.kv_positions))
+    return Injection(kv=kv, kv_positions=injection.num_positions)

@@ -11,6 +11,7 @@ gradients of the (tiny) prompt are averaged by DDP, and only the main process wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -46,7 +47,8 @@ class TrainConfig:
     steps: int = _opt("optimizer steps", default=150)
     batch_size: int = _opt("examples per micro-batch (per process)", default=8)
     grad_accum: int = _opt("micro-batches per optimizer step (gradient accumulation)", default=1)
-    lr: float = _opt("peak learning rate", default=3e-2)
+    lr: float | None = _opt("peak learning rate (default: the method's own, e.g. 3e-2 for soft prompts)",
+                            default=None)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     optimizer: str = _opt(f"one of {OPTIMIZERS}", default="adamw")
     scheduler: str = _opt(f"learning-rate decay after warmup: one of {SCHEDULERS}", default="linear")
@@ -74,7 +76,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.", f"pass --{name.replace('_', '-')} 1 or more.")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}.", "pass --lr, e.g. 3e-2 for soft prompts.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"Unknown optimizer '{self.optimizer}'.", f"pass --optimizer with one of {list(OPTIMIZERS)}.")
@@ -156,6 +158,8 @@ class Trainer:
         self.method = trainable
         self.method_name = trainable.name
         self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable
+        if c.lr is None:
+            self.config = c = dataclasses.replace(c, lr=type(trainable).default_lr)
         params = [p for p in trainable.parameters() if p.requires_grad]
         if c.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
@@ -240,7 +244,7 @@ class Trainer:
 
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {self.task.name}/{self.method_name}",
                    disable=not (c.progress and acc.is_main_process), dynamic_ncols=True)
-        t0, start_step, ema = time.perf_counter(), self.step, None
+        t0, start_step, ema, window = time.perf_counter(), self.step, None, []
         try:
             while self.step < c.steps:
                 total = 0.0
@@ -263,9 +267,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 ema = total if ema is None else 0.9 * ema + 0.1 * total
+                window.append(total)
                 if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
-                    self._log({"step": self.step, "loss": total, "lr": self.scheduler.get_last_lr()[0],
-                               "elapsed": time.perf_counter() - t0})
+                    # the mean since the last record: single-batch losses are too noisy to read a curve from
+                    self._log({"step": self.step, "loss": sum(window) / len(window),
+                               "lr": self.scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - t0})
+                    window = []
                 if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
                     self._eval_and_keep_best()
                     bar.set_postfix(loss=f"{ema:.3f}", **{self.metric_name: f"{self.best_metric:.3f}"})

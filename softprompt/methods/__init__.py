@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .method import InitContext, MethodConfig, PromptMethod
+from .deep import DeepPrompt, DeepPromptConfig
+from .prefix import PrefixConfig, PrefixTuning
+from .ptuning import PTuning, PTuningConfig
 from .soft import SoftPrompt, SoftPromptConfig
 
-METHODS: dict[str, type[PromptMethod]] = {m.name: m for m in (SoftPrompt,)}
+METHODS: dict[str, type[PromptMethod]] = {m.name: m for m in (SoftPrompt, PrefixTuning, DeepPrompt, PTuning)}
 
 
 def get_method(name: str) -> type[PromptMethod]:
@@ -31,5 +34,6 @@ def build_method(name: str, config: MethodConfig | dict | None, ctx: InitContext
     return cls(config, ctx)
 
 
-__all__ = ["METHODS", "InitContext", "MethodConfig", "PromptMethod", "SoftPrompt", "SoftPromptConfig",
-           "build_method", "get_method"]
+__all__ = ["METHODS", "DeepPrompt", "DeepPromptConfig", "InitContext", "MethodConfig", "PTuning", "PTuningConfig",
+           "PrefixConfig", "PrefixTuning", "PromptMethod", "SoftPrompt", "SoftPromptConfig", "build_method",
+           "get_method"]

@@ -9,6 +9,7 @@ and dropped), while `state_dict()` keeps everything for resumable checkpoints.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager
 from functools import cached_property
 from typing import ClassVar
 
@@ -70,6 +71,14 @@ class InitContext:
 
         return frequent_token_ids(self.base.tokenizer, self.texts) if self.texts else None
 
+    @contextmanager
+    def seeded(self):
+        """Run a block (e.g. creating nn.Linear layers, which draw from torch's global RNG) under a seed taken
+        from this context's generator, without disturbing the caller's global random state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=self.generator)))
+            yield
+
     @property
     def hidden_size(self) -> int:
         return self.base.hidden_size
@@ -121,9 +130,19 @@ class InitContext:
         return torch.cat([torch.stack(words), rest])
 
     def embeddings(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
-        """Dispatch on an init mode: random | vocab | text | labels."""
+        """(n, D) initial virtual-token embeddings; mode: random | vocab | text | labels."""
         return {"random": lambda: self.random(n), "vocab": lambda: self.vocab(n),
                 "text": lambda: self.text(n, text), "labels": lambda: self.labels(n)}[mode]()
+
+    def key_values(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
+        """(L, 2, H_kv, n, hd) initial per-layer prefixes: the frozen model's keys/values of the tokens that
+        `embeddings(mode, ...)` gives (Li & Liang 2021 initialize with "activations of real words"), or zeros."""
+        lay = self.base.kv_layout
+        if mode == "zero":
+            return torch.zeros(lay.num_layers, 2, lay.num_kv_heads, n, lay.head_dim)
+        from ..inject import kv_of_embeddings
+
+        return kv_of_embeddings(self.base, self.embeddings(mode, n, text)).float().cpu()
 
 
 class PromptMethod(nn.Module):
@@ -131,6 +150,7 @@ class PromptMethod(nn.Module):
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    default_lr: ClassVar[float]  # AdamW learning rate that works for this method at our step budgets
 
     def __init__(self, config: MethodConfig):
         super().__init__()

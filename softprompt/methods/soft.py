@@ -36,6 +36,7 @@ class SoftPromptConfig(MethodConfig):
 class SoftPrompt(PromptMethod):
     name = "soft"
     config_class = SoftPromptConfig
+    default_lr = 3e-2
 
     def __init__(self, config: SoftPromptConfig, ctx: InitContext):
         super().__init__(config)

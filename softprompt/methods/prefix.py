@@ -1,0 +1,77 @@
+"""Prefix tuning.
+
+Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation" (ACL 2021;
+arXiv:2101.00190). Trainable keys and values are prepended in every layer. While training they are
+reparametrized, which the paper found necessary for stable optimization: an embedding E (P, D)
+goes through a 2-layer MLP (Linear, Tanh, Linear) whose output is every layer's keys and values.
+`collapse()` runs the MLP once; prompt files store only its output (a deep-prompt-shaped tensor),
+while checkpoints keep E and the MLP so that training can resume.
+
+Shapes: E (P, D) -> MLP -> (P, L * 2 * H_kv * hd) -> Injection.kv (L, 2, H_kv, P, hd).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..inject import Injection
+from .deep import DeepPromptConfig
+from .method import InitContext, PromptMethod
+
+
+@dataclass
+class PrefixConfig(DeepPromptConfig):
+    prefix_hidden: int = field(default=512, metadata={"help": "middle width of the reparametrization MLP "
+                                                              "(the paper uses 512 or 800)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prefix_hidden < 1:
+            raise ConfigError(f"prefix_hidden must be >= 1, got {self.prefix_hidden}.", "pass --prefix-hidden 512.")
+
+
+class PrefixTuning(PromptMethod):
+    name = "prefix"
+    config_class = PrefixConfig
+    default_lr = 1e-3
+
+    def __init__(self, config: PrefixConfig, ctx: InitContext):
+        super().__init__(config)
+        lay = ctx.base.kv_layout
+        P, D, H = config.num_virtual_tokens, ctx.hidden_size, config.prefix_hidden
+        self.shape = (P, lay.num_layers, 2, lay.num_kv_heads, lay.head_dim)
+        width = lay.num_layers * 2 * lay.num_kv_heads * lay.head_dim
+        target = ctx.key_values(config.init, P, config.init_text)  # drawn first: same init as `deep` for a seed
+        self.embedding = nn.Parameter(ctx.random(P))  # (P, D)
+        with ctx.seeded():
+            self.mlp = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, width))
+        self._fit_output(target)
+        self.to(ctx.base.device)
+
+    @torch.no_grad()
+    def _fit_output(self, target: torch.Tensor) -> None:
+        """Set the last layer so that the MLP starts out producing `target` (L, 2, H_kv, P, hd) exactly.
+
+        With P <= hidden + 1 the hidden activations h (P, hidden) have full row rank, so the
+        least-squares solution of [h, 1] @ [W; b] = target is exact (and of minimal norm).
+        """
+        out = self.mlp[2]
+        flat = target.permute(3, 0, 1, 2, 4).reshape(target.shape[3], -1)  # (P, L*2*H_kv*hd)
+        if not flat.any():
+            out.weight.zero_()
+            out.bias.zero_()
+            return
+        h = self.mlp[1](self.mlp[0](self.embedding))  # (P, hidden)
+        A = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)  # (P, hidden + 1)
+        X = torch.linalg.lstsq(A.double(), flat.double(), driver="gelsd").solution  # (hidden + 1, width)
+        out.weight.copy_(X[:-1].T)
+        out.bias.copy_(X[-1])
+
+    def forward(self) -> Injection:
+        flat = self.mlp(self.embedding)  # (P, L*2*H_kv*hd)
+        kv = flat.view(*self.shape).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, P, hd)
+        return Injection(kv=kv)
