@@ -338,9 +338,8 @@ def collate(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None =
 
 def frequent_token_ids(tokenizer, texts: list[str], top: int = 5000) -> torch.Tensor:
     """Token ids ranked by frequency in `texts` (special tokens excluded), at most `top` of them."""
-    counts = torch.zeros(len(tokenizer), dtype=torch.long)
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(counts))[: len(counts)]
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(tokenizer))
     counts[tokenizer.all_special_ids] = 0
-    ranked = counts.argsort(descending=True)
+    ranked = counts.argsort(descending=True, stable=True)
     return ranked[: min(top, int((counts > 0).sum()))]

@@ -152,7 +152,7 @@ class Trainer:
         self.train_split = task.split("train")
         c = self.config
         if trainable is None:
-            texts = self.train_split.prompts[:20000] + self.train_split.targets[:20000]
+            texts = self.train_split.prompts[:5000] + self.train_split.targets[:5000]
             ctx = InitContext(base, spec.verbalizers, texts, seed=c.seed)
             trainable = build_method(method, method_config, ctx)
         self.method = trainable
