@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import ConfigError, DataError, InputTooLongError
+from .errors import ConfigError, DataError, InputTooLongError, check_keys
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
 
@@ -111,10 +111,7 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown task spec keys: {unknown}.", f"use only {sorted(known)}.")
+        check_keys(cls, d, "task spec")
         if "name" not in d or "template" not in d:
             raise ConfigError("A task spec needs `name` and `template`.", "add them to the spec file.")
         return cls(**d)

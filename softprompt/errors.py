@@ -35,3 +35,13 @@ class InputTooLongError(SoftpromptError):
 
 class TrainingError(SoftpromptError):
     """Training cannot go on (for example a NaN loss); the last good checkpoint is kept."""
+
+
+def check_keys(cls, d: dict, what: str) -> None:
+    """Refuse keys that are not fields of the dataclass `cls`, listing the valid ones."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"Unknown {what} key(s) {unknown}.", f"use only {sorted(known)}.")

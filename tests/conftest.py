@@ -109,3 +109,13 @@ def smollm2():
     import softprompt as sp
 
     return sp.load_base("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as a Hugging Face directory, for the CLI and subprocess tests (--model PATH)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    base = build_tiny("llama", tokenizer)
+    base.model.save_pretrained(path)
+    base.tokenizer.save_pretrained(path)
+    return str(path)

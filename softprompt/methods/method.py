@@ -8,7 +8,7 @@ and dropped), while `state_dict()` keeps everything for resumable checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
 from functools import cached_property
 from typing import ClassVar
@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_keys
 from ..inject import Injection
 
 
@@ -43,10 +43,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{cls.__name__} has no option(s) {unknown}.", f"use only {sorted(known)}.")
+        check_keys(cls, d, f"{cls.__name__} option")
         return cls(**d)
 
 
