@@ -74,6 +74,10 @@ def test_help_documents_every_option(capsys):
     (["train", "--config", "/nonexistent.yaml", "--task", "sst2"], "Config file not found"),
     (["info", "/nonexistent.safetensors"], "not found"),
     (["eval", "--task", "sst2", "--model", "/no/such/model"], "does not exist"),
+    (["train", "--task", "sst2", "--method", "soft", "--prefix-hidden", "256"],
+     "--prefix-hidden do not apply to method 'soft'"),
+    (["train", "--task", "sst2", "--method", "prefix", "--encoder", "lstm"], "--encoder do not apply to method 'prefix'"),
+    (["train", "--task", "sst2", "--method", "deep", "--init", "labels", "--lr", "-1"], "lr must be positive"),
 ])
 def test_user_errors_are_one_line_without_traceback(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_DATA", str(DATA))
