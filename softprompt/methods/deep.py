@@ -4,7 +4,7 @@ Liu, Ji, Fu, Tam, Du, Yang & Tang 2022, "P-Tuning v2: Prompt Tuning Can Be Compa
 Fine-tuning Universally Across Scales and Tasks" (ACL 2022; arXiv:2110.07602). Trainable keys and
 values are prepended in every layer, trained directly (no reparametrization).
 
-Shapes: kv (L, 2, H_kv, P, hd) -> Injection.kv, the same. L layers, H_kv key/value heads (fewer than
+Shapes: kv (L, 2, H_kv, P, hd) -> Injection.kv, the same, taking positions 0..P-1 (see prefix.py). L layers, H_kv key/value heads (fewer than
 query heads under grouped-query attention), hd the head size; all read from the model config.
 """
 
@@ -44,4 +44,5 @@ class DeepPrompt(PromptMethod):
         self.kv = nn.Parameter(kv.to(ctx.base.device))  # (L, 2, H_kv, P, hd)
 
     def forward(self) -> Injection:
-        return Injection(kv=self.kv)
+        # The prefix takes positions 0..P-1 and the text follows, as for the real tokens it starts from.
+        return Injection(kv=self.kv, kv_positions=self.kv.shape[3])

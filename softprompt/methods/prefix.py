@@ -8,6 +8,13 @@ goes through a 2-layer MLP (Linear, Tanh, Linear) whose output is every layer's 
 while checkpoints keep E and the MLP so that training can resume.
 
 Shapes: E (P, D) -> MLP -> (P, L * 2 * H_kv * hd) -> Injection.kv (L, 2, H_kv, P, hd).
+
+Positions: the prefix occupies positions 0..P-1 and the text starts at P, as in Li & Liang's GPT-2
+code and PEFT (both let the model count positions from the cache length). Initialized from real
+tokens' keys/values, the prefix then starts out exactly as if those tokens preceded the text; with
+the text at 0 instead, rotary models would see keys from "the future" (measured on SmolLM2, SST-2,
+200 dev rows: a vocab-initialized 10-token prefix scores 76% at positions 0..9 vs 67% overlapping
+the text, against 77.5% zero-shot). Under left padding every row's text still starts at P.
 """
 
 from __future__ import annotations
@@ -74,4 +81,4 @@ class PrefixTuning(PromptMethod):
     def forward(self) -> Injection:
         flat = self.mlp(self.embedding)  # (P, L*2*H_kv*hd)
         kv = flat.view(*self.shape).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, P, hd)
-        return Injection(kv=kv)
+        return Injection(kv=kv, kv_positions=self.shape[0])
