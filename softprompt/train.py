@@ -63,6 +63,7 @@ class TrainConfig:
     final_eval: bool = _opt("after training, score the zero-shot template and the best prompt on the full eval split",
                             default=True)
     final_eval_limit: int | None = _opt("cap for the final evaluation (default: the whole split)", default=None)
+    zero_shot: bool = _opt("include the zero-shot template in the final evaluation", default=True)
     checkpoint_every: int = _opt("write a resumable checkpoint every N steps", default=25)
     seed: int = _opt("seed for initialization and data order", default=0)
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
@@ -292,7 +293,8 @@ class Trainer:
             self.best = self.method.collapse()
         prompt = self._prompt()
         if c.final_eval and self.has_eval:
-            prompt.metrics["zero_shot"] = self.evaluate(None, c.final_eval_limit)
+            if c.zero_shot:
+                prompt.metrics["zero_shot"] = self.evaluate(None, c.final_eval_limit)
             prompt.metrics[c.eval_split] = self.evaluate(self.best, c.final_eval_limit)
         if self.run_dir and acc.is_main_process:
             from .plots import plot_history
