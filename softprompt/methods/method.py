@@ -127,7 +127,10 @@ class InitContext:
         return torch.cat([torch.stack(words), rest])
 
     def embeddings(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
-        """(n, D) initial virtual-token embeddings; mode: random | vocab | text | labels."""
+        """(n, D) initial virtual-token embeddings; mode: random | vocab | text | labels, or auto (labels for a
+        classification task, vocab otherwise)."""
+        if mode == "auto":
+            mode = "labels" if self.label_words else "vocab"
         return {"random": lambda: self.random(n), "vocab": lambda: self.vocab(n),
                 "text": lambda: self.text(n, text), "labels": lambda: self.labels(n)}[mode]()
 

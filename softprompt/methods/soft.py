@@ -16,15 +16,15 @@ from torch import nn
 from ..inject import Injection
 from .method import InitContext, MethodConfig, PromptMethod
 
-INITS = ("random", "vocab", "text", "labels")
+INITS = ("auto", "random", "vocab", "text", "labels")
 
 
 @dataclass
 class SoftPromptConfig(MethodConfig):
-    init: str = field(default="labels", metadata={
+    init: str = field(default="auto", metadata={
         "help": "initialization: random (Gaussian at the embedding scale), vocab (embeddings of tokens sampled "
-                "from the 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
-                "first, then sampled vocab; Lester et al.'s best)"})
+                "from the task's 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
+                "first, then sampled vocab; Lester et al.'s best), auto (labels for classification, else vocab)"})
     init_text: str | None = field(default=None, metadata={"help": "text whose token embeddings start the prompt "
                                                                   "(init text)"})
 
