@@ -243,6 +243,9 @@ class Trainer:
                         loss = self.loss(batch) / c.grad_accum
                         acc.backward(loss)
                     total += loss.item()
+                if acc.num_processes > 1:
+                    # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
+                    total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
                 if not math.isfinite(total):
                     where = f"step {self.step + 1}"
                     raise TrainingError(f"The loss became {total} at {where}; the last good checkpoint is kept"
