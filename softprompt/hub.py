@@ -86,12 +86,14 @@ def model_card(directory: str | Path, name: str | None = None) -> str | None:
         base_model=bases[0] if len(bases) == 1 else bases, library_name="peft" if peft else "softprompt",
         pipeline_tag="text-generation", tags=["softprompt", "prompt-tuning"] + sorted({e["method"] for e in entries}),
         metrics=sorted({r.metric_type for r in results}) or None,
-        model_name=(name or Path(directory).resolve().name) if results else None, eval_results=results or None, prompts=entries)
+        model_name=(name or Path(directory).resolve().name) if results else None, eval_results=results or None,
+        prompts=entries)
     rows = "\n".join(f"| `{e['file']}` | {e['task']} | {e['method']} | {e['virtual_tokens']} | {e['parameters']:,} | "
                      + (", ".join(f"{s} {k} {v:.4g}" for s, m in _eval_metrics(e["metrics"]).items()
                                   for k, v in m.items()) or "-") + " |" for e in entries)
+    load_name = _load_name(next(iter(files.values()))["base"]["model_id"])
     use = ("from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"REPO_OR_DIR\")" if peft else
-           f"import softprompt as sp\nbase = sp.load_base({_load_name(next(iter(files.values()))['base']['model_id'])!r})\n"
+           f"import softprompt as sp\nbase = sp.load_base({load_name!r})\n"
            f"prompt = sp.from_pretrained(\"REPO_OR_DIR\", base{'' if len(entries) == 1 else ', filename=...'})")
     return (f"---\n{data.to_yaml()}\n---\n{_MARK}\n\n# Prompts for {', '.join(bases)}\n\n"
             f"Prompts trained with softprompt for a frozen base model: each file is small and is verified against the "
@@ -133,7 +135,8 @@ def local_dir(path_or_repo: str | Path, patterns: list[str] | None = None, revis
                               "pass an existing file or folder, or a repo id like 'user/sst2-prompt'.") from e
     except Exception as e:  # network, auth and not-found errors come in many types
         raise PromptFileError(f"Could not download hub repo '{path_or_repo}': {type(e).__name__}: {e}",
-                              "check the repo id, your network and HF_TOKEN (or HF_HUB_OFFLINE=1 with a cached copy).") from e
+                              "check the repo id, your network and HF_TOKEN (or HF_HUB_OFFLINE=1 with a cached "
+                              "copy).") from e
 
 
 def from_pretrained(path_or_repo: str | Path, base=None, filename: str | None = None,

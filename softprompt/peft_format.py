@@ -111,8 +111,10 @@ def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None
     tensor = flatten_kv(inj.kv) if inj.kv is not None else inj.embeds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the header keeps softprompt's metadata, marked so that `Prompt.load` refuses the file (it holds no `embeds`/`kv`)
+    meta = {**prompt.meta(), "format": "softprompt-peft-export"}
     data = st_save({"prompt_embeddings": tensor.detach().float().cpu().contiguous()},
-                   metadata={"format": "pt", "softprompt": json.dumps(prompt.meta(), sort_keys=True)})
+                   metadata={"format": "pt", "softprompt": json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(out / WEIGHTS, data)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_model_card(out)
@@ -178,8 +180,12 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
     records no more than a model name). The template comes from `spec`, else from softprompt
     metadata in the file (an adapter that `export_peft` wrote), else a bare '{text}' template.
     """
+    from .base import Fingerprint
+
     path = Path(path)
     config, tensor, meta = read_peft(path)
+    if meta:  # exported by softprompt: it names the model it was trained for
+        Fingerprint.from_dict(meta["base"]).check(base.fingerprint, f"The adapter in {path}")
     kind = config.get("peft_type")
     if kind not in PEFT_TYPES:
         raise PromptFileError(f"{path} is a PEFT {kind} adapter, not a prompt-learning one.",
@@ -264,7 +270,8 @@ def add_commands(sub) -> None:
     i = sub.add_parser("import", help="turn a PEFT prompt-learning adapter into a prompt file",
                        description="Read a PEFT prompt tuning, P-tuning or prefix tuning adapter (a local folder or a "
                                    "hub repo) and save it as a softprompt prompt file for --model.")
-    i.add_argument("peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub repo id")
+    i.add_argument("peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub "
+                                    "repo id")
     add_model_options(i)
     i.add_argument("--out", required=True, help="prompt file to write")
     i.add_argument("--task", default=None, help="task (built-in name or spec file) whose template the prompt uses "

@@ -143,9 +143,16 @@ class Trainer:
                  config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
                  accelerator=None, trainable: PromptMethod | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.base, self.task, self.config = base, task, config or TrainConfig()
         self.acc = accelerator or Accelerator(cpu=base.device.type == "cpu")
+        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ConfigError(
+                f"softprompt trains only the prompt, which {self.acc.distributed_type.value} would shard, while the "
+                "frozen base model stays whole on every process; this training loop runs data-parallel (DDP) only.",
+                "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
+                "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
         self.run_dir = Path(run_dir) if run_dir else None
         spec = task.spec
         self.enc = Encoder(spec, base.tokenizer, self.config.truncate)
@@ -183,6 +190,12 @@ class Trainer:
                          "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY}}
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
+        if self.acc.num_processes > 1:
+            steps = self.acc.gather(torch.tensor([self.step], device=self.acc.device))
+            if len(set(steps.tolist())) > 1:
+                raise ConfigError(f"The processes resume from different steps {steps.tolist()}: only some of them see "
+                                  f"the checkpoint in {self.run_dir}.",
+                                  "put --run-dir on storage that every machine shares, or start over with --no-resume.")
 
     # --- data ---------------------------------------------------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict:

@@ -19,6 +19,7 @@ import torch
 import softprompt as sp
 from softprompt.cli import main
 from softprompt.methods import InitContext
+from softprompt.train import Trainer
 
 from conftest import DATA, build_tiny
 
@@ -107,6 +108,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 import softprompt.base
 from softprompt.methods import InitContext
+from softprompt.train import Trainer
 deepspeed.init_distributed(dist_backend="gloo")
 keep = HfDeepSpeedConfig({{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}}})
 model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
@@ -128,3 +130,11 @@ else:
     assert out["sharded"] and out["sha"] == plain.fingerprint.embedding_sha256
     assert torch.equal(torch.tensor(out["init"]), InitContext(plain, [" good"], ["a good film"], seed=2).embeddings(
         "labels", 3))
+
+
+def test_deepspeed_and_fsdp_launches_are_refused_with_the_ddp_command(base, sst2):
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(sp.SoftpromptError, match="--multi_gpu"):
+            Trainer(base, sst2, "soft", accelerator=types.SimpleNamespace(distributed_type=kind))

@@ -150,13 +150,18 @@ def test_export_then_import_restores_the_prompt(base, sst2, tmp_path, method):
     assert card.startswith("---\n") and "library_name: peft" in card
 
 
-def test_imports_are_checked(base, tokenizer, tmp_path):
+def test_imports_are_checked(base, sst2, tokenizer, tmp_path):
     from conftest import build_tiny
 
     peft_adapter(base, "prefix", tmp_path / "a")
     other = build_tiny("gpt2" if base.config.model_type == "llama" else "llama", tokenizer)
     with pytest.raises(PromptFileError, match="does not fit"):
         import_peft(tmp_path / "a", other)
+    export_peft(make_prompt(base, sst2, "soft"), tmp_path / "ours")  # names its model: other weights are refused
+    with pytest.raises(PromptFileError, match="weights"):
+        import_peft(tmp_path / "ours", build_tiny(base.config.model_type, tokenizer, seed=1))
+    with pytest.raises(PromptFileError, match="not a softprompt prompt file"):
+        sp.load_prompt(tmp_path / "ours" / "adapter_model.safetensors")
     (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
     with pytest.raises(PromptFileError, match="pickles are never loaded"):
         read_peft(tmp_path / "a")
