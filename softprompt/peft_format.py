@@ -20,11 +20,11 @@ Where PEFT's conventions differ from ours (see the README, "PEFT"):
   imported PEFT prefix keeps PEFT's convention (`kv_positions = P`) and gives PEFT's logits exactly.
   An exported softprompt prefix gives its own logits in PEFT only when the caller passes
   `position_ids` counted from the first real token minus P; `export_peft` returns a note saying so.
-- Left padding. PEFT puts the virtual tokens before the pads (`prompt pad pad text`) and its forward
-  ignores `position_ids` for prompt tuning and P-tuning, so the positions of a padded row's text
-  count the pads. softprompt keeps the prompt next to the text and counts positions from the first
-  real token, which is also what PEFT's `generate` does (it derives positions from the mask).
-  Unpadded rows are identical in both.
+- Left padding. PEFT puts the virtual tokens before the pads (`prompt pad pad text`) and drops
+  `position_ids` for prompt tuning and P-tuning, so the positions of a padded row's text count its
+  pads, in `forward` and in `generate` alike (measured: the first generated token's logits equal its
+  forward's). softprompt keeps the prompt next to the text and counts positions from the first real
+  token, the positions the row has unpadded. Unpadded rows are identical in both.
 """
 
 from __future__ import annotations
