@@ -19,6 +19,7 @@ from .data import Task, TaskSpec, load_task  # noqa: E402
 from .errors import SoftpromptError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .generate import Sampling, generate_ids  # noqa: E402
+from .hub import from_pretrained, push_to_hub  # noqa: E402
 from .inject import Injection  # noqa: E402
 from .methods import METHODS, MethodConfig, PromptMethod, SoftPromptConfig  # noqa: E402
 from .store import Prompt, Store, load_prompt  # noqa: E402
@@ -26,4 +27,5 @@ from .train import TrainConfig, TrainResult, train  # noqa: E402
 
 __all__ = ["Base", "Fingerprint", "Injection", "METHODS", "MethodConfig", "Prompt", "PromptMethod", "Sampling",
            "SoftPromptConfig", "SoftpromptError", "Store", "Task", "TaskSpec", "TrainConfig", "TrainResult",
-           "__version__", "evaluate", "generate_ids", "load_base", "load_prompt", "load_task", "train"]
+           "__version__", "evaluate", "from_pretrained", "generate_ids", "load_base", "load_prompt", "load_task",
+           "push_to_hub", "train"]

@@ -91,7 +91,8 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str]:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # Under `accelerate launch` / torchrun every process takes the GPU of its local rank.
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -196,7 +197,23 @@ class Base:
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight  # (V, D)
+        return self.model.get_input_embeddings().weight  # (V, D); a placeholder or a shard when sharded
+
+    def full_embedding_matrix(self) -> torch.Tensor:
+        """The whole (V, D) input embedding matrix, detached, also when it is sharded across processes.
+
+        DeepSpeed ZeRO-3 leaves an empty placeholder (its parameters carry `ds_id`) and FSDP2 a
+        DTensor shard; both are gathered, which is a collective call: every process must make it.
+        """
+        w = self.embedding_matrix
+        if hasattr(w, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+                return w.detach().clone()
+        if hasattr(w, "full_tensor"):  # torch.distributed.tensor.DTensor
+            return w.full_tensor().detach()
+        return w.detach()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -212,10 +229,10 @@ class Base:
     def fingerprint(self) -> Fingerprint:
         c = self.config
         layout = self.kv_layout
-        arch = {"model_type": c.model_type, "vocab_size": self.embedding_matrix.shape[0], "hidden_size": c.hidden_size,
+        emb = self.full_embedding_matrix().to("cpu", torch.bfloat16).contiguous()  # (V, D)
+        arch = {"model_type": c.model_type, "vocab_size": emb.shape[0], "hidden_size": c.hidden_size,
                 "num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
         config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-        emb = self.embedding_matrix.detach().to("cpu", torch.bfloat16).contiguous()
         emb_hash = hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()
         return Fingerprint(self.name, config_hash, emb_hash)
 

@@ -184,6 +184,10 @@ def cmd_train(ns, method_names):
     base = _load_base(ns)
     run_dir = Path(ns.run_dir or f"runs/{task.name}-{ns.method}")
     result = train(base, task, ns.method, method_cfg, cfg, run_dir=run_dir, resume=ns.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, only the first process writes and prints
+        return
     out = Path(ns.out or f"prompts/{task.name}-{ns.method}.safetensors")
     path = result.prompt.save(out)
     c = _console()
@@ -295,7 +299,7 @@ def cmd_demo(ns):
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 # Modules that add subcommands: each has `add_commands(subparsers)` and sets `handler` on its parsers.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("softprompt.peft_format", "softprompt.hub")
 
 
 def build_parser() -> argparse.ArgumentParser:

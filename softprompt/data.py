@@ -12,6 +12,7 @@ path covers local files and the hub.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import string
@@ -58,6 +59,8 @@ class TaskSpec:
     max_new_tokens: int = 64  # generation length limit when decoding this task
     description: str = ""
     data_dir: str | None = None  # base directory for relative split paths
+    streaming: bool = False  # read the train split lazily (datasets streaming): files larger than memory, hub datasets
+    shuffle_buffer: int = 10_000  # with streaming: examples are shuffled within a buffer of this many rows
 
     def __post_init__(self):
         if not self.template:
@@ -105,7 +108,7 @@ class TaskSpec:
     def portable(self) -> dict:
         """The spec without data locations: what a prompt file stores to format requests later."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("splits", "data_dir"):
+        for k in ("splits", "data_dir", "streaming", "shuffle_buffer"):
             d.pop(k)
         return d
 
@@ -162,6 +165,14 @@ class Task:
             self._splits[name] = self._render(name, self._read(name))
         return self._splits[name]
 
+    def examples(self, name: str, seed: int) -> "ShuffledExamples | StreamedExamples":
+        """The split as a seeded, endless stream of (prompt, target) pairs: what training draws from."""
+        if self.spec.streaming:
+            if name not in self.spec.splits:
+                self.split(name)  # raises the missing-split error
+            return StreamedExamples(self, name, seed)
+        return ShuffledExamples(self.split(name), seed)
+
     def _path(self, rel: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(rel)))
         if not p.is_absolute():
@@ -172,6 +183,10 @@ class Task:
         return p
 
     def _read(self, split: str) -> list[dict]:
+        return list(self._dataset(split))
+
+    def _dataset(self, split: str, streaming: bool = False):
+        """The split as a `datasets.Dataset`, or with `streaming` an `IterableDataset` read as it is iterated."""
         import datasets
 
         source = self.spec.splits[split]
@@ -179,11 +194,12 @@ class Task:
         datasets.logging.set_verbosity_error()
         if isinstance(source, dict):  # a hub dataset, e.g. {hub: glue, config: sst2, split: validation}
             try:
-                ds = datasets.load_dataset(source["hub"], source.get("config"), split=source.get("split", split))
+                ds = datasets.load_dataset(source["hub"], source.get("config"), split=source.get("split", split),
+                                           streaming=streaming)
             except Exception as e:  # datasets raises many types for network and name errors
                 raise DataError(f"Could not load hub dataset {source} for split '{split}': {e}",
                                 "check the name and your network, or point the split at a local file.") from e
-            return list(ds)
+            return ds
         path = self._path(source)
         if not path.exists():
             raise DataError(f"Data file for split '{split}' of task '{self.name}' not found: {path}",
@@ -192,11 +208,12 @@ class Task:
         try:
             if suffix in (".tsv", ".tsv.gz"):
                 ds = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
-                                           split="train", keep_default_na=False)
+                                           split="train", keep_default_na=False, streaming=streaming)
             elif suffix in (".csv", ".csv.gz"):
-                ds = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False)
+                ds = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
+                                           streaming=streaming)
             elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
-                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+                ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=streaming)
             else:
                 raise DataError(f"Unsupported data file type '{path.suffix}': {path}",
                                 "use .csv, .tsv, .jsonl or .json (optionally .gz).")
@@ -211,32 +228,126 @@ class Task:
                 raise DataError(f"Data file is not UTF-8 text: {path}.", "re-encode it as UTF-8.") from e
             raise DataError(f"Could not parse {path}: {type(e).__name__}: {e}",
                             "check that it is valid CSV/TSV (with a header row) or JSON lines.") from e
-        return list(ds)
+        return ds
+
+    def check_columns(self, split: str, row: dict | None) -> None:
+        """Raise unless `row` (the split's first) has every column the spec reads."""
+        spec = self.spec
+        if row is None:
+            raise DataError(f"Split '{split}' of task '{self.name}' is empty.", "point it at a file with data rows.")
+        needed = [spec.column(f) for f in spec.template_fields]
+        needed.append(spec.label_column if spec.is_classification else spec.target_column)
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise DataError(f"Split '{split}' of task '{self.name}' has no column(s) {missing}; it has {sorted(row)}.",
+                            "fix the template fields, `columns`, `label_column` or `target_column` in the task spec.")
+
+    def label_index(self, split: str, n: int, row: dict) -> int:
+        """Class index of row number `n` (from 0) of a classification split."""
+        raw = str(row[self.spec.label_column])
+        index = self.spec.class_names
+        if raw not in self.spec.labels:
+            raise DataError(f"Row {n + 1} of split '{split}' has label {raw!r}, which is not in the label map "
+                            f"{index}.", "add it under `labels:` in the task spec, or fix the data.")
+        return index.index(raw)
 
     def _render(self, split: str, rows: list[dict]) -> Split:
         spec = self.spec
-        if not rows:
-            raise DataError(f"Split '{split}' of task '{self.name}' is empty.", "point it at a file with data rows.")
-        columns = set(rows[0])
-        needed = [spec.column(f) for f in spec.template_fields]
-        needed.append(spec.label_column if spec.is_classification else spec.target_column)
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise DataError(f"Split '{split}' of task '{self.name}' has no column(s) {missing}; it has {sorted(columns)}.",
-                            "fix the template fields, `columns`, `label_column` or `target_column` in the task spec.")
+        self.check_columns(split, rows[0] if rows else None)
         prompts = [spec.render(r) for r in rows]
         if spec.is_classification:
-            index = {k: i for i, k in enumerate(spec.labels)}
-            labels = []
-            for n, r in enumerate(rows):
-                raw = str(r[spec.label_column])
-                if raw not in index:
-                    raise DataError(f"Row {n + 1} of split '{split}' has label {raw!r}, which is not in the label map "
-                                    f"{list(spec.labels)}.", "add it under `labels:` in the task spec, or fix the data.")
-                labels.append(index[raw])
+            labels = [self.label_index(split, n, r) for n, r in enumerate(rows)]
             words = list(spec.labels.values())
             return Split(rows, prompts, [words[i] for i in labels], labels)
         return Split(rows, prompts, [str(r[spec.target_column]) for r in rows], None)
+
+
+class ShuffledExamples:
+    """Example j of a seeded stream over an in-memory split: a fresh permutation every epoch."""
+
+    def __init__(self, split: Split, seed: int):
+        self.split, self.seed = split, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def get(self, j: int) -> tuple[str, str]:
+        """(prompt, target) of the j-th example."""
+        n = len(self.split)
+        epoch, pos = divmod(j, n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(n, generator=g)}
+        i = int(self._perms[epoch][pos])
+        return self.split.prompts[i], self.split.targets[i]
+
+    def texts(self, n: int) -> list[str]:
+        """Up to n prompts and n targets (for initializations that look at the task's words)."""
+        return self.split.prompts[:n] + self.split.targets[:n]
+
+
+class StreamedExamples:
+    """Example j of a seeded stream over a split read lazily with `datasets` streaming.
+
+    Rows pass through a shuffle buffer (`shuffle_buffer` rows, reseeded every epoch), so nothing
+    but the buffer is held in memory. Access is forward-only: asking for an earlier example than
+    the last restarts the stream and skips ahead (which a resumed run does once). Every process
+    of a distributed run reads the whole stream and keeps its own micro-batches, so the order of
+    examples is the same for any number of processes.
+    """
+
+    def __init__(self, task: Task, split: str, seed: int):
+        self.task, self.name, self.seed = task, split, seed
+        self._ds = task._dataset(split, streaming=True).shuffle(seed=seed, buffer_size=task.spec.shuffle_buffer)
+        self._it, self._next, self._epoch = None, 0, -1  # iterator over the current epoch; index of its next row
+        self._epoch_start = 0  # stream index of the current epoch's first row
+
+    def _rows(self, epoch: int):
+        self._ds.set_epoch(epoch)
+        for n, row in enumerate(self._ds):
+            if n == 0:
+                self.task.check_columns(self.name, row)
+            yield row
+
+    def _advance(self) -> dict:
+        while True:
+            if self._it is None:
+                self._epoch += 1
+                self._epoch_start = self._next
+                self._it = self._rows(self._epoch)
+            try:
+                row = next(self._it)
+            except StopIteration:
+                if self._next == self._epoch_start:
+                    self.task.check_columns(self.name, None)  # an empty split: raises
+                self._it = None
+                continue
+            except DataError:
+                raise
+            except Exception as e:  # parse errors surface while streaming, in the types of the format's reader
+                raise DataError(f"Could not read split '{self.name}' of task '{self.task.name}' while streaming: "
+                                f"{type(e).__name__}: {e}", "check the data file (or hub dataset) it names.") from e
+            self._next += 1
+            return row
+
+    def _pair(self, n: int, row: dict) -> tuple[str, str]:
+        spec = self.task.spec
+        if spec.is_classification:
+            return spec.render(row), list(spec.labels.values())[self.task.label_index(self.name, n, row)]
+        return spec.render(row), str(row[spec.target_column])
+
+    def get(self, j: int) -> tuple[str, str]:
+        """(prompt, target) of the j-th example; rows before it are skipped without rendering."""
+        if j < self._next:
+            self._it, self._next, self._epoch = None, 0, -1
+        while self._next < j:
+            self._advance()
+        return self._pair(j, self._advance())
+
+    def texts(self, n: int) -> list[str]:
+        """Prompts and targets of the split's first n rows (in file order, as `ShuffledExamples.texts`)."""
+        rows = list(itertools.islice(self.task._dataset(self.name, streaming=True), n))
+        self.task.check_columns(self.name, rows[0] if rows else None)
+        pairs = [self._pair(i, r) for i, r in enumerate(rows)]
+        return [p for p, _ in pairs] + [t for _, t in pairs]
 
 
 def load_task(name_or_path: str, data_dir: str | None = None) -> Task:

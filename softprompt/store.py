@@ -63,12 +63,17 @@ class Prompt:
                 "train": self.train, "library_version": self.library_version,
                 "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename)."""
+    def save(self, path: str | Path, card: bool = True) -> Path:
+        """Write atomically (temporary file, then rename), and with `card` refresh the folder's model card."""
         path = Path(path)
         if path.suffix != SUFFIX:
             path = path.with_name(path.name + SUFFIX)
-        return write_safetensors(path, {k: v.float() for k, v in self.injection.tensors().items()}, self.meta())
+        write_safetensors(path, {k: v.float() for k, v in self.injection.tensors().items()}, self.meta())
+        if card:
+            from .hub import write_model_card
+
+            write_model_card(path.parent)
+        return path
 
     @classmethod
     def load(cls, path: str | Path, base=None) -> "Prompt":

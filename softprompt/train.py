@@ -144,17 +144,23 @@ class Trainer:
                  config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
                  accelerator=None, trainable: PromptMethod | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.base, self.task, self.config = base, task, config or TrainConfig()
         self.acc = accelerator or Accelerator(cpu=base.device.type == "cpu")
+        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ConfigError(
+                f"softprompt trains only the prompt, which {self.acc.distributed_type.value} would shard, while the "
+                "frozen base model stays whole on every process; this training loop runs data-parallel (DDP) only.",
+                "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
+                "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
         self.run_dir = Path(run_dir) if run_dir else None
         spec = task.spec
         self.enc = Encoder(spec, base.tokenizer, self.config.truncate)
-        self.train_split = task.split("train")
         c = self.config
+        self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
         if trainable is None:
-            texts = self.train_split.prompts[:5000] + self.train_split.targets[:5000]
-            ctx = InitContext(base, spec.verbalizers, texts, seed=c.seed)
+            ctx = InitContext(base, spec.verbalizers, self.examples.texts(5000), seed=c.seed)
             trainable = build_method(method, method_config, ctx)
         self.method = trainable
         self.method_name = trainable.name
@@ -180,30 +186,25 @@ class Trainer:
         self.best_metric = -math.inf
         self.metric_name = primary_metric(spec)
         self.has_eval = task.has_split(c.eval_split)
-        self._perms: dict[int, torch.Tensor] = {}
         self.identity = {"task": task.name, "method": self.method_name, "method_config": trainable.config.to_dict(),
                          "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
                          "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY}}
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
+        if self.acc.num_processes > 1:
+            steps = self.acc.gather(torch.tensor([self.step], device=self.acc.device))
+            if len(set(steps.tolist())) > 1:
+                raise ConfigError(f"The processes resume from different steps {steps.tolist()}: only some of them see "
+                                  f"the checkpoint in {self.run_dir}.",
+                                  "put --run-dir on storage that every machine shares, or start over with --no-resume.")
 
     # --- data ---------------------------------------------------------------------------------------------------
-    def _example(self, j: int) -> int:
-        """Index into the train split of the j-th example of the seeded stream (reshuffled every epoch)."""
-        n = len(self.train_split)
-        epoch, pos = divmod(j, n)
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(n, generator=g)}
-        return int(self._perms[epoch][pos])
-
     def micro_batch(self, step: int, micro: int) -> dict:
         """The micro-batch `micro` of optimizer step `step` for this process."""
         c, world, rank = self.config, self.acc.num_processes, self.acc.process_index
         k = (step * c.grad_accum + micro) * world + rank  # index in the global stream of micro-batches
-        idx = [self._example(k * c.batch_size + i) for i in range(c.batch_size)]
         budget = None if self.limit is None else self.limit - self._num_positions
-        pairs = [self.enc.training_example(self.train_split.prompts[i], self.train_split.targets[i], budget) for i in idx]
+        pairs = [self.enc.training_example(*self.examples.get(k * c.batch_size + i), budget) for i in range(c.batch_size)]
         return collate([p[0] for p in pairs], self.base.tokenizer.pad_token_id, [p[1] for p in pairs])
 
     # --- steps --------------------------------------------------------------------------------------------------
@@ -256,6 +257,9 @@ class Trainer:
                         loss = self.loss(batch) / c.grad_accum
                         acc.backward(loss)
                     total += loss.item()
+                if acc.num_processes > 1:
+                    # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
+                    total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
                 if not math.isfinite(total):
                     where = f"step {self.step + 1}"
                     raise TrainingError(f"The loss became {total} at {where}; the last good checkpoint is kept"

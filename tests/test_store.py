@@ -104,7 +104,7 @@ def test_failed_write_keeps_previous_file(base, sst2, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         make_prompt(base, sst2).save(path)
     assert path.read_bytes() == before
-    assert [f.name for f in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["README.md", path.name]  # no temp file left behind
 
 
 def test_store_names_cannot_escape(tmp_path):

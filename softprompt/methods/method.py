@@ -81,7 +81,7 @@ class InitContext:
         return self.base.hidden_size
 
     def _embeddings(self) -> torch.Tensor:
-        return self.base.embedding_matrix.detach().float().cpu()  # (V, D)
+        return self.base.full_embedding_matrix().float().cpu()  # (V, D), gathered if sharded (ZeRO-3)
 
     def token_ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.base.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -1,0 +1,232 @@
+"""Hugging Face Hub conventions: model cards, push and pull, and `from_pretrained`.
+
+A prompt-file directory (a store, `prompts/`, a hub repo) carries a model card, README.md, whose
+YAML front matter lists the base model, and for every prompt file its method, task, metrics and
+parameter count; it is rewritten whenever softprompt saves a prompt file there (a README.md that
+softprompt did not write is left alone). `push_to_hub` uploads prompt files with their card through
+`huggingface_hub.HfApi`, `from_pretrained` loads a prompt from a file, a directory or a hub repo
+(downloaded with `snapshot_download`, so the hub cache and offline mode work as for models).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError, PromptFileError
+from .fileio import atomic_write_text
+from .store import SUFFIX, Prompt
+
+CARD = "README.md"
+_MARK = "<!-- softprompt model card: rewritten when prompt files are saved here -->"
+_PATTERNS = ["*.safetensors", "*.json", CARD]  # what a prompt repo holds; never pickles
+
+
+def _header_meta(path: Path) -> dict | None:
+    """softprompt metadata from a safetensors header (the tensors are not read), or None."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__", {}).get("softprompt")
+        return json.loads(meta) if meta else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def prompt_files(directory: str | Path) -> dict[str, dict]:
+    """{file name: softprompt metadata} of the prompt files (and exported PEFT adapters) in a directory."""
+    d = Path(directory)
+    found = {p.name: _header_meta(p) for p in sorted(d.glob(f"*{SUFFIX}")) if not p.name.startswith(".")}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _eval_metrics(metrics: dict) -> dict:
+    """{split: {metric: value}} of the final evaluations (not zero-shot, not the in-training best)."""
+    return {split: {k: v for k, v in m.items() if k != "n"} for split, m in metrics.items()
+            if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)}
+
+
+def _load_name(model_id: str) -> str:
+    """What to pass to `load_base` for a fingerprint's model: the embedded alias, or the id itself."""
+    from .base import EMBEDDED_MODELS
+
+    return next((alias for alias, (_, desc) in EMBEDDED_MODELS.items() if desc == model_id), model_id)
+
+
+def model_card(directory: str | Path, name: str | None = None) -> str | None:
+    """The README.md text for the prompt files in `directory` (None when it holds none); `name`: the repo's."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from .peft_format import CONFIG, hub_model_id
+
+    files = prompt_files(directory)
+    if not files:
+        return None
+    peft = (Path(directory) / CONFIG).is_file()
+    entries = []
+    for name, m in files.items():
+        entries.append({"file": name, "method": m["method"], "task": m["task"].get("name"),
+                        "base_model": hub_model_id(m["base"]["model_id"]), "virtual_tokens":
+                        m["method_config"].get("num_virtual_tokens"), "parameters": m["parameters"]["saved"],
+                        "parameters_training": m["parameters"]["training"], "metrics": m.get("metrics", {}),
+                        "template": m["task"].get("template")})
+    bases = sorted({e["base_model"] for e in entries})
+    results = []
+    if len(entries) == 1:
+        e = entries[0]
+        kind = "text-classification" if files[e["file"]]["task"].get("labels") else "text-generation"
+        results = [EvalResult(task_type=kind, dataset_type=e["task"], dataset_name=e["task"], dataset_split=split,
+                              metric_type=k, metric_value=v)
+                   for split, m in _eval_metrics(e["metrics"]).items() for k, v in m.items()]
+    data = ModelCardData(
+        base_model=bases[0] if len(bases) == 1 else bases, library_name="peft" if peft else "softprompt",
+        pipeline_tag="text-generation", tags=["softprompt", "prompt-tuning"] + sorted({e["method"] for e in entries}),
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=(name or Path(directory).resolve().name) if results else None, eval_results=results or None,
+        prompts=entries)
+    rows = "\n".join(f"| `{e['file']}` | {e['task']} | {e['method']} | {e['virtual_tokens']} | {e['parameters']:,} | "
+                     + (", ".join(f"{s} {k} {v:.4g}" for s, m in _eval_metrics(e["metrics"]).items()
+                                  for k, v in m.items()) or "-") + " |" for e in entries)
+    load_name = _load_name(next(iter(files.values()))["base"]["model_id"])
+    use = ("from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"REPO_OR_DIR\")" if peft else
+           f"import softprompt as sp\nbase = sp.load_base({load_name!r})\n"
+           f"prompt = sp.from_pretrained(\"REPO_OR_DIR\", base{'' if len(entries) == 1 else ', filename=...'})")
+    return (f"---\n{data.to_yaml()}\n---\n{_MARK}\n\n# Prompts for {', '.join(bases)}\n\n"
+            f"Prompts trained with softprompt for a frozen base model: each file is small and is verified against the "
+            f"model's fingerprint when it loads.\n\n"
+            f"| file | task | method | virtual tokens | parameters | metrics |\n|---|---|---|---|---|---|\n{rows}\n\n"
+            f"```python\n{use}\n```\n")
+
+
+def write_model_card(directory: str | Path, name: str | None = None) -> Path | None:
+    """(Re)write `directory/README.md` for its prompt files; a README.md softprompt did not write is kept."""
+    path = Path(directory) / CARD
+    if path.exists() and _MARK not in path.read_text(errors="replace"):
+        return None
+    text = model_card(directory, name)
+    return atomic_write_text(path, text) if text else None
+
+
+def read_card(directory: str | Path) -> dict:
+    """The YAML front matter of a directory's model card."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(Path(directory) / CARD).data.to_dict()
+
+
+# --- hub -------------------------------------------------------------------------------------------------------------
+
+def local_dir(path_or_repo: str | Path, patterns: list[str] | None = None, revision: str | None = None) -> Path:
+    """A local file or directory as is; anything else is taken as a hub repo id and downloaded (to the hub cache)."""
+    p = Path(path_or_repo)
+    if p.exists():
+        return p
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns or _PATTERNS))
+    except HFValidationError as e:
+        raise PromptFileError(f"'{path_or_repo}' is neither a local path nor a hub repo id ({e}).",
+                              "pass an existing file or folder, or a repo id like 'user/sst2-prompt'.") from e
+    except Exception as e:  # network, auth and not-found errors come in many types
+        raise PromptFileError(f"Could not download hub repo '{path_or_repo}': {type(e).__name__}: {e}",
+                              "check the repo id, your network and HF_TOKEN (or HF_HUB_OFFLINE=1 with a cached "
+                              "copy).") from e
+
+
+def from_pretrained(path_or_repo: str | Path, base=None, filename: str | None = None,
+                    revision: str | None = None) -> Prompt:
+    """Load a prompt from a prompt file, a directory of them, a PEFT adapter folder, or a hub repo.
+
+    base: verify the prompt against this model (required for PEFT adapters, which carry no fingerprint).
+    filename: which prompt file, when the directory or repo holds several.
+    """
+    from .peft_format import CONFIG, import_peft
+
+    p = local_dir(path_or_repo, revision=revision)
+    if p.is_file():
+        return Prompt.load(p, base)
+    files = prompt_files(p)
+    if filename is not None:
+        if not (p / filename).is_file():
+            raise PromptFileError(f"{path_or_repo} has no file '{filename}'.", f"use one of {sorted(files)}.")
+        return Prompt.load(p / filename, base)
+    if (p / CONFIG).is_file():
+        if base is None:
+            raise ConfigError(f"{path_or_repo} is a PEFT adapter; its prompt is only defined for a base model.",
+                              "pass base=load_base(...) (the model the adapter was trained for).")
+        return import_peft(p, base)
+    if len(files) != 1:
+        raise PromptFileError(f"{path_or_repo} holds {len(files)} prompt files{f' {sorted(files)}' if files else ''}.",
+                              "pass filename=... to choose one." if files else "pass a folder with a prompt file.")
+    return Prompt.load(p / next(iter(files)), base)
+
+
+def push_to_hub(source: Prompt | str | Path, repo_id: str, filename: str | None = None, private: bool = False,
+                token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload a prompt (a `Prompt`, a prompt file, or a directory of them) with its model card; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        name = repo_id.split("/")[-1]
+        if isinstance(source, Prompt):
+            source.save(folder / (filename or f"{source.task.get('name', 'prompt')}-{source.method}{SUFFIX}"), card=False)
+        elif Path(source).is_file():
+            Prompt.load(source)  # refuse anything that is not a readable prompt file before uploading
+            shutil.copy2(source, folder / (filename or Path(source).name))
+        elif Path(source).is_dir():
+            folder = Path(source)
+        else:
+            raise PromptFileError(f"Nothing to upload at {source}.", "pass a prompt file or a folder of them.")
+        if not prompt_files(folder):
+            raise PromptFileError(f"{source} holds no prompt files.", "pass a prompt file or a folder of them.")
+        write_model_card(folder, name)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=_PATTERNS,
+                                 commit_message=commit_message or "Upload prompts with softprompt")
+    return str(getattr(info, "commit_url", info))
+
+
+def pull(repo_id: str, out: str | Path, revision: str | None = None) -> Path:
+    """Download a hub repo's prompt files and card into `out`."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_dir=str(out), allow_patterns=_PATTERNS))
+    except Exception as e:
+        raise PromptFileError(f"Could not download hub repo '{repo_id}': {type(e).__name__}: {e}",
+                              "check the repo id, your network and HF_TOKEN.") from e
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+def cmd_push(ns) -> None:
+    print(push_to_hub(ns.source, ns.repo_id, private=ns.private, commit_message=ns.message))
+
+
+def cmd_pull(ns) -> None:
+    out = pull(ns.repo_id, ns.out or ns.repo_id.split("/")[-1], ns.revision)
+    print(f"downloaded {sorted(prompt_files(out))} to {out}")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("push", help="upload prompt files and their model card to a Hugging Face Hub repo")
+    p.add_argument("source", help="prompt file or folder of prompt files")
+    p.add_argument("repo_id", help="hub repo, e.g. user/sst2-prompts (created if missing; token from HF_TOKEN or "
+                                   "`hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(handler=cmd_push)
+
+    q = sub.add_parser("pull", help="download a hub repo's prompt files")
+    q.add_argument("repo_id", help="hub repo id")
+    q.add_argument("--out", default=None, help="folder to download to (default: the repo name)")
+    q.add_argument("--revision", default=None, help="branch, tag or commit")
+    q.set_defaults(handler=cmd_pull)

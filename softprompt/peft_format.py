@@ -1,0 +1,280 @@
+"""Prompt files to and from PEFT prompt-learning adapters (prompt tuning, P-tuning, prefix tuning).
+
+PEFT (huggingface/peft, `utils/save_and_load.py`, `tuners/tuners_utils.BasePromptEncoder`) saves
+every prompt-learning adapter as one tensor, `prompt_embeddings`, in `adapter_model.safetensors`,
+next to `adapter_config.json`. The tensor is already collapsed (an encoder's or MLP's output), and
+an adapter loaded with `inference_mode: true` uses it as is:
+
+    PROMPT_TUNING, P_TUNING  (P, D)                  virtual-token embeddings    <-> Injection.embeds (P, D)
+    PREFIX_TUNING            (P, L * 2 * H_kv * hd)  per token: layer 0 keys,     <-> Injection.kv (L, 2, H_kv, P, hd)
+                                                     layer 0 values, layer 1 keys, ...; each (H_kv, hd)
+
+(`PeftModel.get_prompt`: `view(B, P, 2L, H_kv, hd).permute(2, 0, 3, 1, 4).split(2)`; under grouped-
+query attention PEFT sets `token_dim = H_kv * hd` and `num_attention_heads = H_kv`, as we write them.)
+softprompt needs no PEFT to read or write these files; the tests check them against PEFT itself.
+
+Where PEFT's conventions differ from ours (see the README, "PEFT"):
+- Positions under prefix tuning. PEFT hands the prefix to the model as a cache of P entries, so the
+  text's positions start at P (and it adds P to any `position_ids` passed). softprompt's `prefix`
+  and `deep` prompts take no positions: the text starts at 0 (`Injection.kv_positions = 0`). An
+  imported PEFT prefix keeps PEFT's convention (`kv_positions = P`) and gives PEFT's logits exactly.
+  An exported softprompt prefix gives its own logits in PEFT only when the caller passes
+  `position_ids` counted from the first real token minus P; `export_peft` returns a note saying so.
+- Left padding. PEFT puts the virtual tokens before the pads (`prompt pad pad text`) and drops
+  `position_ids` for prompt tuning and P-tuning, so the positions of a padded row's text count its
+  pads, in `forward` and in `generate` alike (measured: the first generated token's logits equal its
+  forward's). softprompt keeps the prompt next to the text and counts positions from the first real
+  token, the positions the row has unpadded. Unpadded rows are identical in both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .data import TaskSpec
+from .errors import ConfigError, PromptFileError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .inject import Injection
+from .methods import METHODS
+from .store import Prompt
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+# softprompt method -> PEFT type for prompts of embeddings; every KV prefix is PEFT's PREFIX_TUNING.
+_EMBEDDING_TYPES = {"ptuning": "P_TUNING"}
+_PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
+
+
+def hub_model_id(model_id: str) -> str:
+    """The hub id in a fingerprint's model name ('HuggingFaceTB/SmolLM2-135M-Instruct (GGUF ...)' -> the id)."""
+    return model_id.split(" (")[0]
+
+
+def flatten_kv(kv: torch.Tensor) -> torch.Tensor:
+    """(L, 2, H_kv, P, hd) -> PEFT's (P, L * 2 * H_kv * hd)."""
+    return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1)
+
+
+def unflatten_kv(flat: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """PEFT's (P, L * 2 * H_kv * hd) -> (L, 2, H_kv, P, hd)."""
+    return flat.view(flat.shape[0], num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+
+
+# --- export ----------------------------------------------------------------------------------------------------------
+
+def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
+    """The adapter_config.json that PEFT needs to load `prompt` for inference."""
+    inj = prompt.injection
+    if inj.embeds is not None and inj.kv is not None:
+        raise PromptFileError(f"A '{prompt.method}' prompt holds both virtual-token embeddings and KV prefixes; a PEFT "
+                              "adapter holds one of them.", "export a prompt of one kind (soft, ptuning, prefix, deep).")
+    if inj.embeds is None and inj.kv is None:
+        raise PromptFileError(f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
+                              "use its template as plain text.")
+    common = {"task_type": "CAUSAL_LM", "inference_mode": True, "num_transformer_submodules": 1,
+              "base_model_name_or_path": base_model_name or hub_model_id(prompt.base.get("model_id", "")) or None,
+              "revision": None, "auto_mapping": None, "modules_to_save": None}
+    if inj.kv is not None:
+        L, _, H_kv, P, hd = inj.kv.shape
+        return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": L,
+                "num_attention_heads": H_kv, "token_dim": H_kv * hd, "encoder_hidden_size": H_kv * hd,
+                "prefix_projection": False, "init_weights": None}
+    P, D = inj.embeds.shape
+    # num_layers / num_attention_heads: PEFT fills them in from the model config when null.
+    common.update(num_virtual_tokens=P, token_dim=D, num_layers=None, num_attention_heads=None)
+    if _EMBEDDING_TYPES.get(prompt.method) == "P_TUNING":
+        cfg = prompt.method_config
+        return {**common, "peft_type": "P_TUNING", "encoder_reparameterization_type": cfg.get("encoder", "mlp").upper(),
+                "encoder_hidden_size": cfg.get("encoder_hidden") or D, "encoder_num_layers": 2, "encoder_dropout": 0.0}
+    return {**common, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+
+
+def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None = None) -> list[str]:
+    """Write `out_dir/adapter_config.json` and `adapter_model.safetensors` (plus a model card) for PEFT.
+
+    `peft.PeftModel.from_pretrained(model, out_dir)` loads the result. The safetensors header also
+    keeps softprompt's metadata (template, labels, metrics), so `import_peft` restores the prompt
+    file exactly. Returns notes on where PEFT will run the prompt differently (see the module doc).
+    """
+    from .hub import write_model_card
+
+    config = peft_config(prompt, base_model_name)
+    inj = prompt.injection
+    tensor = flatten_kv(inj.kv) if inj.kv is not None else inj.embeds
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # the header keeps softprompt's metadata, marked so that `Prompt.load` refuses the file (it holds no `embeds`/`kv`)
+    meta = {**prompt.meta(), "format": "softprompt-peft-export"}
+    data = st_save({"prompt_embeddings": tensor.detach().float().cpu().contiguous()},
+                   metadata={"format": "pt", "softprompt": json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(out / WEIGHTS, data)
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_model_card(out)
+    notes = []
+    if inj.kv is not None and inj.kv_positions != inj.num_kv:
+        notes.append(f"PEFT starts the text at position {inj.num_kv} (after the prefix); this prompt was trained with "
+                     f"the text at position {inj.kv_positions}. For identical outputs in PEFT pass position_ids "
+                     f"counted from the first real token minus {inj.num_kv - inj.kv_positions}.")
+    return notes
+
+
+# --- import ----------------------------------------------------------------------------------------------------------
+
+def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
+    """(adapter config, `prompt_embeddings`, softprompt metadata or None) of a PEFT adapter directory."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise PromptFileError(f"{path} has no {CONFIG}; it is not a PEFT adapter directory.",
+                              "pass the folder that PeftModel.save_pretrained wrote.")
+    if not (path / WEIGHTS).is_file():
+        found = [p.name for p in path.glob("adapter_model.*")]
+        raise PromptFileError(f"{path} has no {WEIGHTS}{f' (only {found}: pickles are never loaded)' if found else ''}.",
+                              "re-save the adapter with PEFT's default safe_serialization=True.")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path / CONFIG} is not valid JSON ({e}).", "re-save the adapter with PEFT.") from e
+    data = (path / WEIGHTS).read_bytes()
+    try:
+        tensors = st_load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path / WEIGHTS} is truncated or corrupted ({e}).", "re-save the adapter.") from e
+    if "prompt_embeddings" not in tensors:
+        raise PromptFileError(f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",
+                              "pass a prompt-learning adapter (prompt tuning, P-tuning or prefix tuning).")
+    meta = header.get("__metadata__", {}).get("softprompt")
+    return config, tensors["prompt_embeddings"].float(), json.loads(meta) if meta else None
+
+
+def _method_of(config: dict) -> tuple[str, dict]:
+    """(softprompt method, its config as a dict) that describes a PEFT adapter."""
+    P, kind = config["num_virtual_tokens"], config["peft_type"]
+    if kind == "PROMPT_TUNING":
+        init = _PEFT_INITS.get(str(config.get("prompt_tuning_init")), "random")
+        text = config.get("prompt_tuning_init_text") if init == "text" else None
+        return "soft", METHODS["soft"].config_class(P, init=init, init_text=text).to_dict()
+    if kind == "P_TUNING":
+        encoder = str(config.get("encoder_reparameterization_type", "MLP")).lower()
+        return "ptuning", METHODS["ptuning"].config_class(P, init="random", encoder=encoder,
+                                                          encoder_hidden=config.get("encoder_hidden_size")).to_dict()
+    init = "zero" if config.get("init_weights") == "zero" else "random"
+    if config.get("prefix_projection"):
+        return "prefix", METHODS["prefix"].config_class(P, init=init,
+                                                        prefix_hidden=config.get("encoder_hidden_size") or 512).to_dict()
+    return "deep", METHODS["deep"].config_class(P, init=init).to_dict()
+
+
+def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
+    """A softprompt `Prompt` from a PEFT prompt-learning adapter directory, for the model `base`.
+
+    The fingerprint is `base`'s: the adapter is checked against its shapes, not its weights (PEFT
+    records no more than a model name). The template comes from `spec`, else from softprompt
+    metadata in the file (an adapter that `export_peft` wrote), else a bare '{text}' template.
+    """
+    from .base import Fingerprint
+
+    path = Path(path)
+    config, tensor, meta = read_peft(path)
+    if meta:  # exported by softprompt: it names the model it was trained for
+        Fingerprint.from_dict(meta["base"]).check(base.fingerprint, f"The adapter in {path}")
+    kind = config.get("peft_type")
+    if kind not in PEFT_TYPES:
+        raise PromptFileError(f"{path} is a PEFT {kind} adapter, not a prompt-learning one.",
+                              f"softprompt imports {list(PEFT_TYPES)} adapters.")
+    if config.get("task_type") not in (None, "CAUSAL_LM") or config.get("num_transformer_submodules", 1) != 1:
+        raise PromptFileError(f"{path} is a PEFT adapter for task type {config.get('task_type')}; softprompt runs "
+                              "decoder-only causal LMs.", "import an adapter trained with task_type='CAUSAL_LM'.")
+    P = config.get("num_virtual_tokens")
+    if tensor.dim() != 2 or tensor.shape[0] != P:
+        raise PromptFileError(f"{path}: prompt_embeddings has shape {tuple(tensor.shape)}, but the config says "
+                              f"{P} virtual tokens.", "re-save the adapter with PEFT.")
+    layout = base.kv_layout
+    if kind == "PREFIX_TUNING":
+        width = layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim
+        if tensor.shape[1] != width:
+            raise PromptFileError(
+                f"{path}: a prefix of width {tensor.shape[1]} per token does not fit '{base.name}' ({layout.num_layers} "
+                f"layers x 2 x {layout.num_kv_heads} KV heads x {layout.head_dim} = {width}).",
+                "import it against the model it was trained for (--model).")
+        positions = meta["kv_positions"] if meta else P  # PEFT's own convention: the text starts after the prefix
+        injection = Injection(kv=unflatten_kv(tensor, layout.num_layers, layout.num_kv_heads, layout.head_dim),
+                              kv_positions=positions)
+    else:
+        if tensor.shape[1] != base.hidden_size:
+            raise PromptFileError(f"{path}: virtual tokens of width {tensor.shape[1]} do not fit '{base.name}' "
+                                  f"(hidden size {base.hidden_size}).", "import it against the model it was trained for.")
+        injection = Injection(embeds=tensor)
+    method, method_config = (meta["method"], meta["method_config"]) if meta else _method_of(config)
+    if spec is not None:
+        task = spec.portable()
+    elif meta:
+        task = meta["task"]
+    else:
+        task = TaskSpec(name=path.resolve().name, template="{text}", target_column="target").portable()
+    return Prompt(injection=injection, method=method, method_config=method_config, task=task,
+                  base=base.fingerprint.to_dict(),
+                  trainable_parameters=meta["parameters"]["training"] if meta else tensor.numel(),
+                  base_parameters=base.num_parameters(), base_bytes=base.num_bytes(),
+                  metrics=meta.get("metrics", {}) if meta else {},
+                  train={"imported_from": {"format": "peft", "peft_type": kind, "path": str(path),
+                                           "base_model_name_or_path": config.get("base_model_name_or_path")}})
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+def cmd_export(ns) -> None:
+    from .store import load_prompt
+
+    if ns.format != "peft":
+        raise ConfigError(f"Unknown export format '{ns.format}'.", "use --format peft.")
+    prompt = load_prompt(ns.file)
+    for note in export_peft(prompt, ns.out_dir, ns.base_model_name):
+        print(f"note: {note}")
+    print(f"wrote {Path(ns.out_dir) / CONFIG} and {WEIGHTS} (PEFT {peft_config(prompt)['peft_type']})")
+
+
+def cmd_import(ns) -> None:
+    from .cli import _load_base
+    from .data import load_task
+    from .hub import local_dir
+
+    base = _load_base(ns)
+    spec = load_task(ns.task, ns.data_dir).spec if ns.task else None
+    prompt = import_peft(local_dir(ns.peft_dir, [CONFIG, WEIGHTS]), base, spec)
+    path = prompt.save(ns.out)
+    print(f"saved {path} ({prompt.method}, {prompt.num_parameters:,} parameters) for {base.name}")
+
+
+def add_commands(sub) -> None:
+    from .cli import add_model_options
+
+    e = sub.add_parser("export", help="write a prompt file in another library's format (PEFT)",
+                       description="Write a prompt file as a PEFT prompt-learning adapter (adapter_config.json + "
+                                   "adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.")
+    e.add_argument("--format", default="peft", choices=["peft"], help="target format")
+    e.add_argument("file", help="prompt file (.safetensors)")
+    e.add_argument("out_dir", help="folder to write the adapter to")
+    e.add_argument("--base-model-name", default=None,
+                   help="base_model_name_or_path to record (default: the model id in the prompt's fingerprint)")
+    e.set_defaults(handler=cmd_export)
+
+    i = sub.add_parser("import", help="turn a PEFT prompt-learning adapter into a prompt file",
+                       description="Read a PEFT prompt tuning, P-tuning or prefix tuning adapter (a local folder or a "
+                                   "hub repo) and save it as a softprompt prompt file for --model.")
+    i.add_argument("peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub "
+                                    "repo id")
+    add_model_options(i)
+    i.add_argument("--out", required=True, help="prompt file to write")
+    i.add_argument("--task", default=None, help="task (built-in name or spec file) whose template the prompt uses "
+                                                "(default: the adapter's softprompt metadata, else '{text}')")
+    i.add_argument("--data-dir", default=None, help="data folder of --task (only its template is used)")
+    i.set_defaults(handler=cmd_import)
