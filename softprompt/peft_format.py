@@ -14,12 +14,11 @@ query attention PEFT sets `token_dim = H_kv * hd` and `num_attention_heads = H_k
 softprompt needs no PEFT to read or write these files; the tests check them against PEFT itself.
 
 Where PEFT's conventions differ from ours (see the README, "PEFT"):
-- Positions under prefix tuning. PEFT hands the prefix to the model as a cache of P entries, so the
-  text's positions start at P (and it adds P to any `position_ids` passed). softprompt's `prefix`
-  and `deep` prompts take no positions: the text starts at 0 (`Injection.kv_positions = 0`). An
-  imported PEFT prefix keeps PEFT's convention (`kv_positions = P`) and gives PEFT's logits exactly.
-  An exported softprompt prefix gives its own logits in PEFT only when the caller passes
-  `position_ids` counted from the first real token minus P; `export_peft` returns a note saying so.
+- Positions under prefix tuning are the same: PEFT hands the prefix to the model as a cache of P
+  entries, so the text's positions start at P, and softprompt's `prefix` and `deep` prompts take
+  positions 0..P-1 too (`Injection.kv_positions = P`). A prompt file whose prefix takes another
+  number of positions still exports; `export_peft` then returns a note on the `position_ids` that
+  reproduce it in PEFT.
 - Left padding. PEFT puts the virtual tokens before the pads (`prompt pad pad text`) and drops
   `position_ids` for prompt tuning and P-tuning, so the positions of a padded row's text count its
   pads, in `forward` and in `generate` alike (measured: the first generated token's logits equal its
