@@ -44,7 +44,7 @@ class PrefixConfig(DeepPromptConfig):
 class PrefixTuning(PromptMethod):
     name = "prefix"
     config_class = PrefixConfig
-    default_lr = 1e-3
+    default_lr = 3e-4
 
     def __init__(self, config: PrefixConfig, ctx: InitContext):
         super().__init__(config)
