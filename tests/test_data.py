@@ -124,3 +124,20 @@ def test_collate_left_pads():
     assert b["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert b["labels"].tolist() == [[-100, 2, 3], [-100, -100, 4]]
+
+
+def test_chat_mode_wraps_the_template_as_a_user_turn(tokenizer, sst2):
+    import copy
+
+    from softprompt.data import TaskSpec
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    spec = TaskSpec.from_dict({**sst2.spec.portable(), "chat": True})
+    enc = Encoder(spec, tok)
+    text = spec.render({"sentence": "a fine film"})
+    assert tok.decode(enc.prompt_ids(text)) == f"<user>{text}</s><assistant>"
+    ids, labels = enc.training_example(text, "positive", None)
+    target = [t for t in labels if t != -100]
+    assert tok.decode(target) == "positive"  # no " " separator: the assistant turn starts the answer

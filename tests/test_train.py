@@ -106,3 +106,13 @@ def test_run_records(base, sst2, tmp_path):
     assert {"zero_shot", "dev"} <= set(result.prompt.metrics)
     assert result.prompt.train["steps_done"] == 6
     assert result.seconds_per_step > 0 and result.peak_memory_bytes > 0
+
+
+def test_adafactor_and_cosine_schedule_train(base, sst2, tmp_path):
+    result = sp.train(base, sst2, "soft", method_cfg("soft"),
+                      cfg(optimizer="adafactor", scheduler="cosine", lr=0.3, warmup_steps=2, eval_every=0), run_dir=tmp_path)
+    init = Trainer(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=None).method.collapse().embeds
+    assert not torch.equal(result.prompt.injection.embeds, init)
+    assert result.prompt.train["optimizer"] == "adafactor" and result.prompt.train["lr"] == 0.3
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert lrs[-1] < max(lrs)  # the cosine schedule decays
