@@ -295,7 +295,7 @@ def cmd_demo(ns):
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 # Modules that add subcommands: each has `add_commands(subparsers)` and sets `handler` on its parsers.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("softprompt.serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:
