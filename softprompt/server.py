@@ -300,7 +300,12 @@ def channel() -> tuple[asyncio.Queue, object]:
     """A queue for a request's events and a thread-safe function with which the worker fills it."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def send(event) -> None:
+        if not loop.is_closed():  # the server is shutting down: nobody is listening any more
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    return queue, send
 
 
 async def events(jobs: list[Job], queue: asyncio.Queue):
@@ -432,13 +437,17 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         log.exception("unhandled error on %s", request.url.path)
         return ApiError(500, "Internal server error.", "internal_error", "server_error").response()
 
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given[:7].lower() == "bearer " else ""
+        # constant time: how much of a guess matches must not show in the response time
+        return hmac.compare_digest(token.encode(), api_key.encode())
+
     async def authorize(request: Request) -> None:
-        if api_key:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else ""
-            # constant time: how much of a guess matches must not show in the response time
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                raise ApiError(401, "Missing or wrong API key.", "invalid_api_key", "authentication_error")
+        if not authorized(request):
+            raise ApiError(401, "Missing or wrong API key.", "invalid_api_key", "authentication_error")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -556,9 +565,11 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
                                            for e in mt.entries()]}
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": mt.base.name, "tasks": len(mt), "refused": dict(mt.refused),
-                "queued": batcher.queued, "running": batcher.running, **batcher.stats}
+    async def health(request: Request):
+        out = {"status": "ok", "tasks": len(mt), "queued": batcher.queued, "running": batcher.running, **batcher.stats}
+        if authorized(request):  # names and reasons only for those who may use the API
+            out |= {"model": mt.base.name, "refused": dict(mt.refused)}
+        return out
 
     app.include_router(v1)
     return app

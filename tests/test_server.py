@@ -154,7 +154,8 @@ def test_api_key_is_required_on_the_api_but_not_health(live):
     assert httpx.get(live.url + "/v1/models").status_code == 401
     assert httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer test-key-12"}).status_code == 401
     health = httpx.get(live.url + "/health")
-    assert health.status_code == 200 and health.json()["tasks"] == 4
+    assert health.status_code == 200 and health.json()["tasks"] == 4 and "refused" not in health.json()
+    assert httpx.get(live.url + "/health", headers=auth()).json()["refused"] == {}
 
 
 def test_request_bodies_are_not_logged_unless_asked(live, caplog):
