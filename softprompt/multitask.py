@@ -82,11 +82,11 @@ class Entry:
         return self.encoder.fit(ids, budget)
 
     def describe(self) -> dict:
-        """What `/v1/models` and `softprompt store list` show."""
+        """What `/v1/models` shows of the task."""
         p = self.prompt
         return {"id": self.name, "method": p.method, "kind": "classification" if self.spec.is_classification
                 else "generation", "virtual_tokens": p.method_config.get("num_virtual_tokens", 0),
-                "labels": self.spec.class_names or None, "template": self.spec.template, "created": p.created}
+                "labels": self.spec.class_names or None, "template": self.spec.template}
 
 
 @dataclass

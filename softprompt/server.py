@@ -37,7 +37,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, InputTooLongError, SoftpromptError
+from .errors import InputTooLongError, SoftpromptError
 from .generate import Sampling, stop_ids
 from .multitask import Classification, Entry, MultiTask, UnknownTaskError
 from .serve import ServerConfig
@@ -501,6 +501,8 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         if max_new > config.max_tokens:
             raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {config.max_tokens}.",
                            "max_tokens_too_large", param="max_tokens")
+        if len(body.stops()) > 4:
+            raise ApiError(400, "stop takes at most 4 strings.", "too_many_stops", param="stop")
         if len(inputs) * body.n > config.max_prompts:
             raise ApiError(400, f"{len(inputs)} inputs x n={body.n} rows; this server allows {config.max_prompts}.",
                            "too_many_inputs", param="n")
@@ -561,7 +563,7 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
     async def models():
         return {"object": "list", "data": [{"object": "model", "owned_by": "softprompt",
                                             "created": e.stamp[0] // 1_000_000_000 if e.stamp else 0,
-                                            **{k: v for k, v in e.describe().items() if k != "created"}}
+                                            **e.describe()}
                                            for e in mt.entries()]}
 
     @app.get("/health")

@@ -6,13 +6,17 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from softprompt.cli import main
@@ -98,6 +102,9 @@ def test_the_openai_client_works_unchanged(live):
     assert out.usage.completion_tokens == 10 or out.choices[0].finish_reason == "stop"
     stream = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == expected
+    stop = expected[len(expected) // 2:][:3]  # a stop string ends the text before it, as OpenAI's does
+    cut = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
 
     expected_chat = live.mt.generate([("e2e-soft", mr)], max_new_tokens=8)[0].lstrip()
     chat = client.chat.completions.create(model="e2e-soft", messages=[{"role": "user", "content": mr}],
@@ -139,6 +146,7 @@ def test_classify_returns_label_and_probabilities(live):
     ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "Known tasks"),
     ("/v1/completions", json.dumps({"model": "/etc/passwd", "prompt": "x"}), 404, "Unknown task"),
     ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "temperature": -1}), 400, "temperature"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "stop": list("abcde")}), 400, "at most 4"),
     ("/v1/chat/completions", json.dumps({"model": "e2e-soft", "messages": [{"role": "system", "content": "x"}]}),
      400, "no user message"),
     ("/v1/classify", json.dumps({"model": "sst2-soft", "input": {"text": "x"}}), 400, "template field"),
@@ -313,3 +321,37 @@ def test_a_request_that_stops_listening_stops_its_rows(llama, store):
     wait_for(lambda: batcher.stats["batches"] == 1 and batcher.running == 0)
     batcher.stop()
     assert batcher.stats["tokens"] == 2  # one step, then the decode loop ended
+
+
+def test_softprompt_serve_command_end_to_end(llama, store, tmp_path):
+    import openai
+
+    model_dir = tmp_path / "model"
+    llama.model.save_pretrained(model_dir)
+    llama.tokenizer.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "SERVE_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--store", str(store.root), "--model",
+                             str(model_dir), "--port", str(port), "--api-key-env", "SERVE_KEY", "--no-access-log"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert len(client.models.list().data) == 4
+        assert client.completions.create(model="e2e-soft", prompt="name[Fun]", max_tokens=3).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert "serving 4 task(s)" in proc.stderr.read()
