@@ -61,6 +61,14 @@ def llama(tokenizer):
 
 
 @pytest.fixture(scope="module")
+def model_dir(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    llama.model.save_pretrained(path)
+    llama.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def store(llama, sst2, e2e, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store"))
     store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
@@ -282,7 +290,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
     assert "\ufffd" not in "".join(parts) and "".join(parts) + s.flush() == "é☃"
 
 
-def test_store_commands(store, capsys, tmp_path):
+def test_store_commands(store, model_dir, tokenizer, sst2, capsys, tmp_path):
     assert main(["store", "list", "--store", str(store.root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"]: (r["method"], r["virtual_tokens"], r["kind"]) for r in rows} == {
@@ -297,6 +305,11 @@ def test_store_commands(store, capsys, tmp_path):
     assert main(["store", "list", "--store", str(copy.root)]) == 0
     out = capsys.readouterr().out
     assert "refused" in out and "truncated" in out
+    copy.save("gpt2", make_prompt(build_tiny("gpt2", tokenizer), sst2.spec, "soft", 2))
+    assert main(["store", "list", "--store", str(copy.root), "--verify", "--model", str(model_dir), "--json"]) == 0
+    status = {r["name"]: r.get("reason", r["status"]) for r in json.loads(capsys.readouterr().out)}
+    assert status["x"] == "ok" and "architecture" in status["gpt2"] and "truncated" in status["broken"]
+    copy.remove("gpt2")
     assert main(["store", "rm", "x", "--store", str(copy.root)]) == 0 and copy.names() == ["broken"]
     capsys.readouterr()
     assert main(["store", "rm", "x", "--store", str(copy.root)]) == 2
@@ -323,12 +336,9 @@ def test_a_request_that_stops_listening_stops_its_rows(llama, store):
     assert batcher.stats["tokens"] == 2  # one step, then the decode loop ended
 
 
-def test_softprompt_serve_command_end_to_end(llama, store, tmp_path):
+def test_softprompt_serve_command_end_to_end(store, model_dir):
     import openai
 
-    model_dir = tmp_path / "model"
-    llama.model.save_pretrained(model_dir)
-    llama.tokenizer.save_pretrained(model_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
