@@ -341,12 +341,13 @@ def markdown(r: dict) -> str:
         "# Multi-task inference benchmarks (issue 4)", "",
         f"{r['model']}, {r['device']} {r['dtype']}, torch {r['torch']}, transformers {r['transformers']}, "
         f"PEFT {r['peft']}; {r['machine']}. Run with `PYTHONPATH=. python benchmarks/multitask.py`"
-        f"{' --quick' if r['quick'] else ''} on {r['date']}; raw numbers in `multitask.json`.",
+        f"{' --quick' if r['quick'] else ''}; raw numbers in `multitask.json`.",
         "",
         "The prompts are untrained method initializations (`build_method(...).collapse()`): speed and output "
         "equality do not depend on training. The machine is shared with other jobs, so ratios are medians of "
         "per-round ratios with the variants interleaved.", "",
         f"## (a) Prefill: {a['input_tokens']}-token inputs, {a['virtual_tokens']}-token soft prompt", "",
+        f"Measured {a['date']}, {a['rounds']} rounds.", "",
         "| batch | plain model (ms) | softprompt KV-compiled (ms) | softprompt uncompiled (ms) | PEFT prompt tuning (ms) "
         "| compiled / plain (goal <= 1.1) | compiled / PEFT (goal <= 0.75) |",
         "|---|---|---|---|---|---|---|",
@@ -360,7 +361,7 @@ def markdown(r: dict) -> str:
     lines += ["", f"Largest next-token logit difference, softprompt vs PEFT on the same weights: batch 1 "
                   f"{a['batch_1']['max_abs_logit_diff_vs_peft']:.1e}, batch 8 {a['batch_8']['max_abs_logit_diff_vs_peft']:.1e}.",
               "", f"## (b) Mixed-task generation: {b['tasks']} tasks x {b['requests_per_task']} requests, "
-                  f"{b['max_new_tokens']} new tokens, greedy", "",
+                  f"{b['max_new_tokens']} new tokens, greedy", "", f"Measured {b['date']}.", "",
               "| | tokens/s | seconds per run |", "|---|---|---|",
               f"| softprompt, one mixed batch (KV cache) | {b['softprompt_tokens_per_s']} | "
               f"{', '.join(map(str, b['softprompt_seconds']))} |",
@@ -373,7 +374,7 @@ def markdown(r: dict) -> str:
               f"PEFT with its KV cache instead: {b['rows_differing_peft_with_cache_vs_without']} of 32 rows differ "
               "from its own uncached output.", "",
               f"## (c) Server load: {c['requests']} requests, {c['concurrency']} concurrent clients, {c['tasks']} tasks",
-              "", f"Methods served: {', '.join(c['methods'])}. Requests: {c['mix']} (generation: 16 new tokens, "
+              "", f"Measured {c['date']}. Methods served: {', '.join(c['methods'])}. Requests: {c['mix']} (generation: 16 new tokens, "
                   f"greedy). Batcher: max {c['max_batch_size']} rows, {c['max_wait_ms']} ms wait.", "",
               "| failed | p50 latency | p99 latency | max latency | throughput | generated tokens/s | mean batch |",
               "|---|---|---|---|---|---|---|",
@@ -400,7 +401,7 @@ def main() -> None:
     results = {"model": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
                "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
-               "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+               "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
         if "prefill" in parts:
             prompt = make_prompt(base, sp.load_task("sst2"), "soft", 20, seed=0)
@@ -414,9 +415,14 @@ def main() -> None:
             del base
             results["server"] = bench_server(store, n=200 if args.quick else 1000, concurrency=64, max_batch=32,
                                              max_wait_ms=20, threads=args.threads)
+    for part in ("prefill", "mixed_generation", "server"):
+        if part in results:
+            results[part]["date"] = time.strftime("%Y-%m-%d %H:%M")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "multitask" + ("-quick" if args.quick else "")
+    if args.only and (out / f"{name}.json").exists():  # a partial run updates its parts of the last full run
+        results = json.loads((out / f"{name}.json").read_text()) | results
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     if all(k in results for k in ("prefill", "mixed_generation", "server")):
         (out / f"{name}.md").write_text(markdown(results))

@@ -98,37 +98,53 @@ class Classification:
     log_likelihoods: list[float]  # of each class's verbalizer tokens, in label-map order
 
 
-@torch.inference_mode()
-def class_scores(base, rows: list[tuple[list[int], Injection, list[list[int]]]]) -> list[torch.Tensor]:
-    """Log-likelihood of every class verbalizer of every row, rows of different tasks in one forward pass.
+def padded_groups(lengths: list[int], max_padding: float | None) -> list[list[int]]:
+    """Indices grouped for batched forwards, longest first: a sequence joins the current group while padding it to
+    the group's longest costs at most `max_padding` of that length (None: one group). Compute on padding is wasted,
+    which matters when short and long inputs of different tasks meet in one batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (max_padding is None or lengths[i] >= (1 - max_padding) * lengths[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
-    rows: (prompt ids, injection, verbalizer ids per class). A row whose verbalizers are single
-    tokens needs one sequence, read at its last position; otherwise it becomes one sequence per
-    class, scored on the verbalizer's tokens (as `evaluate.class_log_likelihoods` does).
+
+@torch.inference_mode()
+def class_scores(base, rows: list[tuple[list[int], Injection, list[list[int]]]],
+                 max_padding: float | None = 0.25) -> list[torch.Tensor]:
+    """Log-likelihood of every class verbalizer of every row; rows of any tasks, batched together.
+
+    rows: (prompt ids, injection, verbalizer ids per class). The prompt itself is one sequence, whose
+    last position scores every single-token verbalizer; a multi-token verbalizer adds the sequence
+    prompt + verbalizer, scored on its tokens (as `evaluate.class_log_likelihoods` does).
+    max_padding: see `padded_groups`; None runs all sequences in one forward pass.
     Returns one (C_i,) tensor per row.
     """
-    single = [all(len(v) == 1 for v in verb) for _, _, verb in rows]
-    seqs, targets, injections, spans = [], [], [], []
-    for (ids, inj, verb), one in zip(rows, single):
-        start = len(seqs)
-        for v in ([[]] if one else verb):
-            seqs.append(ids + v)
-            targets.append([-100] * len(ids) + v)
-            injections.append(inj)
-        spans.append((start, len(seqs)))
-    b = collate(seqs, base.tokenizer.pad_token_id, targets)
-    inputs = assemble(base, b["input_ids"], b["attention_mask"], injections, labels=b["labels"])
-    K = int((inputs.labels != -100).sum(1).max())  # the longest multi-token verbalizer (0 if none)
-    logits, _ = forward(base, inputs, logits_to_keep=K + 1)
-    logp = logits.float().log_softmax(-1)  # (N, K + 1, V); position j predicts the token at j + 1
-    if K:
-        tgt = inputs.labels[:, -K:]  # (N, K), targets sit at the end of every row (left padding)
-        seq_ll = (logp[:, :-1].gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)).sum(1)  # (N,)
-    out = []
-    for (_, _, verb), one, (a, z) in zip(rows, single, spans):
-        first = torch.tensor([v[0] for v in verb], device=logp.device) if one else None
-        out.append((logp[a, -1, first] if one else seq_ll[a:z]).cpu())
-    return out
+    # (row, classes it scores, token ids, verbalizer length: 0 = read the first token at the last position)
+    seqs = []
+    for r, (ids, _, verb) in enumerate(rows):
+        singles = [c for c, v in enumerate(verb) if len(v) == 1]
+        if singles:
+            seqs.append((r, singles, ids, 0))
+        seqs += [(r, [c], ids + v, len(v)) for c, v in enumerate(verb) if len(v) > 1]
+    scores = [torch.empty(len(verb)) for _, _, verb in rows]
+    for group in padded_groups([len(s[2]) for s in seqs], max_padding):
+        part = [seqs[i] for i in group]
+        b = collate([ids for _, _, ids, _ in part], base.tokenizer.pad_token_id)
+        inputs = assemble(base, b["input_ids"], b["attention_mask"], [rows[r][1] for r, *_ in part])
+        K = max(n for *_, n in part)  # the longest multi-token verbalizer here (0 if none)
+        logits, _ = forward(base, inputs, logits_to_keep=K + 1)
+        logp = logits.float().log_softmax(-1).cpu()  # (N, K + 1, V); position j predicts the token at j + 1
+        for i, (r, classes, ids, n) in enumerate(part):
+            verb = rows[r][2]
+            if n == 0:
+                scores[r][classes] = logp[i, -1, [verb[c][0] for c in classes]]
+            else:  # the verbalizer fills the last n positions; logits at K - n ... K - 1 predict them
+                scores[r][classes[0]] = logp[i, K - n:K].gather(-1, torch.tensor(verb[classes[0]])[:, None]).sum()
+    return scores
 
 
 class MultiTask:

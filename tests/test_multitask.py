@@ -12,7 +12,7 @@ from softprompt.evaluate import class_log_likelihoods
 from softprompt.generate import generate_ids
 from softprompt.inject import EMPTY, assemble, forward
 from softprompt.methods import METHODS, InitContext, build_method
-from softprompt.multitask import MultiTask, UnknownTaskError, render_request
+from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups, render_request
 from softprompt.store import Store
 
 from conftest import build_tiny
@@ -42,7 +42,7 @@ def task_prompts(base, sst2, e2e) -> dict[str, sp.Prompt]:
     """Every method, different numbers of virtual tokens, classification and generation, a template alone,
     and a task whose class words are several tokens long."""
     cls, gen = sst2.spec, e2e.spec
-    multi = spec_like(cls, name="sst2-words", labels={"0": "awful boring bad", "1": "great fun"})
+    multi = spec_like(cls, name="sst2-words", labels={"0": "bad", "1": "great fun", "2": "awful boring plot"})
     return {
         "sst2-soft": make_prompt(base, cls, "soft", 3),
         "e2e-prefix": make_prompt(base, gen, "prefix", 5, seed=1),
@@ -94,14 +94,18 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
         assert generate_ids(base, [ids], prompts[t].injection, 8) == [toks]
     assert sum(map(len, together)) > 0
 
-    # class scores of a mixed batch of classification tasks vs `evaluate` on the row alone
+    # class scores of a mixed batch of classification tasks (in one forward pass, and grouped by length as the
+    # server runs them) vs `evaluate` on the row alone
     cls_reqs = [(t, v) for t, v in reqs if prompts[t].spec.is_classification]
     results = mt.classify(cls_reqs)
-    for (t, v), res in zip(cls_reqs, results):
+    cls_rows = [mt.encode(t, v) for t, v in cls_reqs]
+    one_pass = class_scores(base, [(ids, e.injection, e.encoder.verbalizer_ids) for e, ids in cls_rows], None)
+    for (t, v), res, once in zip(cls_reqs, results, one_pass):
         spec = prompts[t].spec
         ref = class_log_likelihoods(base, Encoder(spec, base.tokenizer), [render_request(spec, v)],
                                     prompts[t].injection)[0]
         torch.testing.assert_close(torch.tensor(res.log_likelihoods), ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(once, ref, rtol=0, atol=1e-4)
         assert res.label == spec.class_names[int(ref.argmax())]
         assert sum(res.probs.values()) == pytest.approx(1.0)
 
@@ -182,3 +186,12 @@ def test_prompt_for_another_model_is_refused_on_add(arch, tokenizer, prompts):
     other = build_tiny(other_arch(arch), tokenizer)
     with pytest.raises(PromptFileError, match="trained for base model"):
         MultiTask(other).add("a", prompts["sst2-soft"])
+
+
+def test_padded_groups_bound_the_padding():
+    lengths = [10, 100, 96, 40, 12, 80, 11]
+    groups = padded_groups(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for g in groups:
+        assert min(lengths[i] for i in g) >= 0.75 * max(lengths[i] for i in g)
+    assert groups[0] == [1, 2, 5] and padded_groups(lengths, None) == [sorted(range(7), key=lambda i: -lengths[i])]
