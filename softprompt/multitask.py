@@ -156,7 +156,8 @@ class MultiTask:
 
     def __init__(self, base, compile: bool = True, truncate: str = "error"):
         self.base, self.compile, self.truncate = base, compile, truncate
-        # Replaced, never mutated, so that other threads (the server's request handlers) read a consistent view.
+        # Both dicts are replaced, never mutated, so that other threads (the server's request handlers) read a
+        # consistent view while the worker thread syncs the store.
         self._entries: dict[str, Entry] = {}
         self.refused: dict[str, str] = {}  # task name -> why its file was not loaded
         self._refused_stamps: dict[str, tuple] = {}
@@ -192,13 +193,15 @@ class MultiTask:
             encoder.verbalizer_ids  # tokenized once, here, not on the request path  # noqa: B018
         entry = Entry(name, prompt, injection, encoder, self.base.max_positions, stamp)
         self._entries = {**self._entries, name: entry}
-        self.refused.pop(name, None)
-        self._refused_stamps.pop(name, None)
+        self._forget_refusal(name)
         return entry
 
     def remove(self, name: str) -> None:
         self._entries = {k: v for k, v in self._entries.items() if k != name}
-        self.refused.pop(name, None)
+        self._forget_refusal(name)
+
+    def _forget_refusal(self, name: str) -> None:
+        self.refused = {k: v for k, v in self.refused.items() if k != name}  # replaced, as `_entries`
         self._refused_stamps.pop(name, None)
 
     def sync(self, store: Store) -> dict:
@@ -228,12 +231,13 @@ class MultiTask:
             except Exception as e:  # noqa: BLE001 - one bad file must never stop the other tasks from serving
                 reason = e.problem if isinstance(e, SoftpromptError) else f"{type(e).__name__}: {e}"
                 self.remove(name)
-                self.refused[name], self._refused_stamps[name] = reason, stamp
+                self.refused = {**self.refused, name: reason}
+                self._refused_stamps[name] = stamp
                 report["refused"][name] = reason
                 log.warning("task %s: prompt file refused: %s", name, reason)
                 continue
             report["updated" if current is not None else "added"].append(name)
-            log.info("task %s: %s (%s)", name, "reloaded" if current is not None else "loaded", self.get(name).prompt.method)
+            log.info("task %s: %s (%s)", name, "reloaded" if current else "loaded", self.get(name).prompt.method)
         return report
 
     # --- batches of any mix of tasks -----------------------------------------------------------------------------
@@ -242,7 +246,7 @@ class MultiTask:
         return entry, entry.encode(value, reserve)
 
     def classify_rows(self, rows: list[tuple[Entry, list[int]]]) -> list[Classification]:
-        """Classify already encoded rows, any mix of classification tasks, in one forward pass."""
+        """Classify already encoded rows of any mix of classification tasks, batched together (`class_scores`)."""
         for entry, _ in rows:
             if not entry.spec.is_classification:
                 raise ConfigError(f"Task '{entry.name}' is a generation task; it has no classes.",
@@ -256,7 +260,7 @@ class MultiTask:
         return out
 
     def classify(self, requests: list[tuple[str, str | dict]]) -> list[Classification]:
-        """(task, input) pairs -> their classes; one forward pass for the whole mixed batch."""
+        """(task, input) pairs -> their classes, the whole mixed batch at once."""
         return self.classify_rows([self.encode(t, v) for t, v in requests])
 
     def decode_rows(self, rows: list[tuple[Entry, list[int]]], max_new_tokens: int | list[int],

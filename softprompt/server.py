@@ -411,7 +411,7 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-# --- the app ------------------------------------------------------------------------------------------------------------
+# --- the app ----------------------------------------------------------------------------------------------------------
 
 def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig | None = None,
                api_key: str | None = None) -> FastAPI:
