@@ -299,7 +299,7 @@ def cmd_demo(ns):
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 # Modules that add subcommands: each has `add_commands(subparsers)` and sets `handler` on its parsers.
-EXTENSIONS: tuple[str, ...] = ("softprompt.peft_format", "softprompt.hub")
+EXTENSIONS: tuple[str, ...] = ("softprompt.peft_format", "softprompt.hub", "softprompt.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

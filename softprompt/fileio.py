@@ -56,8 +56,12 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
     if not path.is_file():
         raise PromptFileError(f"{what} not found: {path}", "check the path (`softprompt store list` shows stored prompts).")
     data = path.read_bytes()
+    # A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'; the length's first
+    # byte can be anything (0x80, pickle's magic, in 1 file of 256), so only a file that is not shaped like
+    # safetensors is checked for the magic bytes of other formats.
+    shaped = len(data) > 8 and data[8:9] == b"{" and 8 + int.from_bytes(data[:8], "little") <= len(data)
     for magic, kind in _FOREIGN.items():
-        if data.startswith(magic):
+        if not shaped and data.startswith(magic):
             raise PromptFileError(f"{path} is {kind}, not a softprompt {what}; it was not loaded (loading pickles can "
                                   "run arbitrary code).", "pass a .safetensors file written by softprompt, or import "
                                   "a PEFT adapter with `softprompt import`.")

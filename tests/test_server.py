@@ -1,0 +1,367 @@
+"""The server, live on 127.0.0.1 (random free port) with a tiny model: the official OpenAI client, errors and
+limits, the bounded queue, hot reload of the store, and the dynamic batcher."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from softprompt.cli import main
+from softprompt.multitask import MultiTask
+from softprompt.serve import ServerConfig
+from softprompt.server import Batcher, Job, TextStream, create_app
+from softprompt.store import Store
+
+from conftest import build_tiny
+from test_multitask import make_prompt, spec_like
+
+KEY = "test-key-123"
+
+
+class Live:
+    """uvicorn serving `app` in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model_dir(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    llama.model.save_pretrained(path)
+    llama.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(llama, sst2, e2e, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("store"))
+    store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
+    store.save("sst2-hard", make_prompt(llama, spec_like(sst2.spec, template="Is it good? {sentence}\nAnswer:"), None))
+    store.save("e2e-prefix", make_prompt(llama, e2e.spec, "prefix", 5, seed=1))
+    store.save("e2e-soft", make_prompt(llama, e2e.spec, "soft", 4, seed=2))
+    return store
+
+
+def registry(base, store):
+    mt = MultiTask(base)
+    mt.sync(store)
+    return mt
+
+
+@pytest.fixture(scope="module")
+def live(llama, store):
+    mt = registry(llama, store)
+    with Live(create_app(mt, store, ServerConfig(max_tokens=64, max_request_bytes=4096, max_prompts=4),
+                         api_key=KEY)) as server:
+        server.mt = mt
+        yield server
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_the_openai_client_works_unchanged(live):
+    import openai
+
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == ["e2e-prefix", "e2e-soft", "sst2-hard", "sst2-soft"]
+
+    mr = "name[The Eagle], eatType[pub]"
+    expected = live.mt.generate([("e2e-prefix", mr)], max_new_tokens=10)[0]
+    out = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0)
+    assert out.choices[0].text == expected and out.model == "e2e-prefix"
+    assert out.usage.completion_tokens == 10 or out.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected
+    stop = expected[len(expected) // 2:][:3]  # a stop string ends the text before it, as OpenAI's does
+    cut = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    expected_chat = live.mt.generate([("e2e-soft", mr)], max_new_tokens=8)[0].lstrip()
+    chat = client.chat.completions.create(model="e2e-soft", messages=[{"role": "user", "content": mr}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == expected_chat and chat.choices[0].message.role == "assistant"
+    chunks = client.chat.completions.create(model="e2e-soft", messages=[{"role": "user", "content": mr}],
+                                            max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat
+
+    sampled = client.completions.create(model="e2e-soft", prompt=[mr, "name[Fun]"], max_tokens=5, temperature=1.0,
+                                        top_p=0.9, n=2)
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2, 3]
+
+    with pytest.raises(openai.NotFoundError, match=r"Unknown task 'nope'.*e2e-prefix"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_classify_returns_label_and_probabilities(live):
+    inputs = ["the film was great fun", {"sentence": "a boring plot"}]
+    r = httpx.post(live.url + "/v1/classify", json={"model": "sst2-soft", "input": inputs}, headers=auth())
+    assert r.status_code == 200, r.text
+    expected = live.mt.classify([("sst2-soft", x) for x in inputs])
+    for got, ref in zip(r.json()["data"], expected):
+        assert got["label"] == ref.label and set(got["probs"]) == {"0", "1"}
+        assert got["probs"] == pytest.approx(ref.probs, abs=1e-6)
+    r = httpx.post(live.url + "/v1/classify", json={"model": "e2e-soft", "input": "x"}, headers=auth())
+    assert r.status_code == 400 and "generation task" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "Invalid request"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft"}), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "max_tokens": 65}), 400, "at most 64"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "n": 5}), 400, "allows 4"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x" * 5000}), 413, "larger than 4096"),
+    ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "Known tasks"),
+    ("/v1/completions", json.dumps({"model": "/etc/passwd", "prompt": "x"}), 404, "Unknown task"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "temperature": -1}), 400, "temperature"),
+    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "stop": list("abcde")}), 400, "at most 4"),
+    ("/v1/chat/completions", json.dumps({"model": "e2e-soft", "messages": [{"role": "system", "content": "x"}]}),
+     400, "no user message"),
+    ("/v1/classify", json.dumps({"model": "sst2-soft", "input": {"text": "x"}}), 400, "template field"),
+    ("/v1/classify", json.dumps({"model": "sst2-soft", "input": ["x"] * 5}), 400, "1 to 4 inputs"),
+])
+def test_bad_requests_get_clear_errors(live, path, body, status, message):
+    r = httpx.post(live.url + path, content=body, headers=auth() | {"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_api_key_is_required_on_the_api_but_not_health(live):
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer test-key-12"}).status_code == 401
+    health = httpx.get(live.url + "/health")
+    assert health.status_code == 200 and health.json()["tasks"] == 4 and "refused" not in health.json()
+    assert httpx.get(live.url + "/health", headers=auth()).json()["refused"] == {}
+
+
+def test_request_bodies_are_not_logged_unless_asked(live, caplog):
+    secret = "name[Secret Restaurant 4711]"
+    with caplog.at_level(logging.DEBUG):
+        r = httpx.post(live.url + "/v1/completions", json={"model": "e2e-soft", "prompt": secret, "max_tokens": 2},
+                       headers=auth())
+    assert r.status_code == 200
+    assert any("e2e-soft" in rec.getMessage() for rec in caplog.records)  # the request is logged...
+    assert not any("Secret Restaurant" in rec.getMessage() for rec in caplog.records)  # ...its body is not
+
+
+class Gate:
+    """Holds the batcher's decode loop until released, to fill the queue deterministically."""
+
+    def __init__(self, mt):
+        self.event = threading.Event()
+        inner = mt.decode_rows
+
+        def held(*args, **kwargs):
+            self.event.wait(timeout=30)
+            return inner(*args, **kwargs)
+
+        mt.decode_rows = held
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_429_and_the_server_recovers(llama, store):
+    mt = registry(llama, store)
+    gate = Gate(mt)
+    app = create_app(mt, store, ServerConfig(max_batch_size=1, max_queue=2, max_wait_ms=0))
+    body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 3, "temperature": 0}
+    with Live(app) as server, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        batcher = app.state.batcher
+        first = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60)
+        wait_for(lambda: batcher.running == 1)
+        queued = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
+        wait_for(lambda: batcher.queued == 2)
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
+        gate.event.set()
+        results = [f.result() for f in [first, *queued]]
+        assert [x.status_code for x in results] == [200, 200, 200]
+        assert len({x.json()["choices"][0]["text"] for x in results}) == 1
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200
+
+
+def test_new_changed_and_removed_prompt_files_are_picked_up(llama, sst2, e2e, tmp_path):
+    store = Store(tmp_path)
+    store.save("a", make_prompt(llama, sst2.spec, "soft", 2))
+    mt = registry(llama, store)
+    app = create_app(mt, store, ServerConfig(reload_interval=0.05))
+    with Live(app) as server:
+        def tasks():
+            return sorted(m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"])
+
+        def classify(name):
+            return httpx.post(server.url + "/v1/classify", json={"model": name, "input": "great"})
+
+        store.save("b", make_prompt(llama, sst2.spec, "deep", 3))
+        wait_for(lambda: tasks() == ["a", "b"])
+        assert classify("b").status_code == 200
+
+        store.save("a", make_prompt(llama, e2e.spec, "prefix", 2))  # a becomes a generation task
+        wait_for(lambda: classify("a").status_code == 400)
+
+        store.path("c").write_bytes(b"\x80\x04garbage")  # a bad file is refused; the others keep serving
+        wait_for(lambda: "c" in httpx.get(server.url + "/health").json()["refused"])
+        assert "pickle" in httpx.get(server.url + "/health").json()["refused"]["c"]
+        r = classify("c")
+        assert r.status_code == 404 and "refused" in r.json()["error"]["message"]
+        assert classify("b").status_code == 200
+
+        assert main(["store", "rm", "b", "--store", str(store.root)]) == 0
+        wait_for(lambda: tasks() == ["a"])
+        assert classify("b").status_code == 404
+
+
+def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(llama, store):
+    mt = registry(llama, store)
+    reqs = [("e2e-prefix", "name[The Eagle]"), ("e2e-soft", "name[Fun], food[italian]"), ("sst2-soft", "great"),
+            ("sst2-hard", "boring"), ("e2e-soft", "name[X]")]
+    events: list = []
+    jobs = [Job(mt.get(t), mt.get(t).encode(v, 6), i, events.append, classify=t.startswith("sst2"),
+                max_new_tokens=6) for i, (t, v) in enumerate(reqs)]
+    batcher = Batcher(mt, None, ServerConfig(max_batch_size=8, max_wait_ms=0))
+    batcher.submit(jobs)  # queued before the worker starts: it must take them all at once
+    batcher.start()
+    wait_for(lambda: all(j.finished for j in jobs))
+    batcher.stop()
+    assert batcher.stats["batches"] == 1 and batcher.stats["rows"] == 5
+    gen = [(t, v) for t, v in reqs if not t.startswith("sst2")]
+    expected = mt.generate_ids(gen, max_new_tokens=6)
+    got = {j.index: [v for i, kind, v in events if i == j.index and kind == "token"] for j in jobs if not j.classify}
+    assert list(got.values()) == expected
+    labels = {i: v.label for i, kind, v in events if kind == "result"}
+    assert labels == {2: mt.classify([reqs[2]])[0].label, 3: mt.classify([reqs[3]])[0].label}
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
+    ids = tokenizer("the film was great fun and the plot", add_special_tokens=False)["input_ids"]
+    s = TextStream(tokenizer, stops=["great f"])
+    text = "".join(s.push(t) for t in ids) + s.flush()
+    assert text == "the film was " and s.stopped
+    s = TextStream(tokenizer, stops=[])
+    assert "".join(s.push(t) for t in ids) + s.flush() == tokenizer.decode(ids)
+    emoji = tokenizer("é☃", add_special_tokens=False)["input_ids"]  # byte-level: characters split across tokens
+    s = TextStream(tokenizer, stops=[])
+    parts = [s.push(t) for t in emoji]
+    assert "\ufffd" not in "".join(parts) and "".join(parts) + s.flush() == "é☃"
+
+
+def test_store_commands(store, model_dir, tokenizer, sst2, capsys, tmp_path):
+    assert main(["store", "list", "--store", str(store.root), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"]: (r["method"], r["virtual_tokens"], r["kind"]) for r in rows} == {
+        "e2e-prefix": ("prefix", 5, "generation"), "e2e-soft": ("soft", 4, "generation"),
+        "sst2-hard": ("hard", 0, "classification"), "sst2-soft": ("soft", 3, "classification")}
+    assert main(["store", "show", "sst2-soft", "--store", str(store.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters_saved"] == 3 * 64
+    copy = Store(tmp_path)
+    copy.path("x").parent.mkdir(exist_ok=True)
+    copy.path("x").write_bytes(store.path("sst2-soft").read_bytes())
+    copy.path("broken").write_bytes(b"junk")
+    assert main(["store", "list", "--store", str(copy.root)]) == 0
+    out = capsys.readouterr().out
+    assert "refused" in out and "truncated" in out
+    copy.save("gpt2", make_prompt(build_tiny("gpt2", tokenizer), sst2.spec, "soft", 2))
+    assert main(["store", "list", "--store", str(copy.root), "--verify", "--model", str(model_dir), "--json"]) == 0
+    status = {r["name"]: r.get("reason", r["status"]) for r in json.loads(capsys.readouterr().out)}
+    assert status["x"] == "ok" and "architecture" in status["gpt2"] and "truncated" in status["broken"]
+    copy.remove("gpt2")
+    assert main(["store", "rm", "x", "--store", str(copy.root)]) == 0 and copy.names() == ["broken"]
+    capsys.readouterr()
+    assert main(["store", "rm", "x", "--store", str(copy.root)]) == 2
+    assert "Unknown task 'x'" in capsys.readouterr().err
+    assert main(["store", "show", "../etc", "--store", str(copy.root)]) == 2
+    assert main(["serve", "--store", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_request_that_stops_listening_stops_its_rows(llama, store):
+    mt = registry(llama, store)
+    entry = mt.get("e2e-soft")
+    jobs: list[Job] = []
+
+    def hang_up(event):  # a client that goes away after its first token
+        jobs[event[0]].finished = True
+
+    jobs += [Job(entry, entry.encode("name[Fun]", 40), i, hang_up, max_new_tokens=40) for i in range(2)]
+    batcher = Batcher(mt, None, ServerConfig(max_wait_ms=0))
+    batcher.submit(jobs)
+    batcher.start()
+    wait_for(lambda: batcher.stats["batches"] == 1 and batcher.running == 0)
+    batcher.stop()
+    assert batcher.stats["tokens"] == 2  # one step, then the decode loop ended
+
+
+def test_softprompt_serve_command_end_to_end(store, model_dir):
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "SERVE_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--store", str(store.root), "--model",
+                             str(model_dir), "--port", str(port), "--api-key-env", "SERVE_KEY", "--no-access-log"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert len(client.models.list().data) == 4
+        assert client.completions.create(model="e2e-soft", prompt="name[Fun]", max_tokens=3).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert "serving 4 task(s)" in proc.stderr.read()
