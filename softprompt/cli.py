@@ -275,7 +275,8 @@ def cmd_info(ns):
     from rich.table import Table
 
     t = Table(title=str(ns.file), show_header=False)
-    t.add_row("method", f"{d['method']} ({d['virtual_tokens']} virtual tokens)")
+    tokens = f"{d['virtual_tokens']} virtual tokens" if d["virtual_tokens"] else "a text template, no tensors"
+    t.add_row("method", f"{d['method']} ({tokens})")
     t.add_row("task", str(d["task"]))
     t.add_row("base model", str(d["base_model"]))
     t.add_row("parameters saved", f"{d['parameters_saved']:,}")
