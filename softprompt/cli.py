@@ -215,12 +215,14 @@ def cmd_eval(ns):
 def cmd_generate(ns):
     from .data import Encoder, load_task
     from .evaluate import generate_texts
-    from .generate import Sampling, generate_ids
+    from .generate import Sampling
     from .inject import EMPTY
     from .store import load_prompt
 
     if not ns.prompt and not ns.task:
         raise ConfigError("generate needs a prompt file or a task.", "pass --prompt FILE, or --task for its template.")
+    if ns.max_new_tokens is not None and ns.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}.", "pass 1 or more (or leave it out).")
     base = _load_base(ns)
     if ns.prompt:
         prompt = load_prompt(ns.prompt, base)
@@ -231,15 +233,11 @@ def cmd_generate(ns):
     rendered = [t if ns.raw else render_input(spec, t) for t in texts]
     enc = Encoder(spec, base.tokenizer, ns.truncate)
     max_new = ns.max_new_tokens or spec.max_new_tokens
-    if ns.temperature == 0 and ns.top_p == 1 and ns.top_k == 0:
-        outs = generate_texts(base, enc, rendered, injection, max_new, use_cache=not ns.no_cache)
-    else:
-        import torch
+    import torch
 
-        g = torch.Generator(device=base.device).manual_seed(ns.seed)
-        ids = generate_ids(base, [enc.prompt_ids(r) for r in rendered], injection, max_new,
-                           Sampling(ns.temperature, ns.top_p, ns.top_k), use_cache=not ns.no_cache, generator=g)
-        outs = [base.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+    g = torch.Generator(device=base.device).manual_seed(ns.seed)
+    outs = generate_texts(base, enc, rendered, injection, max_new, use_cache=not ns.no_cache,
+                          sampling=Sampling(ns.temperature, ns.top_p, ns.top_k), generator=g)
     for o in outs:
         print(json.dumps({"output": o}) if ns.json else o)
 
@@ -389,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         ns.handler(ns)
         return 0
     except SoftpromptError as e:
-        print(f"softprompt: error: {e.problem}", file=sys.stderr)
+        one_line = " ".join(e.problem.split())  # e.g. a YAML parser's message spans several lines
+        print(f"softprompt: error: {one_line}", file=sys.stderr)
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2

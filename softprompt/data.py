@@ -191,7 +191,7 @@ class Task:
 
         source = self.spec.splits[split]
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors come back to us as DataError
         if isinstance(source, dict):  # a hub dataset, e.g. {hub: glue, config: sst2, split: validation}
             try:
                 ds = datasets.load_dataset(source["hub"], source.get("config"), split=source.get("split", split),
@@ -223,6 +223,8 @@ class Task:
         except DataError:
             raise
         except Exception as e:
+            if "corresponds to no data" in str(e):  # datasets' word for a file without rows
+                self.check_columns(split, None)
             cause = e.__cause__ or e
             if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(e).lower():
                 raise DataError(f"Data file is not UTF-8 text: {path}.", "re-encode it as UTF-8.") from e
@@ -417,6 +419,15 @@ class Encoder:
                 f"An input of {len(prompt)} tokens does not fit the {budget} tokens left by the context, the "
                 "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
         return prompt[-budget:] if self.truncate == "left" else prompt[:budget]
+
+    def input_ids(self, text: str, budget: int | None) -> list[int]:
+        """Token ids of an input to score or continue, fitted to `budget` (the truncation policy); never empty, since
+        the next token is read at the input's last position."""
+        ids = self.fit(self.prompt_ids(text), budget)
+        if not ids:
+            raise DataError("An input has no tokens (an empty text, and a template that adds none).",
+                            "pass a non-empty input.")
+        return ids
 
     def training_example(self, prompt: str, target: str, budget: int | None) -> tuple[list[int], list[int]]:
         """(input ids, labels) with -100 on prompt tokens; generation targets end with EOS to learn to stop."""

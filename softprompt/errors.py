@@ -37,6 +37,10 @@ class TrainingError(SoftpromptError):
     """Training cannot go on (for example a NaN loss); the last good checkpoint is kept."""
 
 
+class StorageError(SoftpromptError):
+    """A file that cannot be written or read (disk full, no permission); a file being replaced stays intact."""
+
+
 def check_keys(cls, d: dict, what: str) -> None:
     """Refuse keys that are not fields of the dataclass `cls`, listing the valid ones."""
     import dataclasses

@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Encoder, Split, Task, TaskSpec, collate
-from .generate import generate_ids
+from .errors import ConfigError
+from .generate import GREEDY, Sampling, generate_ids
 from .inject import EMPTY, Injection, _per_row, assemble, forward
 
 
@@ -22,7 +23,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _budget(base, enc: Encoder, inj: Injection, reserve: int) -> int | None:
+def _budget(base, inj: Injection, reserve: int) -> int | None:
     return None if base.max_positions is None else base.max_positions - inj.num_positions - reserve
 
 
@@ -37,7 +38,7 @@ def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: In
     rows = _per_row(injections, len(prompts))
     verb = enc.verbalizer_ids
     reserve = max(len(v) for v in verb)
-    ids = [enc.fit(enc.prompt_ids(p), _budget(base, enc, r, reserve)) for p, r in zip(prompts, rows)]
+    ids = [enc.input_ids(p, _budget(base, r, reserve)) for p, r in zip(prompts, rows)]
     C = len(verb)
     single = all(len(v) == 1 for v in verb)
     if single:
@@ -130,6 +131,19 @@ def subset(split: Split, spec: TaskSpec, limit: int | None, seed: int = 0) -> Sp
     return split.subset(i for i, p in enumerate(split.prompts) if p in keep)
 
 
+def check_compatible(spec: TaskSpec, task: Task) -> None:
+    """Refuse to score a prompt made for task `spec` on `task` unless it can name every class of `task`."""
+    kind = {True: "classification", False: "generation"}
+    if spec.is_classification != task.spec.is_classification:
+        raise ConfigError(f"The prompt is for {kind[spec.is_classification]} task '{spec.name}', but task "
+                          f"'{task.name}' is {kind[task.spec.is_classification]}.",
+                          "evaluate the prompt on the task it was trained for (see `softprompt info`).")
+    missing = [c for c in task.spec.class_names if c not in spec.class_names]
+    if missing:
+        raise ConfigError(f"The prompt's classes {spec.class_names} (task '{spec.name}') lack {missing} of task "
+                          f"'{task.name}'.", "evaluate the prompt on the task it was trained for (see `softprompt info`).")
+
+
 def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | None = None, batch_size: int = 32,
              truncate: str = "error", spec: TaskSpec | None = None, seed: int = 0, progress: bool = False) -> dict:
     """Score a prompt (a `Prompt`, an `Injection`, or None for the plain template) on a task split.
@@ -145,6 +159,7 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
     else:
         injection = prompt or EMPTY
     spec = spec or task.spec
+    check_compatible(spec, task)
     data = subset(task.split(split), task.spec, limit, seed)
     enc = Encoder(spec, base.tokenizer, truncate)
     prompts = [spec.render(r) for r in data.rows]
@@ -162,14 +177,16 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
 
 
 def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection | list[Injection], max_new_tokens: int,
-                   batch_size: int = 32, progress: bool = False, use_cache: bool = True) -> list[str]:
-    """Greedy continuations of rendered prompts, decoded to text."""
+                   batch_size: int = 32, progress: bool = False, use_cache: bool = True, sampling: Sampling = GREEDY,
+                   generator: torch.Generator | None = None) -> list[str]:
+    """Continuations of rendered prompts (greedy unless `sampling` says otherwise), decoded to text."""
     rows = _per_row(injection, len(prompts))
-    ids = [enc.fit(enc.prompt_ids(p), _budget(base, enc, r, max_new_tokens)) for p, r in zip(prompts, rows)]
+    ids = [enc.input_ids(p, _budget(base, r, max_new_tokens)) for p, r in zip(prompts, rows)]
     out = [""] * len(ids)
     for batch in tqdm(length_batches([len(s) for s in ids], batch_size), disable=not progress, desc="generating",
                       leave=False):
-        new = generate_ids(base, [ids[i] for i in batch], [rows[i] for i in batch], max_new_tokens, use_cache=use_cache)
+        new = generate_ids(base, [ids[i] for i in batch], [rows[i] for i in batch], max_new_tokens, sampling,
+                           use_cache, generator)
         for i, toks in zip(batch, new):
             out[i] = base.tokenizer.decode(toks, skip_special_tokens=True).strip()
     return out

@@ -2,14 +2,16 @@
 
 A reader never sees a half-written file: data goes to a temporary file in the same directory,
 is flushed to disk, then renamed over the target (rename is atomic on POSIX and Windows). If the
-write fails (disk full, permission denied) the previous file is left as it was.
+write fails (disk full, permission denied) the previous file is left as it was, and the error is a
+`StorageError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -17,27 +19,64 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import PromptFileError
+from .errors import PromptFileError, StorageError
 
 # Magic bytes of formats people pass by mistake. Pickles run code when loaded; we only name them.
 _FOREIGN = {b"\x80": "a Python pickle (torch.save / .bin / .pt)", b"PK\x03\x04": "a zip archive (torch.save)",
             b"GGUF": "a GGUF model file"}
 
 
+def storage_error(e: OSError, path: Path, doing: str) -> StorageError:
+    """A `StorageError` for an OSError while `doing` ("write" or "read") `path`, with the fix for its cause."""
+    denied = f"check the permissions of {path.parent}, or pass another output path." if doing == "write" else \
+        f"check the permissions of {path}."
+    fixes = {errno.ENOSPC: "free disk space (or write elsewhere) and run the command again.",
+             errno.EDQUOT: "free space in your disk quota and run the command again.",
+             errno.EACCES: denied, errno.EPERM: denied,
+             errno.EROFS: "the file system is read-only: pass an output path on a writable one."}
+    kept = " The previous version is unchanged." if doing == "write" and path.exists() else ""
+    return StorageError(f"Could not {doing} {path}: {e.strerror or e}.{kept}",
+                        fixes.get(e.errno, "check the path, the disk and the permissions, and run the command again."))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see the module docstring); a failure raises `StorageError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkstemp, whose files only their owner may read: the temporary file gets the mode of the file it
+        # replaces, or of any new file (0o666 less the umask), so a server running as another user can read it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            try:
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
+            except FileNotFoundError:  # a new file
+                pass
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise storage_error(e, path, "write") from e
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; removed here after a failure or an interrupt
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` survive a power cut (POSIX; best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -55,7 +94,10 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"{what} not found: {path}", "check the path (`softprompt store list` shows stored prompts).")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise storage_error(e, path, "read") from e
     # A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'; the length's first
     # byte can be anything (0x80, pickle's magic, in 1 file of 256), so only a file that is not shaped like
     # safetensors is checked for the magic bytes of other formats.

@@ -43,15 +43,20 @@ def sample_next(logits: torch.Tensor, settings: list[Sampling], generator: torch
     if all(s.temperature == 0 for s in settings):
         return greedy
     dev = logits.device
-    temp = torch.tensor([s.temperature or 1.0 for s in settings], device=dev)[:, None]
+    temp = torch.tensor([max(s.temperature, 1e-6) if s.temperature else 1.0 for s in settings], device=dev)[:, None]
     top_p = torch.tensor([s.top_p for s in settings], device=dev)[:, None]
-    top_k = torch.tensor([s.top_k or logits.shape[-1] for s in settings], device=dev)[:, None]
-    scaled = logits.float() / temp
+    V = logits.shape[-1]
+    top_k = torch.tensor([min(s.top_k, V) or V for s in settings], device=dev)[:, None]  # any int a request sends
+    logits = logits.float()
+    # shifted so that the best token scores 0 and the others less: dividing by a tiny temperature gives -inf at
+    # worst, never inf (whose softmax is nan)
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temp
     sorted_logits, order = scaled.sort(-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(-1)
-    rank = torch.arange(logits.shape[-1], device=dev)[None, :]
-    # keep the top-k, and the smallest prefix whose probability mass reaches top_p (always the first token)
-    keep = (rank < top_k) & ((probs.cumsum(-1) - probs) < top_p)
+    rank = torch.arange(V, device=dev)[None, :]
+    # keep the top-k, and the smallest prefix whose probability mass reaches top_p; always the first token, even for
+    # a top_p that rounds to 0 in float32 (a request may send 5e-324)
+    keep = (rank < top_k) & (((probs.cumsum(-1) - probs) < top_p) | (rank == 0))
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     choice = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)  # (B, 1)
     sampled = order.gather(-1, choice)[:, 0]
@@ -76,6 +81,8 @@ def decode(base, prompt_ids: list[list[int]], injections: Injection | list[Injec
     With use_cache=False every step re-runs the whole sequence (slow; a reference for tests).
     """
     B = len(prompt_ids)
+    if not all(prompt_ids):
+        raise ConfigError("An input to generate from has no tokens.", "pass at least one token per row.")
     rows = _per_row(injections, B)
     settings = [sampling] * B if isinstance(sampling, Sampling) else list(sampling)
     limits = torch.tensor([max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens))

@@ -77,9 +77,8 @@ class Entry:
         if reserve is None:
             spec = self.spec
             reserve = max(map(len, self.encoder.verbalizer_ids)) if spec.is_classification else spec.max_new_tokens
-        ids = self.encoder.prompt_ids(render_request(self.spec, value))
         budget = None if self.max_positions is None else self.max_positions - self.injection.num_positions - reserve
-        return self.encoder.fit(ids, budget)
+        return self.encoder.input_ids(render_request(self.spec, value), budget)
 
     def describe(self) -> dict:
         """What `/v1/models` shows of the task."""

@@ -28,12 +28,14 @@ class ServerConfig:
     max_tokens: int = field(default=512, metadata={"help": "largest max_tokens a request may ask for"})
     max_request_bytes: int = field(default=256_000, metadata={"help": "largest request body (413 beyond)"})
     max_prompts: int = field(default=32, metadata={"help": "most inputs (x n) in one request"})
+    max_connections: int = field(default=1024, metadata={"help": "most open connections and requests in flight; "
+                                                                  "beyond it uvicorn answers 503"})
     reload_interval: float = field(default=1.0, metadata={"help": "seconds between scans of the store for new, "
                                                                    "changed or removed prompt files"})
     log_bodies: bool = field(default=False, metadata={"help": "log request bodies (off: only task, sizes, status)"})
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts"):
+        for name in ("max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
                                   f"pass --{name.replace('_', '-')} 1 or more.")
@@ -135,7 +137,8 @@ def cmd_serve(ns) -> None:
     print(f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"
           + (f"; refused: {', '.join(report['refused'])}" if report["refused"] else ""), file=sys.stderr)
     app = create_app(mt, store, config, api_key=api_key)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.access_log)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.access_log,
+                limit_concurrency=config.max_connections)
 
 
 def add_commands(sub) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import hmac
 import json
 import logging
@@ -95,15 +96,24 @@ class CompletionRequest(_Sampled):
     prompt: str | list[str]
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content: {"type": "text", "text": ...}; other types (images, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -112,8 +122,34 @@ class ChatRequest(_Sampled):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
 
 
+Fields = dict[str, str | int | float | bool]  # an input given as the template's fields: flat, never nested
+
+
 class ClassifyRequest(_Request):
-    input: str | dict | list[str | dict]
+    input: str | Fields | list[str | Fields]
+
+
+REQUESTS = (CompletionRequest, ChatRequest, ClassifyRequest)
+
+
+def _body(schema: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its body itself (`read`: a size limit, errors in OpenAI's
+    shape) instead of through FastAPI's parameters, which would leave it out of the schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes plus the request models: what /openapi.json serves and fuzzers start from."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    from ._version import __version__
+
+    schema = get_openapi(title=app.title, version=__version__, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in REQUESTS], ref_template="#/components/schemas/{model}")
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    return schema
 
 
 # --- jobs and the batcher ---------------------------------------------------------------------------------------------
@@ -425,8 +461,15 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         yield
         await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -437,13 +480,15 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         log.exception("unhandled error on %s", request.url.path)
         return ApiError(500, "Internal server error.", "internal_error", "server_error").response()
 
+    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else b""
+
     def authorized(request: Request) -> bool:
         if not api_key:
             return True
         given = request.headers.get("authorization", "")
         token = given[7:] if given[:7].lower() == "bearer " else ""
-        # constant time: how much of a guess matches must not show in the response time
-        return hmac.compare_digest(token.encode(), api_key.encode())
+        # constant time: neither how much of a guess matches nor the key's length may show in the response time
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), key_digest)
 
     async def authorize(request: Request) -> None:
         if not authorized(request):
@@ -465,6 +510,8 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"Request body is not valid JSON: {e}.", "invalid_json") from e
+        except RecursionError as e:  # e.g. [[[[...]]]] 100,000 deep
+            raise ApiError(400, "Request body is nested too deeply.", "invalid_json") from e
         if config.log_bodies:
             log.info("%s %s body %s", request.method, request.url.path, json.dumps(data)[:10_000])
         try:
@@ -518,7 +565,7 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await completion.response()
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
         body = await read(request, CompletionRequest)
         inputs = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -526,7 +573,7 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
             raise ApiError(400, "prompt is empty.", "invalid_request", param="prompt")
         return await generation(body, inputs, body.max_tokens, chat=False)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=_body(ChatRequest))
     async def chat_completions(request: Request):
         body = await read(request, ChatRequest)
         users = [m for m in body.messages if m.role == "user"]
@@ -535,7 +582,7 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
                            "invalid_request", param="messages")
         return await generation(body, [users[-1].text()], body.max_completion_tokens or body.max_tokens, chat=True)
 
-    @v1.post("/classify")
+    @v1.post("/classify", openapi_extra=_body(ClassifyRequest))
     async def classify(request: Request):
         body = await read(request, ClassifyRequest)
         entry = task(body.model)

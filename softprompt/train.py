@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from .data import Encoder, Task, collate
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, PromptFileError, TrainingError
 from .evaluate import evaluate, primary_metric, target_log_probs
-from .fileio import atomic_write_text, read_safetensors, write_safetensors
+from .fileio import atomic_write_text, read_safetensors, storage_error, write_safetensors
 from .inject import Injection, assemble, disable_gradient_checkpointing, enable_gradient_checkpointing
 from .methods import InitContext, MethodConfig, PromptMethod, build_method
 from .store import Prompt
@@ -85,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"Unknown scheduler '{self.scheduler}'.", f"pass --scheduler with one of {list(SCHEDULERS)}.")
         if self.truncate not in ("error", "left", "right"):
             raise ConfigError(f"Unknown truncation policy '{self.truncate}'.", "pass --truncate error, left or right.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {self.max_length}.", "pass --max-length 1 or more, or none.")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0.", f"pass --{name.replace('_', '-')} 0 or more.")
@@ -180,6 +182,9 @@ class Trainer:
         name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[c.scheduler]
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.steps)
         self.limit = c.max_length or base.max_positions
+        if c.max_length and base.max_positions and c.max_length > base.max_positions:
+            raise ConfigError(f"max_length {c.max_length} exceeds the model's context of {base.max_positions} positions.",
+                              f"pass --max-length {base.max_positions} or less.")
         self.step = 0
         self.history: list[dict] = []
         self.best: Injection | None = None
@@ -223,8 +228,12 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.run_dir and self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise storage_error(e, path, "write") from e
 
     def _eval_and_keep_best(self) -> None:
         current = self.method.collapse()
@@ -237,6 +246,10 @@ class Trainer:
         c, acc = self.config, self.acc
         self.method.train()
         self._num_positions = self.method.collapse().num_positions
+        if self.limit is not None and self._num_positions >= self.limit:
+            raise ConfigError(f"The prompt takes {self._num_positions} positions, which leaves no room for text in the "
+                              f"context of {self.limit} positions (the model's, or --max-length).",
+                              "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).")
         if self.run_dir and acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
@@ -336,8 +349,13 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _load_checkpoint(self) -> None:
-        tensors, meta = read_safetensors(self.run_dir / CHECKPOINT, what="checkpoint")
-        state = _unpack(meta, tensors)
+        try:
+            tensors, meta = read_safetensors(self.run_dir / CHECKPOINT, what="checkpoint")
+            state = _unpack(meta, tensors)
+        except (PromptFileError, KeyError, TypeError, ValueError) as e:
+            problem = e.problem if isinstance(e, PromptFileError) else f"{self.run_dir / CHECKPOINT} is not a " \
+                f"softprompt checkpoint ({type(e).__name__}: {e})."
+            raise PromptFileError(problem, "pass --no-resume to start over (or another --run-dir).") from e
         if state["identity"] != json.loads(json.dumps(self.identity)):
             raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run (task, method, model or training "
                               "options differ).", "use another --run-dir, or --no-resume to start over there.")

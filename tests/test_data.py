@@ -64,7 +64,7 @@ def test_label_not_in_label_map(tmp_path):
 
 def test_empty_split(tmp_path):
     spec = write_spec(tmp_path, BASIC, {"train.tsv": "text\ty\n"})
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="Split 'train' of task 't' is empty"):
         sp.load_task(str(spec)).split("train")
 
 

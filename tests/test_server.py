@@ -32,13 +32,13 @@ KEY = "test-key-123"
 
 
 class Live:
-    """uvicorn serving `app` in a thread on a free loopback port."""
+    """uvicorn serving `app` in a thread on a free loopback port (`config`: more uvicorn.Config options)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.errors import ConfigError, PromptFileError
+from softprompt.errors import ConfigError, PromptFileError, StorageError
 from softprompt.inject import Injection
 from softprompt.store import Store, info
 
@@ -101,8 +101,9 @@ def test_failed_write_keeps_previous_file(base, sst2, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="No space left on device. The previous version is unchanged") as e:
         make_prompt(base, sst2).save(path)
+    assert "free disk space" in e.value.fix
     assert path.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["README.md", path.name]  # no temp file left behind
 

@@ -57,17 +57,18 @@ def test_checkpoint_of_another_run_is_refused(base, sst2, tmp_path):
         sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=2, lr=1.0), run_dir=tmp_path)
 
 
-def test_nan_loss_stops_with_error_and_keeps_checkpoint(base, sst2, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_loss_stops_with_error_and_keeps_checkpoint(base, sst2, tmp_path, monkeypatch, bad):
     calls = {"n": 0}
     real = Trainer.loss
 
     def poisoned(self, batch):
         calls["n"] += 1
         loss = real(self, batch)
-        return loss * float("nan") if calls["n"] > 4 else loss
+        return loss * float(bad) if calls["n"] > 4 else loss
 
     monkeypatch.setattr(Trainer, "loss", poisoned)
-    with pytest.raises(TrainingError, match="nan at step 5"):
+    with pytest.raises(TrainingError, match=f"The loss became {bad} at step 5; the last good checkpoint is kept"):
         sp.train(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path)
     t = Trainer(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path)
     assert t.step == 4 and (tmp_path / CHECKPOINT).exists()
