@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -257,6 +258,21 @@ def requests_plan(store: Store, n: int) -> list[tuple[str, dict]]:
     return plan
 
 
+async def send(client, path: str, body: dict) -> str | None:
+    """One request, streamed when the body asks; None when it succeeded, else what went wrong."""
+    try:
+        if body.get("stream"):
+            async with client.stream("POST", path, json=body) as r:
+                text = "".join([line async for line in r.aiter_lines()])
+                ok = r.status_code == 200 and text.rstrip().endswith("data: [DONE]")
+        else:
+            r = await client.post(path, json=body)
+            ok = r.status_code == 200 and ("choices" in r.json() or "data" in r.json())
+        return None if ok else f"{path} {r.status_code}"
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+        return f"{path} {type(e).__name__}: {e}"
+
+
 async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str], float]:
     import httpx
 
@@ -267,18 +283,8 @@ async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str]
         async def worker():
             for path, body in todo:
                 t = time.perf_counter()
-                try:
-                    if body.get("stream"):
-                        async with client.stream("POST", path, json=body) as r:
-                            text = "".join([line async for line in r.aiter_lines()])
-                            ok = r.status_code == 200 and text.rstrip().endswith("data: [DONE]")
-                    else:
-                        r = await client.post(path, json=body)
-                        ok = r.status_code == 200 and ("choices" in r.json() or "data" in r.json())
-                    if not ok:
-                        failures.append(f"{path} {r.status_code}")
-                except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
-                    failures.append(f"{path} {type(e).__name__}: {e}")
+                if failure := await send(client, path, body):
+                    failures.append(failure)
                 latencies.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -286,7 +292,9 @@ async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str]
         return latencies, failures, time.perf_counter() - t0
 
 
-def bench_server(store: Store, n: int, concurrency: int, max_batch: int, max_wait_ms: float, threads: int) -> dict:
+@contextmanager
+def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: int):
+    """`softprompt serve` on `store` in a subprocess on a free loopback port; yields (url, process) once it answers."""
     import httpx
 
     port = free_port()
@@ -309,12 +317,19 @@ def bench_server(store: Store, n: int, concurrency: int, max_batch: int, max_wai
                 pass
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.5)
-        plan = requests_plan(store, n)
-        latencies, failures, wall = asyncio.run(load(url, plan, concurrency))
-        health = httpx.get(url + "/health").json()
+        yield url, server
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def bench_server(store: Store, n: int, concurrency: int, max_batch: int, max_wait_ms: float, threads: int) -> dict:
+    import httpx
+
+    with running_server(store, max_batch, max_wait_ms, threads) as (url, _):
+        plan = requests_plan(store, n)
+        latencies, failures, wall = asyncio.run(load(url, plan, concurrency))
+        health = httpx.get(url + "/health").json()
     q = statistics.quantiles(latencies, n=100)
     out = {
         "requests": n, "concurrency": concurrency, "tasks": len(store.names()),
