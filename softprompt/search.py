@@ -55,15 +55,26 @@ MAX_COMBINATIONS = 100_000
 
 # --- splits and confidence intervals ------------------------------------------------------------------------------
 
-def search_split(task: Task, size: int, seed: int = 0, split: str = "train") -> Split:
-    """A seeded random sample of `size` rows of the train split: what searches may look at."""
+def search_split(task: Task, size: int, seed: int = 0, min_words: int = 0, split: str = "train") -> Split:
+    """A seeded random sample of `size` rows of the train split: what searches may look at.
+
+    min_words: only rows whose input fields hold at least this many words together (SST-2's train
+    split is mostly short phrases, its dev split whole sentences).
+    """
     if not task.spec.is_classification:
         raise ConfigError(f"Task '{task.name}' is a generation task; hard prompt search scores classification tasks.",
                           "pass a task with `labels:`.")
     if not task.has_split(split):
         raise ConfigError(f"Task '{task.name}' has no '{split}' split to search on.",
                           f"add a `{split}:` file to the task spec; search never looks at the dev split.")
-    return subset(task.split(split), task.spec, size, seed)
+    rows = task.split(split)
+    if min_words:
+        cols = [task.spec.column(f) for f in task.spec.template_fields]
+        rows = rows.subset(i for i, r in enumerate(rows.rows) if sum(len(str(r[c]).split()) for c in cols) >= min_words)
+        if not len(rows):
+            raise ConfigError(f"No '{split}' row of task '{task.name}' has {min_words} or more words.",
+                              "lower --search-min-words.")
+    return subset(rows, task.spec, size, seed)
 
 
 def bootstrap_ci(correct, samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -187,16 +198,18 @@ def best_verbalizers(scores: torch.Tensor, gold: list[int], options: list[list[i
 
 def score_templates(base, task: Task, candidates: Candidates, search_size: int = 256, finalists: int = 3,
                     split: str = "dev", limit: int | None = None, seed: int = 0, batch_size: int = 32,
-                    progress: bool = True) -> tuple[list[Scored], Scored]:
+                    progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Scored]:
     """Rank templates (each with its best label words) on the search split; score finalists on dev.
 
     Returns (all candidates best first, with dev metrics for the top `finalists`), and the
     task's own template and words as a reference (search and dev metrics).
     """
+    if finalists < 1:
+        raise ConfigError(f"finalists must be >= 1, got {finalists}.", "pass --finalists 1 or more.")
     if candidates.num_combinations > MAX_COMBINATIONS:
         raise ConfigError(f"{candidates.num_combinations:,} template x verbalizer combinations are too many to score.",
                           f"list fewer templates or words (at most {MAX_COMBINATIONS:,} combinations).")
-    data = search_split(task, search_size, seed)
+    data = search_split(task, search_size, seed, min_words)
     pool = list(dict.fromkeys(w for ws in candidates.words for w in ws))  # every distinct word, once
     options = [[pool.index(w) for w in ws] for ws in candidates.words]
     gold = data.labels  # indices in the task's class order, which `words` follows
@@ -226,18 +239,23 @@ class AutoPromptConfig:
 
     num_triggers: int = field(default=4, metadata={"help": "K, the number of trigger tokens"})
     iterations: int = field(default=30, metadata={"help": "search steps (one trigger position flipped per step)"})
-    num_candidates: int = field(default=16, metadata={"help": "tokens proposed per step from the gradient (top-k)"})
-    grad_rows: int = field(default=16, metadata={"help": "search rows whose gradient proposes the candidates"})
-    eval_rows: int = field(default=64, metadata={"help": "search rows on which the current trigger and each "
-                                                         "candidate are scored per step"})
-    search_size: int = field(default=256, metadata={"help": "rows of the train split the search may look at"})
+    num_candidates: int = field(default=24, metadata={"help": "tokens proposed per step from the gradient (top-k)"})
+    grad_rows: int = field(default=32, metadata={"help": "search rows whose gradient proposes the candidates"})
+    eval_rows: int = field(default=16, metadata={"help": "search rows on which every candidate is scored per step"})
+    verify_candidates: int = field(default=3, metadata={"help": "best candidates re-scored against the current "
+                                                                "trigger on fresh rows (guards against lucky rows)"})
+    verify_rows: int = field(default=64, metadata={"help": "fresh search rows for that comparison"})
+    search_size: int = field(default=512, metadata={"help": "rows of the train split the search may look at"})
+    search_min_words: int = field(default=0, metadata={"help": "only search on train rows with at least this many "
+                                                               "words of input"})
     init_token: str = field(default=" the", metadata={"help": "text of the token every trigger starts as"})
     vocab: str = field(default="words", metadata={"help": "trigger vocabulary: words (a space and letters, readable) "
                                                           "or all (every token that decodes to printable text)"})
     seed: int = field(default=0, metadata={"help": "seed of the search (batches and positions)"})
 
     def __post_init__(self):
-        for name in ("num_triggers", "iterations", "num_candidates", "grad_rows", "eval_rows", "search_size"):
+        for name in ("num_triggers", "iterations", "num_candidates", "grad_rows", "eval_rows", "verify_candidates",
+                     "verify_rows", "search_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
                                   f"pass --{name.replace('_', '-')} 1 or more.")
@@ -340,7 +358,7 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
         raise ConfigError(f"The template has {template.count(SLOT)} {SLOT} slots.", f"put exactly one {SLOT} in it.")
     fill(spec, template, "")  # a malformed template fails here, before any compute
     tok = base.tokenizer
-    data = search_split(task, config.search_size, config.seed)
+    data = search_split(task, config.search_size, config.seed, config.search_min_words)
     order = {name: i for i, name in enumerate(spec.class_names)}
     gold = [order[task.spec.class_names[y]] for y in data.labels]
     allowed = trigger_vocabulary(tok, config.vocab)
@@ -353,20 +371,24 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     rows = _split_rows(base, spec, template, data, gold)
     E = base.embedding_matrix.detach()  # (V, D)
     g = torch.Generator().manual_seed(config.seed)
+
+    def draw(n: int) -> list[_Row]:
+        return [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
+
     history = []
     bar = tqdm(range(config.iterations), desc="autoprompt", disable=not progress)
     for step in bar:
-        batch = [rows[i] for i in torch.randperm(len(rows), generator=g)[: config.grad_rows].tolist()]
-        grad = trigger_gradient(base, batch, verb, triggers)  # (K, D)
+        grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
         pos = int(torch.randint(config.num_triggers, (1,), generator=g))
         # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
         gain = -(E @ grad[pos]).float().cpu()  # (V,)
         gain[~allowed] = -float("inf")
         gain[triggers[pos]] = -float("inf")
-        options = [triggers] + [triggers[:pos] + [w] + triggers[pos + 1:]
-                                for w in gain.topk(config.num_candidates).indices.tolist()]
-        held = [rows[i] for i in torch.randperm(len(rows), generator=g)[: config.eval_rows].tolist()]
-        losses = trigger_losses(base, held, verb, options)
+        candidates = [triggers[:pos] + [w] + triggers[pos + 1:] for w in gain.topk(config.num_candidates).indices.tolist()]
+        # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
+        screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
+        options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
+        losses = trigger_losses(base, draw(config.verify_rows), verb, options)
         best = int(losses.argmin())  # the current trigger (0) stays unless a candidate beats it on these rows
         triggers = options[best]
         history.append({"step": step, "position": pos, "token": tok.decode([triggers[pos]]),
@@ -398,7 +420,7 @@ def cmd_templates(ns) -> None:
     candidates = Candidates.load(ns.candidates, task.spec)
     base = _load_base(ns)
     results, ref = score_templates(base, task, candidates, ns.search_size, ns.finalists, ns.split, ns.limit, ns.seed,
-                                   ns.batch_size)
+                                   ns.batch_size, min_words=ns.search_min_words)
     best = results[0]
     n_search, n_dev = best.search["n"], best.dev["n"]
     t = Table(title=f"{task.name}: {len(candidates.templates)} templates x {candidates.num_combinations // len(candidates.templates)} "
@@ -411,7 +433,7 @@ def cmd_templates(ns) -> None:
     c = _console()
     c.print(t)
     search = {"search": "templates", "candidates": str(ns.candidates or CANDIDATES_DIR / f"{task.name}.yaml"),
-              "search_size": n_search, "seed": ns.seed}
+              "search_size": n_search, "search_min_words": ns.search_min_words, "seed": ns.seed}
     metrics = {"search": best.search, ns.split: best.dev, f"{ns.split}_default_template": ref.dev}
     path = hard_prompt(base, best.spec, search, metrics).save(ns.out or f"prompts/{task.name}-hard.safetensors")
     c.print(f"best: {best.spec.template!r} with {_words(best.spec)}: {ns.split} {_ci(best.dev)} vs the task's own "
@@ -465,6 +487,8 @@ def add_commands(sub) -> None:
     t.add_argument("--candidates", help="YAML file with `templates:` and optional `labels:` "
                                         "(default: the task's built-in tasks/candidates/TASK.yaml)")
     t.add_argument("--search-size", type=int, default=256, help="rows of train every candidate is scored on")
+    t.add_argument("--search-min-words", type=int, default=0, help="only search on train rows with at least this "
+                                                                    "many words of input")
     t.add_argument("--finalists", type=int, default=3, help="best candidates also scored on the report split")
     t.add_argument("--seed", type=int, default=0, help="seed of the search split and the bootstrap")
     t.add_argument("--out", help="prompt file to write (default: prompts/TASK-hard.safetensors)")

@@ -22,7 +22,8 @@ from softprompt.search import (AutoPromptConfig, Candidates, _split_rows, autopr
 from conftest import DATA
 from test_cli import model_dir, run  # noqa: F401  (a module-scoped fixture, reused)
 
-TINY_AUTOPROMPT = dict(num_triggers=2, iterations=2, num_candidates=3, grad_rows=4, eval_rows=4, search_size=16)
+TINY_AUTOPROMPT = dict(num_triggers=2, iterations=2, num_candidates=3, grad_rows=4, eval_rows=4, verify_candidates=2,
+                       verify_rows=4, search_size=16)
 
 
 @pytest.fixture
@@ -78,8 +79,12 @@ def test_bad_candidate_files_are_refused(sst2, tmp_path, text, message):
 def test_search_split_is_a_seeded_sample_of_train(sst2):
     a, b = search_split(sst2, 20, seed=1), search_split(sst2, 20, seed=1)
     assert a.rows == b.rows and search_split(sst2, 20, seed=2).rows != a.rows
-    train = {r["sentence"] for r in sst2.split("train").rows[:100_000]}
+    train = {r["sentence"] for r in sst2.split("train").rows}
     assert all(r["sentence"] in train for r in a.rows)
+    long = search_split(sst2, 20, seed=1, min_words=12)
+    assert all(len(r["sentence"].split()) >= 12 for r in long.rows)
+    with pytest.raises(ConfigError, match="min-words"):
+        search_split(sst2, 20, min_words=10_000)
 
 
 def test_template_scores_match_the_evaluation_of_each_template(base, sst2, candidates_file):
