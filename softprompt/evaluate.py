@@ -43,16 +43,15 @@ def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: In
     return scores
 
 
-def class_scores(base, seqs: list[list[int]], injections: list[Injection], verb: list[list[int]],
-                 pairs: bool = False) -> torch.Tensor:
+def class_scores(base, seqs: list[list[int]], injections: list[Injection], verb: list[list[int]]) -> torch.Tensor:
     """(B, C) log-likelihood of each class's verbalizer tokens `verb` after each token sequence: one batch.
 
     When every verbalizer is one token (the common case), one forward per sequence reads all C
-    scores from the last position; otherwise (or with `pairs`) each (sequence, class) pair is
-    scored as a sequence. Differentiable: gradients reach tensors in `injections` that need them.
+    scores from the last position; otherwise each (sequence, class) pair is scored as a sequence.
+    Differentiable: gradients reach tensors in `injections` that need them.
     """
     pad = base.tokenizer.pad_token_id
-    if not pairs and all(len(v) == 1 for v in verb):
+    if all(len(v) == 1 for v in verb):
         b = collate(seqs, pad)
         logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], injections), logits_to_keep=1)
         return logits[:, -1].float().log_softmax(-1)[:, [v[0] for v in verb]]

@@ -13,8 +13,9 @@ and label words in its task spec), which `eval`, serving and the benchmark use l
   label word, where the paper puts them). Each step takes the gradient of the class
   cross-entropy w.r.t. the trigger tokens' input embeddings (K, D) on a batch, proposes the
   top-k vocabulary tokens w by -grad . e_w for one trigger position (a first-order estimate of
-  the loss change of the swap; HotFlip, Ebrahimi et al. 2018), scores the current triggers and
-  every candidate on a fresh batch, and keeps the best.
+  the loss change of the swap; HotFlip, Ebrahimi et al. 2018), scores every candidate on a few
+  rows, re-scores the best few against the current triggers on fresh rows, and keeps the best
+  (a second draw, so that a candidate cannot win on lucky rows alone).
 
   Why a slot, and how the gradient is read: the slot lets triggers sit between the input and
   the answer, where they see the input. The text before the slot does not depend on the
@@ -41,16 +42,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .data import BUILTIN_DIR, Encoder, Split, Task, TaskSpec
+from .data import BUILTIN_DIR, Encoder, Split, Task, TaskSpec, collate, frequent_token_ids
 from .errors import ConfigError
 from .evaluate import class_log_likelihoods, class_scores, classification_metrics, classify, subset
-from .inject import EMPTY, Injection, kv_of_embeddings
+from .inject import EMPTY, Injection, assemble, forward, kv_of_embeddings
 from .store import Prompt
 
 CANDIDATES_DIR = BUILTIN_DIR / "candidates"
 SLOT = "{trigger}"
 _MARK = "\ue000"  # a private-use character standing in for the triggers while splitting a rendered prompt
 MAX_COMBINATIONS = 100_000
+VOCABULARIES = ("frequent", "words", "all")
 
 
 # --- splits and confidence intervals ------------------------------------------------------------------------------
@@ -249,8 +251,9 @@ class AutoPromptConfig:
     search_min_words: int = field(default=0, metadata={"help": "only search on train rows with at least this many "
                                                                "words of input"})
     init_token: str = field(default=" the", metadata={"help": "text of the token every trigger starts as"})
-    vocab: str = field(default="words", metadata={"help": "trigger vocabulary: words (a space and letters, readable) "
-                                                          "or all (every token that decodes to printable text)"})
+    vocab: str = field(default="frequent", metadata={"help": "trigger vocabulary: frequent (words among the 5,000 "
+                                                             "most frequent tokens of the train inputs), words (a "
+                                                             "space and letters) or all (any printable token)"})
     seed: int = field(default=0, metadata={"help": "seed of the search (batches and positions)"})
 
     def __post_init__(self):
@@ -259,8 +262,8 @@ class AutoPromptConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
                                   f"pass --{name.replace('_', '-')} 1 or more.")
-        if self.vocab not in ("words", "all"):
-            raise ConfigError(f"Unknown trigger vocabulary '{self.vocab}'.", "pass --vocab words or --vocab all.")
+        if self.vocab not in VOCABULARIES:
+            raise ConfigError(f"Unknown trigger vocabulary '{self.vocab}'.", f"pass --vocab with one of {VOCABULARIES}.")
 
 
 @dataclass
@@ -284,17 +287,27 @@ def fill(spec: TaskSpec, template: str, text: str) -> TaskSpec:
     return with_template(spec, template.replace(SLOT, _escape(text)))
 
 
-def trigger_vocabulary(tokenizer, vocab: str = "words") -> torch.Tensor:
-    """(V,) bool: tokens a trigger may take. A token qualifies if it decodes to printable text that
-    encodes back to that one token (so the saved text prompt holds the tokens that were searched)."""
+def trigger_vocabulary(tokenizer, vocab: str = "words", texts: list[str] | None = None, top: int = 5000) -> torch.Tensor:
+    """(V,) bool: tokens a trigger may take.
+
+    Every such token decodes to printable text that encodes back to that one token (so the saved
+    text prompt holds the tokens that were searched). words: also a space and letters only;
+    frequent: also among the `top` most frequent tokens of `texts` (the task's train inputs),
+    which keeps out rare tokens whose large embeddings dominate first-order proposals.
+    """
     V = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(V)])
+    texts_of = tokenizer.batch_decode([[i] for i in range(V)])
     special = set(tokenizer.all_special_ids)
     word = re.compile(r"^ [A-Za-z]{2,}$")
     ok = [i not in special and t.isprintable() and "\ufffd" not in t and (vocab == "all" or bool(word.match(t)))
-          for i, t in enumerate(texts)]
-    back = tokenizer([t if k else "" for t, k in zip(texts, ok)], add_special_tokens=False)["input_ids"]
-    return torch.tensor([k and b == [i] for i, (k, b) in enumerate(zip(ok, back))])
+          for i, t in enumerate(texts_of)]
+    back = tokenizer([t if k else "" for t, k in zip(texts_of, ok)], add_special_tokens=False)["input_ids"]
+    allowed = torch.tensor([k and b == [i] for i, (k, b) in enumerate(zip(ok, back))])
+    if vocab == "frequent":
+        common = torch.zeros(V, dtype=torch.bool)
+        common[frequent_token_ids(tokenizer, texts or [], top)] = True
+        allowed &= common
+    return allowed
 
 
 @dataclass
@@ -326,8 +339,14 @@ def trigger_gradient(base, rows: list[_Row], verb: list[list[int]], triggers: li
     """
     T = base.embed(torch.tensor(triggers, device=base.device)).detach().requires_grad_()  # (K, D)
     inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows]
-    # (row, class) pairs: the sequence after the triggers may be empty, the label words never are
-    scores = class_scores(base, [r.post for r in rows], inj, verb, pairs=True)  # (B, C)
+    if all(len(v) == 1 for v in verb):
+        # one sequence per row; the text after the triggers may be empty, so a label word follows it as a
+        # placeholder, and the class scores are read one position earlier, where the label word is predicted
+        b = collate([r.post + verb[0] for r in rows], base.tokenizer.pad_token_id)
+        logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], inj), logits_to_keep=2)
+        scores = logits[:, 0].float().log_softmax(-1)[:, [v[0] for v in verb]]  # (B, C)
+    else:  # multi-token label words: (row, class) pairs, never empty
+        scores = class_scores(base, [r.post for r in rows], inj, verb)  # (B, C)
     torch.nn.functional.cross_entropy(scores, torch.tensor([r.gold for r in rows], device=scores.device)).backward()
     return T.grad
 
@@ -361,7 +380,9 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     data = search_split(task, config.search_size, config.seed, config.search_min_words)
     order = {name: i for i, name in enumerate(spec.class_names)}
     gold = [order[task.spec.class_names[y]] for y in data.labels]
-    allowed = trigger_vocabulary(tok, config.vocab)
+    train = task.split("train")
+    allowed = trigger_vocabulary(tok, config.vocab, [" ".join(str(r[task.spec.column(f)]) for f in spec.template_fields)
+                                                     for r in train.rows])
     init = tok(config.init_token, add_special_tokens=False)["input_ids"]
     if len(init) != 1 or not allowed[init[0]]:
         raise ConfigError(f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.data import Encoder
+from softprompt.data import Encoder, collate
 from softprompt.errors import ConfigError
-from softprompt.evaluate import class_log_likelihoods, classify, evaluate
+from softprompt.evaluate import class_log_likelihoods, classify, evaluate, target_log_likelihood
 from softprompt.explain import explain, nearest_tokens
-from softprompt.inject import EMPTY, Injection
+from softprompt.inject import EMPTY, Injection, assemble
 from softprompt.search import (AutoPromptConfig, Candidates, _split_rows, autoprompt, best_verbalizers,
                                bootstrap_ci, fill, hard_prompt, score_templates, search_split, slotted,
                                trigger_gradient, trigger_losses, trigger_vocabulary)
@@ -118,12 +118,16 @@ def test_hard_prompt_file_has_no_tensors_and_evaluates_as_its_template(base, sst
 
 
 def test_trigger_vocabulary_round_trips(tokenizer):
-    for vocab in ("words", "all"):
-        ok = trigger_vocabulary(tokenizer, vocab)
+    texts = ["a great film", "the plot was boring", "a great story"]
+    for vocab in ("frequent", "words", "all"):
+        ok = trigger_vocabulary(tokenizer, vocab, texts)
         ids = ok.nonzero()[:, 0].tolist()
         assert ids and tokenizer.eos_token_id not in ids
-        text = tokenizer.decode(ids[:6])
-        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids[:6] or vocab == "all"
+        assert all(tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"] == [i] for i in ids)
+    frequent = set(trigger_vocabulary(tokenizer, "frequent", texts).nonzero()[:, 0].tolist())
+    words = set(trigger_vocabulary(tokenizer, "words").nonzero()[:, 0].tolist())
+    seen = {i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids}
+    assert frequent == seen & words and {tokenizer.decode([i]) for i in frequent} >= {" film", " boring"}
     assert trigger_vocabulary(tokenizer, "words").sum() < trigger_vocabulary(tokenizer, "all").sum()
 
 
@@ -147,21 +151,27 @@ def test_kv_prefixed_trigger_scores_equal_scoring_the_text(base, sst2, template)
     assert float(trigger_losses(base, rows, enc.verbalizer_ids, [triggers])[0]) == pytest.approx(float(ce), abs=1e-4)
 
 
-def test_trigger_gradient_predicts_the_loss_change(base, sst2):
+@pytest.mark.parametrize("single", [True, False])  # label words of one token each / of several tokens
+def test_trigger_gradient_predicts_the_loss_change(base, sst2, single):
     """Directional derivative check of the (K, D) gradient by central finite differences."""
     template = "Review: {sentence}\nSentiment:{trigger}"
     tok = base.tokenizer
+    spec = dataclasses.replace(sst2.spec, labels={"0": "boring", "1": "film"} if single else {"0": "awful boring",
+                                                                                             "1": "positive"})
+    verb = Encoder(spec, tok).verbalizer_ids
+    assert (max(map(len, verb)) == 1) == single
     triggers = tok(" good film", add_special_tokens=False)["input_ids"]
-    _, rows = _rows(base, sst2, template)
-    verb = Encoder(sst2.spec, tok).verbalizer_ids
+    data = search_split(sst2, 6)
+    rows = _split_rows(base, spec, template, data, data.labels)
     grad = trigger_gradient(base, rows, verb, triggers)
     assert grad.shape == (2, base.hidden_size)
-    from softprompt.evaluate import class_scores
 
-    def loss(T):
-        inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows]
-        scores = class_scores(base, [r.post for r in rows], inj, verb, pairs=True)
-        return float(torch.nn.functional.cross_entropy(scores, torch.tensor([r.gold for r in rows])))
+    def loss(T):  # every (row, class) pair scored as a sequence, independently of the code under test
+        seqs = [r.post + v for r in rows for v in verb]
+        b = collate(seqs, tok.pad_token_id, [[-100] * len(r.post) + v for r in rows for v in verb])
+        inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows for _ in verb]
+        scores = target_log_likelihood(base, assemble(base, b["input_ids"], b["attention_mask"], inj, b["labels"]))
+        return float(torch.nn.functional.cross_entropy(scores.view(len(rows), -1), torch.tensor(data.labels)))
 
     with torch.no_grad():
         T = base.embed(torch.tensor(triggers))
