@@ -169,7 +169,7 @@ def _fmt_metrics(m: dict | None) -> str:
     if not m:
         return "-"
     return ", ".join(f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}"
-                     for k, v in m.items() if k != "n")
+                     for k, v in m.items() if k != "n" and isinstance(v, (int, float)))
 
 
 # --- commands --------------------------------------------------------------------------------------------------------
@@ -298,7 +298,13 @@ def cmd_demo(ns):
 # --- parser ----------------------------------------------------------------------------------------------------------
 
 # Modules that add subcommands: each has `add_commands(subparsers)` and sets `handler` on its parsers.
-EXTENSIONS: tuple[str, ...] = ("softprompt.peft_format", "softprompt.hub", "softprompt.serve")
+EXTENSIONS: tuple[str, ...] = (
+    "softprompt.peft_format",
+    "softprompt.hub",
+    "softprompt.serve",
+    "softprompt.search",
+    "softprompt.explain",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

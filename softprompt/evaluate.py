@@ -30,38 +30,36 @@ def _budget(base, inj: Injection, reserve: int) -> int | None:
 @torch.inference_mode()
 def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: Injection | list[Injection] = EMPTY,
                           batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """(N, C) log-likelihood of each class's verbalizer tokens after each prompt.
-
-    When every verbalizer is one token (the common case), one forward per prompt reads all C
-    scores from the last position; otherwise each (prompt, class) pair is scored as a sequence.
-    """
+    """(N, C) log-likelihood of each class's verbalizer tokens after each prompt."""
     rows = _per_row(injections, len(prompts))
     verb = enc.verbalizer_ids
     reserve = max(len(v) for v in verb)
     ids = [enc.input_ids(p, _budget(base, r, reserve)) for p, r in zip(prompts, rows)]
-    C = len(verb)
-    single = all(len(v) == 1 for v in verb)
-    if single:
-        seqs, labels, owner = ids, None, list(range(len(ids)))
-        scores = torch.empty(len(ids), C)
-        first = torch.tensor([v[0] for v in verb])
-    else:
-        seqs = [p + v for p in ids for v in verb]
-        labels = [[-100] * len(p) + v for p in ids for v in verb]
-        owner = [i for i in range(len(ids)) for _ in verb]
-        scores = torch.empty(len(seqs))
-    for batch in tqdm(length_batches([len(s) for s in seqs], batch_size), disable=not progress, desc="scoring",
+    # multi-token verbalizers turn every prompt into C sequences; keep the sequences per batch the same
+    per_batch = batch_size if all(len(v) == 1 for v in verb) else max(1, batch_size // len(verb))
+    scores = torch.empty(len(ids), len(verb))
+    for batch in tqdm(length_batches([len(s) for s in ids], per_batch), disable=not progress, desc="scoring",
                       leave=False):
-        b = collate([seqs[i] for i in batch], base.tokenizer.pad_token_id,
-                    None if single else [labels[i] for i in batch])
-        inputs = assemble(base, b["input_ids"], b["attention_mask"], [rows[owner[i]] for i in batch],
-                          labels=b.get("labels"))
-        if single:
-            logits, _ = forward(base, inputs, logits_to_keep=1)
-            scores[batch] = logits[:, -1].float().log_softmax(-1)[:, first.to(logits.device)].cpu()
-        else:
-            scores[batch] = target_log_likelihood(base, inputs).cpu()
-    return scores if single else scores.view(len(ids), C)
+        scores[batch] = class_scores(base, [ids[i] for i in batch], [rows[i] for i in batch], verb).cpu()
+    return scores
+
+
+def class_scores(base, seqs: list[list[int]], injections: list[Injection], verb: list[list[int]]) -> torch.Tensor:
+    """(B, C) log-likelihood of each class's verbalizer tokens `verb` after each token sequence: one batch.
+
+    When every verbalizer is one token (the common case), one forward per sequence reads all C
+    scores from the last position; otherwise each (sequence, class) pair is scored as a sequence.
+    Differentiable: gradients reach tensors in `injections` that need them.
+    """
+    pad = base.tokenizer.pad_token_id
+    if all(len(v) == 1 for v in verb):
+        b = collate(seqs, pad)
+        logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], injections), logits_to_keep=1)
+        return logits[:, -1].float().log_softmax(-1)[:, [v[0] for v in verb]]
+    b = collate([s + v for s in seqs for v in verb], pad, [[-100] * len(s) + v for s in seqs for v in verb])
+    inputs = assemble(base, b["input_ids"], b["attention_mask"], [r for r in injections for _ in verb],
+                      labels=b["labels"])
+    return target_log_likelihood(base, inputs).view(len(seqs), len(verb))
 
 
 def target_log_probs(base, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,19 +159,26 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
     spec = spec or task.spec
     check_compatible(spec, task)
     data = subset(task.split(split), task.spec, limit, seed)
+    if spec.is_classification:
+        return classification_metrics(*classify(base, task, spec, data, injection, batch_size, truncate, progress))
     enc = Encoder(spec, base.tokenizer, truncate)
     prompts = [spec.render(r) for r in data.rows]
-    if spec.is_classification:
-        # gold labels are indices into the task's label map; map them to the spec's class order
-        order = {name: i for i, name in enumerate(spec.class_names)}
-        gold = [order[task.spec.class_names[y]] for y in data.labels]
-        scores = class_log_likelihoods(base, enc, prompts, injection, batch_size, progress)
-        return classification_metrics(scores, gold)
     refs: OrderedDict[str, list[str]] = OrderedDict()
     for p, t in zip(prompts, data.targets):
         refs.setdefault(p, []).append(t)
     hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, progress)
     return generation_metrics(hyps, list(refs.values()))
+
+
+def classify(base, task: Task, spec: TaskSpec, data: Split, injection: Injection = EMPTY, batch_size: int = 32,
+             truncate: str = "error", progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Class scores (N, C) of `data` (rows of `task`) rendered with `spec`, and the gold classes in `spec`'s order."""
+    # gold labels are indices into the task's label map; map them to the spec's class order
+    order = {name: i for i, name in enumerate(spec.class_names)}
+    gold = [order[task.spec.class_names[y]] for y in data.labels]
+    enc = Encoder(spec, base.tokenizer, truncate)
+    scores = class_log_likelihoods(base, enc, [spec.render(r) for r in data.rows], injection, batch_size, progress)
+    return scores, gold
 
 
 def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection | list[Injection], max_new_tokens: int,

@@ -45,8 +45,12 @@ def prompt_files(directory: str | Path) -> dict[str, dict]:
 
 
 def _eval_metrics(metrics: dict) -> dict:
-    """{split: {metric: value}} of the final evaluations (not zero-shot, not the in-training best)."""
-    return {split: {k: v for k, v in m.items() if k != "n"} for split, m in metrics.items()
+    """{split: {metric: value}} of the final evaluations (not zero-shot, not the in-training best).
+
+    Only scalar metrics: intervals such as a hard prompt's `accuracy_ci95` stay in the file's metadata.
+    """
+    return {split: {k: v for k, v in m.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for split, m in metrics.items()
             if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)}
 
 

@@ -1,0 +1,524 @@
+"""Hard prompt tuning: score hand-written templates and label words, and search trigger tokens.
+
+Two searches, both ending in a plain text prompt (a `hard` prompt file: no tensors, the template
+and label words in its task spec), which `eval`, serving and the benchmark use like any other:
+
+- `score_templates`: candidate templates x candidate label words (verbalizers) from a YAML file,
+  scored by rank classification, the same code (`evaluate.classify`) that scores every method.
+  All candidate words of a template are scored in one pass; since a class's score depends only
+  on its own word, every template x verbalizer combination is then read off the (N, W) matrix.
+- `autoprompt`: AutoPrompt (Shin, Razeghi, Logan, Wallace & Singh 2020, "AutoPrompt: Eliciting
+  Knowledge from Language Models with Automatically Generated Prompts", arXiv:2010.15980). K
+  trigger tokens fill a `{trigger}` slot in the template (default: its end, right before the
+  label word, where the paper puts them). Each step takes the gradient of the class
+  cross-entropy w.r.t. the trigger tokens' input embeddings (K, D) on a batch, proposes the
+  top-k vocabulary tokens w by -grad . e_w for one trigger position (a first-order estimate of
+  the loss change of the swap; HotFlip, Ebrahimi et al. 2018), scores every candidate on a few
+  rows, re-scores the best few against the current triggers on fresh rows, and keeps the best
+  (a second draw, so that a candidate cannot win on lucky rows alone).
+
+  Why a slot, and how the gradient is read: the slot lets triggers sit between the input and
+  the answer, where they see the input. The text before the slot does not depend on the
+  triggers, so each search row keeps it as a KV prefix (`inject.kv_of_embeddings`, computed
+  once); the triggers then enter as an `Injection(embeds=...)` leaf that requires grad, placed
+  right after that prefix at the positions the text prompt gives them, and `.grad` is read.
+  Candidates are scored the same way with their token ids, so a step costs K + |text after the
+  slot| tokens per row instead of the whole prompt. Final numbers score the saved text itself.
+
+Overfitting guard: searches only look at a seeded "search split" carved from train; the numbers
+reported next to the result (and stored in its prompt file) come from a separate dev split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .data import BUILTIN_DIR, Encoder, Split, Task, TaskSpec, collate, frequent_token_ids
+from .errors import ConfigError
+from .evaluate import class_log_likelihoods, class_scores, classification_metrics, classify, subset
+from .inject import EMPTY, Injection, assemble, forward, kv_of_embeddings
+from .store import Prompt
+
+CANDIDATES_DIR = BUILTIN_DIR / "candidates"
+SLOT = "{trigger}"
+_MARK = "\ue000"  # a private-use character standing in for the triggers while splitting a rendered prompt
+MAX_COMBINATIONS = 100_000
+VOCABULARIES = ("frequent", "words", "all")
+
+
+# --- splits and confidence intervals ------------------------------------------------------------------------------
+
+def search_split(task: Task, size: int, seed: int = 0, min_words: int = 0, split: str = "train") -> Split:
+    """A seeded random sample of `size` rows of the train split: what searches may look at.
+
+    min_words: only rows whose input fields hold at least this many words together (SST-2's train
+    split is mostly short phrases, its dev split whole sentences).
+    """
+    if not task.spec.is_classification:
+        raise ConfigError(f"Task '{task.name}' is a generation task; hard prompt search scores classification tasks.",
+                          "pass a task with `labels:`.")
+    if not task.has_split(split):
+        raise ConfigError(f"Task '{task.name}' has no '{split}' split to search on.",
+                          f"add a `{split}:` file to the task spec; search never looks at the dev split.")
+    rows = task.split(split)
+    if min_words:
+        cols = [task.spec.column(f) for f in task.spec.template_fields]
+        rows = rows.subset(i for i, r in enumerate(rows.rows) if sum(len(str(r[c]).split()) for c in cols) >= min_words)
+        if not len(rows):
+            raise ConfigError(f"No '{split}' row of task '{task.name}' has {min_words} or more words.",
+                              "lower --search-min-words.")
+    return subset(rows, task.spec, size, seed)
+
+
+def bootstrap_ci(correct, samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the accuracy: rows resampled with replacement `samples` times."""
+    correct = np.asarray(correct, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(samples, len(correct)))].mean(1)  # (samples,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def scored_metrics(scores: torch.Tensor, gold: list[int], seed: int = 0) -> dict:
+    """Accuracy and macro-F1 (as `evaluate` reports them) plus a 95% bootstrap interval of the accuracy."""
+    m = classification_metrics(scores, gold)
+    m["accuracy_ci95"] = list(bootstrap_ci((scores.argmax(-1) == torch.tensor(gold)).numpy(), seed=seed))
+    return m
+
+
+def score_spec(base, task: Task, spec: TaskSpec, data: Split, injection: Injection = EMPTY, batch_size: int = 32,
+               progress: bool = False) -> dict:
+    return scored_metrics(*classify(base, task, spec, data, injection, batch_size, progress=progress))
+
+
+def dev_split(task: Task, split: str = "dev", limit: int | None = None, seed: int = 0) -> Split:
+    return subset(task.split(split), task.spec, limit, seed)
+
+
+# --- hard prompt files --------------------------------------------------------------------------------------------
+
+def hard_prompt(base, spec: TaskSpec, search: dict, metrics: dict) -> Prompt:
+    """A prompt file of method `hard`: no tensors, the found template and label words in its task spec."""
+    return Prompt(injection=EMPTY, method="hard", method_config={"num_virtual_tokens": 0, **search},
+                  task=spec.portable(), base=base.fingerprint.to_dict(), base_parameters=base.num_parameters(),
+                  base_bytes=base.num_bytes(), metrics=metrics)
+
+
+def with_template(spec: TaskSpec, template: str, words: list[str] | None = None) -> TaskSpec:
+    """`spec` with another template and (optionally) other label words, one per class in class order."""
+    labels = spec.labels if words is None else dict(zip(spec.class_names, words))
+    return dataclasses.replace(spec, template=template, labels=labels)
+
+
+# --- template and verbalizer scoring ------------------------------------------------------------------------------
+
+@dataclass
+class Candidates:
+    """Templates, and per class the candidate label words (the task's own word is always among them).
+
+    File format (YAML), e.g. `softprompt/tasks/candidates/sst2.yaml`:
+        templates: ["Review: {sentence}\\nSentiment:", "{sentence} It was", ...]
+        labels: {0: [negative, bad, terrible], 1: [positive, good, great]}   # optional
+    """
+
+    templates: list[str]
+    words: list[list[str]]  # per class, in the task's class order; [0] is the task's own word
+
+    @classmethod
+    def load(cls, path: str | Path | None, spec: TaskSpec) -> "Candidates":
+        """From a YAML file; None = the built-in candidates of the task (`tasks/candidates/NAME.yaml`)."""
+        if path is None:
+            path = CANDIDATES_DIR / f"{spec.name}.yaml"
+            if not path.exists():
+                raise ConfigError(f"Task '{spec.name}' has no built-in candidate templates.",
+                                  "pass --candidates FILE (a YAML list of `templates:`, optional `labels:`).")
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Candidates file not found: {path}", "pass an existing YAML file to --candidates.")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Candidates file {path} is not valid YAML: {e}", "fix its syntax.") from e
+        if not isinstance(d, dict) or not isinstance(d.get("templates"), list) or not d["templates"]:
+            raise ConfigError(f"Candidates file {path} lists no `templates:`.", "add a YAML list of templates.")
+        labels = {str(k): v for k, v in (d.get("labels") or {}).items()}
+        unknown = sorted(set(labels) - set(spec.class_names))
+        if unknown:
+            raise ConfigError(f"Candidates file {path} has words for unknown classes {unknown}.",
+                              f"key `labels:` by the task's classes {spec.class_names}.")
+        words = []
+        for name, own in spec.labels.items():
+            given = labels.get(name, [])
+            if isinstance(given, str) or not all(isinstance(w, (str, int, float)) for w in given):
+                raise ConfigError(f"Candidates file {path}: words of class {name!r} must be a list.",
+                                  f"write `{name}: [word1, word2]`.")
+            words.append(list(dict.fromkeys([own, *map(str, given)])))
+        for t in d["templates"]:
+            if not isinstance(t, str):
+                raise ConfigError(f"Candidates file {path}: template {t!r} is not a string.", "quote every template.")
+            with_template(spec, t)  # raises a ConfigError naming a malformed template
+        return cls([str(t) for t in d["templates"]], words)
+
+    @property
+    def num_combinations(self) -> int:
+        n = len(self.templates)
+        for w in self.words:
+            n *= len(w)
+        return n
+
+
+@dataclass
+class Scored:
+    """One template with its best label words: search-split metrics, and dev metrics for finalists."""
+
+    spec: TaskSpec
+    search: dict
+    dev: dict | None = None
+
+
+def best_verbalizers(scores: torch.Tensor, gold: list[int], options: list[list[int]]) -> tuple[list[int], float]:
+    """The column of each class (one of `options[c]`) that maximizes accuracy; ties keep the earlier option.
+
+    scores: (N, W) log-likelihood of every candidate word. Returns (columns per class, accuracy).
+    """
+    combos = torch.tensor(list(itertools.product(*options)))  # (M, C)
+    distinct = torch.tensor([len(set(c)) == len(c) for c in combos.tolist()])  # a word may serve one class only
+    pred = scores[:, combos].argmax(-1)  # (N, M) predicted class
+    acc = (pred == torch.tensor(gold)[:, None]).float().mean(0).masked_fill(~distinct, -1)  # (M,)
+    best = int(acc.argmax())  # first maximum
+    return combos[best].tolist(), float(acc[best])
+
+
+def score_templates(base, task: Task, candidates: Candidates, search_size: int = 256, finalists: int = 3,
+                    split: str = "dev", limit: int | None = None, seed: int = 0, batch_size: int = 32,
+                    progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Scored]:
+    """Rank templates (each with its best label words) on the search split; score finalists on dev.
+
+    Returns (all candidates best first, with dev metrics for the top `finalists`), and the
+    task's own template and words as a reference (search and dev metrics).
+    """
+    if finalists < 1:
+        raise ConfigError(f"finalists must be >= 1, got {finalists}.", "pass --finalists 1 or more.")
+    if candidates.num_combinations > MAX_COMBINATIONS:
+        raise ConfigError(f"{candidates.num_combinations:,} template x verbalizer combinations are too many to score.",
+                          f"list fewer templates or words (at most {MAX_COMBINATIONS:,} combinations).")
+    data = search_split(task, search_size, seed, min_words)
+    pool = list(dict.fromkeys(w for ws in candidates.words for w in ws))  # every distinct word, once
+    options = [[pool.index(w) for w in ws] for ws in candidates.words]
+    gold = data.labels  # indices in the task's class order, which `words` follows
+    results = []
+    for template in tqdm(candidates.templates, desc="templates", disable=not progress):
+        # one "class" per candidate word: (N, W) scores from a single pass (one forward per row when words are 1 token)
+        pooled = dataclasses.replace(task.spec, template=template, labels={str(i): w for i, w in enumerate(pool)})
+        enc = Encoder(pooled, base.tokenizer)
+        scores = class_log_likelihoods(base, enc, [pooled.render(r) for r in data.rows], EMPTY, batch_size)
+        cols, _ = best_verbalizers(scores, gold, options)
+        spec = with_template(task.spec, template, [pool[c] for c in cols])
+        results.append(Scored(spec, scored_metrics(scores[:, cols], gold, seed)))
+    results.sort(key=lambda s: -s.search["accuracy"])  # stable: ties keep the file's order
+    dev = dev_split(task, split, limit, seed)
+    for s in results[:finalists]:
+        s.dev = score_spec(base, task, s.spec, dev, batch_size=batch_size, progress=progress)
+    reference = Scored(task.spec, score_spec(base, task, task.spec, data, batch_size=batch_size),
+                       score_spec(base, task, task.spec, dev, batch_size=batch_size, progress=progress))
+    return results, reference
+
+
+# --- AutoPrompt ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class AutoPromptConfig:
+    """Options of the trigger-token search (see the module docstring)."""
+
+    num_triggers: int = field(default=4, metadata={"help": "K, the number of trigger tokens"})
+    iterations: int = field(default=30, metadata={"help": "search steps (one trigger position flipped per step)"})
+    num_candidates: int = field(default=24, metadata={"help": "tokens proposed per step from the gradient (top-k)"})
+    grad_rows: int = field(default=32, metadata={"help": "search rows whose gradient proposes the candidates"})
+    eval_rows: int = field(default=16, metadata={"help": "search rows on which every candidate is scored per step"})
+    verify_candidates: int = field(default=3, metadata={"help": "best candidates re-scored against the current "
+                                                                "trigger on fresh rows (guards against lucky rows)"})
+    verify_rows: int = field(default=64, metadata={"help": "fresh search rows for that comparison"})
+    search_size: int = field(default=512, metadata={"help": "rows of the train split the search may look at"})
+    search_min_words: int = field(default=0, metadata={"help": "only search on train rows with at least this many "
+                                                               "words of input"})
+    init_token: str = field(default=" the", metadata={"help": "text of the token every trigger starts as"})
+    vocab: str = field(default="frequent", metadata={"help": "trigger vocabulary: frequent (words among the 5,000 "
+                                                             "most frequent tokens of the train inputs), words (a "
+                                                             "space and letters) or all (any printable token)"})
+    seed: int = field(default=0, metadata={"help": "seed of the search (batches and positions)"})
+
+    def __post_init__(self):
+        for name in ("num_triggers", "iterations", "num_candidates", "grad_rows", "eval_rows", "verify_candidates",
+                     "verify_rows", "search_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
+                                  f"pass --{name.replace('_', '-')} 1 or more.")
+        if self.vocab not in VOCABULARIES:
+            raise ConfigError(f"Unknown trigger vocabulary '{self.vocab}'.", f"pass --vocab with one of {VOCABULARIES}.")
+
+
+@dataclass
+class AutoPromptResult:
+    spec: TaskSpec  # the template with the triggers written in
+    triggers: list[int]  # token ids
+    history: list[dict]  # per step: position, kept token, loss of the current trigger on that step's rows
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def slotted(template: str) -> str:
+    """The template with a trigger slot: as given if it has one, else with the slot at its end."""
+    return template if SLOT in template else template + SLOT
+
+
+def fill(spec: TaskSpec, template: str, text: str) -> TaskSpec:
+    """The spec whose template is `template` (with a slot) with `text` written into the slot."""
+    return with_template(spec, template.replace(SLOT, _escape(text)))
+
+
+def trigger_vocabulary(tokenizer, vocab: str = "words", texts: list[str] | None = None, top: int = 5000) -> torch.Tensor:
+    """(V,) bool: tokens a trigger may take.
+
+    Every such token decodes to printable text that encodes back to that one token (so the saved
+    text prompt holds the tokens that were searched). words: also a space and letters only;
+    frequent: also among the `top` most frequent tokens of `texts` (the task's train inputs),
+    which keeps out rare tokens whose large embeddings dominate first-order proposals.
+    """
+    V = len(tokenizer)
+    texts_of = tokenizer.batch_decode([[i] for i in range(V)])
+    special = set(tokenizer.all_special_ids)
+    word = re.compile(r"^ [A-Za-z]{2,}$")
+    ok = [i not in special and t.isprintable() and "\ufffd" not in t and (vocab == "all" or bool(word.match(t)))
+          for i, t in enumerate(texts_of)]
+    back = tokenizer([t if k else "" for t, k in zip(texts_of, ok)], add_special_tokens=False)["input_ids"]
+    allowed = torch.tensor([k and b == [i] for i, (k, b) in enumerate(zip(ok, back))])
+    if vocab == "frequent":
+        common = torch.zeros(V, dtype=torch.bool)
+        common[frequent_token_ids(tokenizer, texts or [], top)] = True
+        allowed &= common
+    return allowed
+
+
+@dataclass
+class _Row:
+    """A search row split at the slot: the text before it as a KV prefix (computed once), the tokens after it."""
+
+    prefix: Injection  # kv (L, 2, H_kv, P, hd) of the tokens before the slot, kv_positions = P
+    post: list[int]  # token ids after the slot
+    gold: int  # class index in the spec's order
+
+
+def _split_rows(base, spec: TaskSpec, template: str, data: Split, gold: list[int]) -> list[_Row]:
+    tok = base.tokenizer
+    out = []
+    for r, y in zip(data.rows, gold):
+        before, after = fill(spec, template, _MARK).render(r).split(_MARK)
+        pre = tok(before, add_special_tokens=True)["input_ids"]
+        prefix = (Injection(kv=kv_of_embeddings(base, base.embed(torch.tensor(pre, device=base.device))),
+                            kv_positions=len(pre)) if pre else EMPTY)
+        out.append(_Row(prefix, tok(after, add_special_tokens=False)["input_ids"] if after else [], y))
+    return out
+
+
+def trigger_gradient(base, rows: list[_Row], verb: list[list[int]], triggers: list[int]) -> torch.Tensor:
+    """d(mean class cross-entropy)/d(trigger input embeddings): (K, D).
+
+    The triggers enter as virtual-token embeddings after each row's KV prefix (the text before
+    the slot) and before the text after it, at the positions the text prompt gives them.
+    """
+    T = base.embed(torch.tensor(triggers, device=base.device)).detach().requires_grad_()  # (K, D)
+    inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows]
+    if all(len(v) == 1 for v in verb):
+        # one sequence per row; the text after the triggers may be empty, so a label word follows it as a
+        # placeholder, and the class scores are read one position earlier, where the label word is predicted
+        b = collate([r.post + verb[0] for r in rows], base.tokenizer.pad_token_id)
+        logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], inj), logits_to_keep=2)
+        scores = logits[:, 0].float().log_softmax(-1)[:, [v[0] for v in verb]]  # (B, C)
+    else:  # multi-token label words: (row, class) pairs, never empty
+        scores = class_scores(base, [r.post for r in rows], inj, verb)  # (B, C)
+    torch.nn.functional.cross_entropy(scores, torch.tensor([r.gold for r in rows], device=scores.device)).backward()
+    return T.grad
+
+
+@torch.inference_mode()
+def trigger_losses(base, rows: list[_Row], verb: list[list[int]], options: list[list[int]],
+                   batch_size: int = 64) -> torch.Tensor:
+    """Mean class cross-entropy of every trigger sequence in `options` on `rows`: (len(options),)."""
+    pairs = [(o, r) for o in options for r in rows]
+    scores = torch.empty(len(pairs), len(verb))
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        scores[i:i + len(chunk)] = class_scores(base, [o + r.post for o, r in chunk], [r.prefix for _, r in chunk],
+                                                verb).cpu()
+    gold = torch.tensor([r.gold for _, r in pairs])
+    return torch.nn.functional.cross_entropy(scores, gold, reduction="none").view(len(options), len(rows)).mean(1)
+
+
+def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None = None, template: str | None = None,
+               progress: bool = True) -> AutoPromptResult:
+    """Search `config.num_triggers` trigger tokens for `template` (default: `spec`'s, slot at its end)."""
+    spec = spec or task.spec
+    if spec.chat:
+        raise ConfigError("AutoPrompt searches plain-text templates; this task wraps prompts in a chat template.",
+                          "use a task spec with `chat: false`.")
+    template = slotted(template or spec.template)
+    if template.count(SLOT) != 1:
+        raise ConfigError(f"The template has {template.count(SLOT)} {SLOT} slots.", f"put exactly one {SLOT} in it.")
+    fill(spec, template, "")  # a malformed template fails here, before any compute
+    tok = base.tokenizer
+    data = search_split(task, config.search_size, config.seed, config.search_min_words)
+    order = {name: i for i, name in enumerate(spec.class_names)}
+    gold = [order[task.spec.class_names[y]] for y in data.labels]
+    train = task.split("train")
+    allowed = trigger_vocabulary(tok, config.vocab, [" ".join(str(r[task.spec.column(f)]) for f in spec.template_fields)
+                                                     for r in train.rows])
+    init = tok(config.init_token, add_special_tokens=False)["input_ids"]
+    if len(init) != 1 or not allowed[init[0]]:
+        raise ConfigError(f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",
+                          "pass a single common word with its leading space, e.g. ' the'.")
+    triggers = init * config.num_triggers
+    verb = Encoder(spec, tok).verbalizer_ids
+    rows = _split_rows(base, spec, template, data, gold)
+    E = base.embedding_matrix.detach()  # (V, D)
+    g = torch.Generator().manual_seed(config.seed)
+
+    def draw(n: int) -> list[_Row]:
+        return [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
+
+    history = []
+    bar = tqdm(range(config.iterations), desc="autoprompt", disable=not progress)
+    for step in bar:
+        grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
+        pos = int(torch.randint(config.num_triggers, (1,), generator=g))
+        # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
+        gain = -(E @ grad[pos]).float().cpu()  # (V,)
+        gain[~allowed] = -float("inf")
+        gain[triggers[pos]] = -float("inf")
+        candidates = [triggers[:pos] + [w] + triggers[pos + 1:] for w in gain.topk(config.num_candidates).indices.tolist()]
+        # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
+        screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
+        options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
+        losses = trigger_losses(base, draw(config.verify_rows), verb, options)
+        best = int(losses.argmin())  # the current trigger (0) stays unless a candidate beats it on these rows
+        triggers = options[best]
+        history.append({"step": step, "position": pos, "token": tok.decode([triggers[pos]]),
+                        "loss": float(losses[best]), "loss_before": float(losses[0])})
+        bar.set_postfix(loss=f"{float(losses[best]):.3f}", trigger=repr(tok.decode(triggers)))
+    return AutoPromptResult(fill(spec, template, tok.decode(triggers)), triggers, history)
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def _ci(m: dict | None) -> str:
+    if not m:
+        return "-"
+    lo, hi = m["accuracy_ci95"]
+    return f"{100 * m['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _words(spec: TaskSpec) -> str:
+    return "/".join(spec.labels.values())
+
+
+def cmd_templates(ns) -> None:
+    from rich.table import Table
+
+    from .cli import _console, _load_base
+    from .data import load_task
+
+    task = load_task(ns.task, ns.data_dir)
+    candidates = Candidates.load(ns.candidates, task.spec)
+    base = _load_base(ns)
+    results, ref = score_templates(base, task, candidates, ns.search_size, ns.finalists, ns.split, ns.limit, ns.seed,
+                                   ns.batch_size, min_words=ns.search_min_words)
+    best = results[0]
+    n_search, n_dev = best.search["n"], best.dev["n"]
+    t = Table(title=f"{task.name}: {len(candidates.templates)} templates x {candidates.num_combinations // len(candidates.templates)} "
+                    f"verbalizers; accuracy % [95% bootstrap CI]", show_lines=False)
+    for col in ("#", "template", "label words", f"search ({n_search} train rows)", f"{ns.split} ({n_dev} rows)"):
+        t.add_column(col)
+    for i, s in enumerate(results, 1):
+        t.add_row(str(i), repr(s.spec.template), _words(s.spec), _ci(s.search), _ci(s.dev))
+    t.add_row("ref", repr(ref.spec.template) + " (the task's own)", _words(ref.spec), _ci(ref.search), _ci(ref.dev))
+    c = _console()
+    c.print(t)
+    search = {"search": "templates", "candidates": str(ns.candidates or CANDIDATES_DIR / f"{task.name}.yaml"),
+              "search_size": n_search, "search_min_words": ns.search_min_words, "seed": ns.seed}
+    metrics = {"search": best.search, ns.split: best.dev, f"{ns.split}_default_template": ref.dev}
+    path = hard_prompt(base, best.spec, search, metrics).save(ns.out or f"prompts/{task.name}-hard.safetensors")
+    c.print(f"best: {best.spec.template!r} with {_words(best.spec)}: {ns.split} {_ci(best.dev)} vs the task's own "
+            f"{_ci(ref.dev)}; saved [bold]{path}[/]")
+
+
+def cmd_autoprompt(ns) -> None:
+    from .cli import _console, _load_base, _pick
+    from .data import load_task
+
+    task = load_task(ns.task, ns.data_dir)
+    config = AutoPromptConfig(**_pick(ns, [f.name for f in dataclasses.fields(AutoPromptConfig)]))
+    base = _load_base(ns)
+    spec = Prompt.load(ns.start, base).spec if ns.start else task.spec
+    result = autoprompt(base, task, config, spec, ns.template)
+    dev = dev_split(task, ns.split, ns.limit, config.seed)
+    start = fill(spec, slotted(ns.template or spec.template), "")
+    before = score_spec(base, task, start, dev, batch_size=ns.batch_size, progress=True)
+    after = score_spec(base, task, result.spec, dev, batch_size=ns.batch_size, progress=True)
+    search = {"search": "autoprompt", **dataclasses.asdict(config), "triggers": result.triggers,
+              "start_template": start.template}
+    metrics = {ns.split: after, f"{ns.split}_start_template": before}
+    path = hard_prompt(base, result.spec, search, metrics).save(ns.out or f"prompts/{task.name}-autoprompt.safetensors")
+    c = _console()
+    c.print(f"start  {start.template!r}: {ns.split} accuracy {_ci(before)}")
+    c.print(f"found  {result.spec.template!r}: {ns.split} accuracy {_ci(after)} "
+            f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points); saved [bold]{path}[/]")
+
+
+def _common(p) -> None:
+    from .cli import add_model_options, add_task_options
+
+    p.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
+    add_task_options(p)
+    add_model_options(p)
+    g = p.add_argument_group("reporting")
+    g.add_argument("--split", default="dev", help="split every reported number comes from (never searched on)")
+    g.add_argument("--limit", type=int, default=None, help="score a fixed random subset of the report split")
+    g.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+
+
+def add_commands(sub) -> None:
+    from .cli import add_dataclass_options
+
+    s = sub.add_parser("search", help="hard prompt tuning: score templates and label words, or search trigger tokens",
+                       description="Search a plain-text prompt on a split carved from train; report it on dev and "
+                                   "save it as a prompt file of method `hard` (no tensors).")
+    kinds = s.add_subparsers(dest="search_kind", metavar="KIND", required=True)
+    t = kinds.add_parser("templates", help="score candidate templates x label words; keep the best")
+    _common(t)
+    t.add_argument("--candidates", help="YAML file with `templates:` and optional `labels:` "
+                                        "(default: the task's built-in tasks/candidates/TASK.yaml)")
+    t.add_argument("--search-size", type=int, default=256, help="rows of train every candidate is scored on")
+    t.add_argument("--search-min-words", type=int, default=0, help="only search on train rows with at least this "
+                                                                    "many words of input")
+    t.add_argument("--finalists", type=int, default=3, help="best candidates also scored on the report split")
+    t.add_argument("--seed", type=int, default=0, help="seed of the search split and the bootstrap")
+    t.add_argument("--out", help="prompt file to write (default: prompts/TASK-hard.safetensors)")
+    t.set_defaults(handler=cmd_templates, needs_task=True)
+    a = kinds.add_parser("autoprompt", help="gradient-guided trigger token search (AutoPrompt)")
+    _common(a)
+    add_dataclass_options(a, AutoPromptConfig, "autoprompt")
+    a.add_argument("--template", help=f"template with a {SLOT} slot for the triggers (default: the task's, "
+                                      "slot at its end)")
+    a.add_argument("--start", help="a hard prompt file (e.g. from `search templates`) whose template and words to start from")
+    a.add_argument("--out", help="prompt file to write (default: prompts/TASK-autoprompt.safetensors)")
+    a.set_defaults(handler=cmd_autoprompt, needs_task=True)
