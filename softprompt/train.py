@@ -136,6 +136,12 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def init_context(base, task: Task, seed: int) -> InitContext:
+    """What a method initializes from: the model, the task's verbalizers and its training text (capped), seeded."""
+    split = task.split("train")
+    return InitContext(base, task.spec.verbalizers, split.prompts[:20000] + split.targets[:20000], seed=seed)
+
+
 class Trainer:
     """Trains one method on one task. Use `train()` unless you need the pieces."""
 
@@ -152,9 +158,7 @@ class Trainer:
         self.train_split = task.split("train")
         c = self.config
         if trainable is None:
-            texts = self.train_split.prompts[:20000] + self.train_split.targets[:20000]
-            ctx = InitContext(base, spec.verbalizers, texts, seed=c.seed)
-            trainable = build_method(method, method_config, ctx)
+            trainable = build_method(method, method_config, init_context(base, task, c.seed))
         self.method = trainable
         self.method_name = trainable.name
         self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable

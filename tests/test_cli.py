@@ -8,16 +8,7 @@ import pytest
 
 from softprompt.cli import main
 
-from conftest import DATA, build_tiny
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    base = build_tiny("llama", tokenizer)
-    base.model.save_pretrained(path)
-    base.tokenizer.save_pretrained(path)
-    return str(path)
+from conftest import DATA
 
 
 def run(capsys, *argv):

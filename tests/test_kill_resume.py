@@ -14,18 +14,9 @@ import torch
 
 from softprompt.fileio import read_safetensors
 
-from conftest import DATA, build_tiny
+from conftest import DATA
 
 STEPS, EVERY = 240, 20
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama-kill")
-    base = build_tiny("llama", tokenizer)
-    base.model.save_pretrained(path)
-    base.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def command(model_dir, run_dir, out, method):
