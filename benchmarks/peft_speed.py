@@ -55,7 +55,8 @@ def compare(grid, task, ours_cell, peft_cell, steps: int) -> dict:
             if step:
                 times[i].append(sample)
     ratio = [[a[k] / b[k] for a, b in zip(*times)] for k in (0, 1)]
-    return {"task": task.name, "softprompt": ours_cell.method, "peft": peft_cell.method, "steps": steps,
+    return {"task": task.name, "softprompt": ours_cell.method, "peft": peft_cell.method, "peft_kind": peft_cell.kind,
+            "steps": steps,
             "seconds_per_step": {"softprompt": statistics.median(t[0] for t in times[0]),
                                  "peft": statistics.median(t[0] for t in times[1])},
             "cpu_seconds_per_step": {"softprompt": statistics.median(t[1] for t in times[0]),

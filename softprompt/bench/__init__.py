@@ -25,8 +25,9 @@ def add_commands(sub) -> None:
                                    "RESULTS_DIR` only writes the report.")
     b.add_argument("grid", metavar="GRID.yaml|report", help="grid file, or the word 'report'")
     b.add_argument("results_dir", nargs="?", metavar="RESULTS_DIR", help="with 'report': the results directory")
-    b.add_argument("--quick", action="store_true", help="first seed only, tiny budgets (the grid's `quick:` section); "
-                                                        "results go to RESULTS-quick")
+    b.add_argument("--quick", action="store_true", help="first seed only, tiny budgets (the grid's `quick:` section), "
+                                                        "all cells in this process (see --in-process); results go to "
+                                                        "RESULTS-quick")
     b.add_argument("--results", help="results directory (default: the grid's `results:`)")
     b.add_argument("--model", help="base model (default: the grid's `model:`)")
     b.add_argument("--device", help="cpu, cuda, ... (default: the grid's, else cuda if available)")
@@ -57,6 +58,6 @@ def cmd_bench(ns) -> None:
         for c in cells:
             print(f"{'done' if finished(results, c) else 'todo'}  {c.id}")
         return
-    counts = run_grid(cells, results, isolate=not ns.in_process)
+    counts = run_grid(cells, results, isolate=not (ns.in_process or ns.quick))
     print(f"{counts['done']} cells run, {counts['skipped']} already done, {counts['failed']} failed; "
           f"report: {write_report(results)}")

@@ -12,7 +12,6 @@ the cells of a task through a small cache file.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,12 +118,24 @@ class BenchTrainer(Trainer):
         return result
 
 
+# A task's most frequent token ids (vocab init), kept while the task is loaded: cells sharing a process
+# (--quick, --in-process) would otherwise recount the same 40,000 texts each time.
+_FREQUENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def build_trainable(cell: Cell, base, task):
     ctx = init_context(base, task, cell.seed)
+    known = _FREQUENT.get(task)
+    if known and known[0] == base.tokenizer.name_or_path:
+        ctx.__dict__["frequent_ids"] = known[1]  # InitContext.frequent_ids is a cached_property
     if cell.kind in BASELINES:
         cls = BASELINES[cell.kind]
-        return cls(cls.config_class.from_dict(cell.config), ctx)
-    return build_method(cell.kind, cell.config, ctx)
+        trainable = cls(cls.config_class.from_dict(cell.config), ctx)
+    else:
+        trainable = build_method(cell.kind, cell.config, ctx)
+    if "frequent_ids" in ctx.__dict__:
+        _FREQUENT[task] = (base.tokenizer.name_or_path, ctx.frequent_ids)
+    return trainable
 
 
 def _zero_shot(base, task, cell: Cell, results: Path) -> dict:

@@ -93,7 +93,10 @@ class Grid:
         for seed in self.seeds[:1] if quick else self.seeds:
             for task, t in self.tasks.items():
                 t = t or {}
-                get = lambda key: q.get(key, t.get(key, getattr(self, key)))  # noqa: E731 - quick > task > grid
+
+                def get(key, t=t):  # --quick's value, else the task's, else the grid's
+                    return q.get(key, t.get(key, getattr(self, key)))
+
                 train = {**self.train, **(t.get("train") or {}), **q.get("train", {})}
                 for name, m in self.methods.items():
                     m = m or {}

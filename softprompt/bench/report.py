@@ -100,7 +100,18 @@ def check(ours: Group, peft: Group) -> dict:
     spread = max(ours.spread, peft.spread)
     return {"metric_ok": ours.mean() >= peft.mean() - spread, "spread": spread,
             "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
+            "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
             "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes")}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def _flag(ratio: float | None, worse: str) -> str:
+    if ratio is None:
+        return "–"
+    return f"{ratio:.2f}" + ("" if ratio <= 1 else f" **({worse})**")
 
 
 def _metric_of(groups: dict, task: str) -> str:
@@ -119,6 +130,21 @@ def headline(groups: dict, tasks: list[str]) -> str:
     return _table(head, rows)
 
 
+def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tuple[str, ...] = ("prefix", "deep")) -> list[str]:
+    """One line per task and prefix variant: which wins, by how much, against the seed-to-seed spread."""
+    lines = []
+    for task in tasks:
+        for pre in prefixes:
+            a, b = groups.get((task, prompt)), groups.get((task, pre))
+            if not a or not b:
+                continue
+            diff, spread = a.mean() - b.mean(), max(a.spread, b.spread)
+            who = (f"{prompt} ahead" if diff > 0 else f"{pre} ahead") if abs(diff) > spread else "a tie within the seed spread"
+            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
+                         f"(difference {diff:+.1f}, seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seed(s)).")
+    return lines
+
+
 def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md and the PNG plots into `out` (default: the results directory); returns report.md."""
     results = Path(results)
@@ -134,8 +160,10 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
     if records:
         md += _setup(records, grid)
-    md += ["## Prompt or prefix? (dev metric, mean ± half the seed range)", "", headline(groups, tasks), ""]
-    md += ["## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)", "", _peft_table(groups), ""]
+    md += ["## Prompt or prefix? (dev metric, mean ± half the seed range)", "", headline(groups, tasks), "",
+           *verdict(groups, tasks), ""]
+    md += ["## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)", "",
+           _peft_table(groups, _speed(results)), ""]
     for task in tasks:
         md += [f"## {task}", "", _task_table(groups, task), ""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS if (out / p).exists()] + [""]
@@ -184,17 +212,29 @@ def _task_table(groups: dict, task: str) -> str:
     return _table(head, rows)
 
 
-def _peft_table(groups: dict) -> str:
+def _peft_table(groups: dict, speed: dict) -> str:
+    """One row per pair. Time ratios: the grid's cells (wall, and CPU summed over threads; cells ran at different
+    times, so on a shared machine these compare loads as much as code) and, where measured, the interleaved A/B
+    run of benchmarks/peft_speed.py (same process, alternating steps)."""
     head = ["task", "softprompt", "PEFT", "metric ours / PEFT", "spread", "metric ≥ PEFT − spread",
-            "s/step ours / PEFT", "memory ours / PEFT"]
+            "s/step ours / PEFT (grid wall)", "(grid CPU)", "(interleaved)", "peak memory ours / PEFT"]
     rows = []
     for ours, peft in pairs(groups):
         c = check(ours, peft)
+        ab = speed.get((ours.task, peft.kind))
         rows.append([ours.task, ours.method, peft.method, f"{ours.fmt()} / {peft.fmt()}", f"{c['spread']:.1f}",
-                     "yes" if c["metric_ok"] else "**no**",
-                     f"{c['time_ratio']:.2f}" + ("" if c["time_ratio"] <= 1 else " **(slower)**"),
-                     f"{c['memory_ratio']:.2f}" + ("" if c["memory_ratio"] <= 1 else " **(more)**")])
+                     "yes" if c["metric_ok"] else "**no**", _flag(c["time_ratio"], "slower"),
+                     _flag(c["cpu_ratio"], "slower"), _flag(ab and ab["ratio_wall"], "slower"),
+                     _flag(c["memory_ratio"], "more")])
     return _table(head, rows) if rows else "(no paired cells yet)"
+
+
+def _speed(results: Path) -> dict:
+    """Interleaved ratios from benchmarks/peft_speed.py, by (task, PEFT kind), if that file is there."""
+    path = results / "peft_speed.json"
+    if not path.exists():
+        return {}
+    return {(r["task"], r["peft_kind"]): r for r in json.loads(path.read_text())["pairs"]}
 
 
 def _missing(results: Path, grid: list[dict], records: list[dict]) -> list[str]:
@@ -220,6 +260,14 @@ def _history(results: Path, group: Group) -> list[list[dict]]:
     return runs
 
 
+def _colors(groups: dict, cmap) -> dict[str, tuple]:
+    """A color per method: a PEFT entry gets the light shade of its softprompt pair's hue."""
+    methods = list(dict.fromkeys(m for _, m in groups))
+    pair = {g.method: g.pair for g in groups.values() if g.pair}
+    hues = [m for m in methods if m not in pair]
+    return {m: cmap((2 * hues.index(pair[m]) + 1 if m in pair else 2 * hues.index(m)) % 20) for m in methods}
+
+
 def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
     import matplotlib
 
@@ -229,7 +277,7 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
     if not groups:
         return
     n = len(tasks)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(m for _, m in groups))}
+    colors = _colors(groups, plt.get_cmap("tab20"))
 
     def save(fig, name):
         fig.tight_layout()
@@ -277,7 +325,7 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
                     axes[row][col].plot(steps, [statistics.fmean(pts[s]) for s in steps], ls="--" if g.tool == "peft"
                                         else "-", marker="o" if row == 0 else None, color=colors[m], label=m)
         axes[0][col].set(title=task, xlabel="step", ylabel="dev " + _metric_of(groups, task))
-        axes[1][col].set(xlabel="step", ylabel="train loss", yscale="log")
+        axes[1][col].set(xlabel="step", ylabel="train loss (mean since the last record)")
         axes[0][col].legend(fontsize=6)
     save(fig, PLOTS[1])
 
