@@ -192,8 +192,8 @@ def _setup(records: list[dict], grid: list[dict]) -> list[str]:
 
 
 def _task_table(groups: dict, task: str) -> str:
-    head = ["method", "tool", "init", "dev", "best eval", "zero-shot", "trainable (training / saved)", "file",
-            "s/step", "tokens/s", "peak memory", "latency / example", "seeds"]
+    head = ["method", "tool", "init", "lr", "dev", "best eval", "zero-shot", "trainable (training / saved)", "file",
+            "s/step", "CPU s/step", "tokens/s", "peak memory", "latency / example", "seeds"]
     rows = []
     for (t, m), g in groups.items():
         if t != task:
@@ -201,12 +201,15 @@ def _task_table(groups: dict, task: str) -> str:
         scale = _scale(g.metric)
         dev = g.fmt() + (f" (ROUGE-L {g.extra('rouge_l'):.1f})" if g.metric == "bleu" else "")
         best = g.mean("dev_best")
-        sps, tps = g.mean("seconds_per_step"), g.mean("tokens_per_second")
-        rows.append([m, g.tool, str(g.first("init") or "–"), dev, "–" if best is None else f"{best * scale:.1f}",
+        sps, cps, tps = g.mean("seconds_per_step"), g.mean("cpu_seconds_per_step"), g.mean("tokens_per_second")
+        lr = g.first("lr")
+        rows.append([m, g.tool, str(g.first("init") or "–"), "–" if lr is None else f"{lr:g}", dev,
+                     "–" if best is None else f"{best * scale:.1f}",
                      f"{g.first('zero_shot', g.metric) * scale:.1f}",
                      f"{_si(g.first('trainable_parameters', 'training'))} / "
                      f"{_si(g.first('trainable_parameters', 'saved'))}",
                      _si(g.first("file_bytes"), "B"), "–" if sps is None else f"{sps:.2f}",
+                     "–" if cps is None else f"{cps:.2f}",
                      "–" if tps is None else f"{tps:.0f}", f"{g.mean('peak_memory_bytes') / 2**30:.2f} GiB",
                      f"{1000 * g.mean('latency_seconds_per_example'):.0f} ms", str(g.seeds)])
     return _table(head, rows)
