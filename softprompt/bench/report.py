@@ -121,7 +121,7 @@ def _metric_of(groups: dict, task: str) -> str:
 def headline(groups: dict, tasks: list[str]) -> str:
     """Markdown table: softprompt's methods (and full finetuning) by task, metric mean ± half the seed range."""
     methods = list(dict.fromkeys(m for (_, m), g in groups.items() if g.tool == "softprompt"))
-    head = ["method"] + [f"{t} ({_metric_of(groups, t)})" for t in tasks]
+    head = ["method"] + [f"{t} ({_metric_of(groups, t)})" if _metric_of(groups, t) else t for t in tasks]
     rows = []
     for m in methods:
         cells = [groups[(t, m)].fmt() if (t, m) in groups else "–" for t in tasks]
@@ -155,7 +155,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     order = list(dict.fromkeys((c["task"], c["method"]) for c in grid))
     groups = _groups(records, order)
     tasks = list(dict.fromkeys([c["task"] for c in grid] + [r["task"] for r in records]))
-    _plots(results, out, groups, tasks)
+    _plots(results, out, groups, [t for t in tasks if _metric_of(groups, t)])
 
     md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
     if records:
@@ -165,7 +165,8 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     md += ["## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)", "",
            _peft_table(groups, _speed(results)), ""]
     for task in tasks:
-        md += [f"## {task}", "", _task_table(groups, task), ""]
+        if _metric_of(groups, task):
+            md += [f"## {task}", "", _task_table(groups, task), ""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS if (out / p).exists()] + [""]
     md += _missing(results, grid, records)
     path = out / "report.md"
@@ -283,6 +284,9 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
     colors = _colors(groups, plt.get_cmap("tab20"))
 
     def save(fig, name):
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         fig.tight_layout()
         tmp = out / f".{name}.tmp.png"
         fig.savefig(tmp, dpi=90)
@@ -304,7 +308,6 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
                         else "o", color=colors[m], label=m, capsize=3)
         ax.set(xscale="log", xlabel="trainable parameters (training)", title=task,
                ylabel=_metric_of(groups, task))
-        ax.legend(fontsize=6)
     save(fig, PLOTS[0])
 
     # dev metric (top) and training loss (bottom) against steps, mean over seeds
@@ -329,7 +332,6 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
                                         else "-", marker="o" if row == 0 else None, color=colors[m], label=m)
         axes[0][col].set(title=task, xlabel="step", ylabel="dev " + _metric_of(groups, task))
         axes[1][col].set(xlabel="step", ylabel="train loss (mean since the last record)")
-        axes[0][col].legend(fontsize=6)
     save(fig, PLOTS[1])
 
     # seconds per step and peak memory per method
@@ -366,5 +368,4 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
                                 fmt="none", color="k", capsize=3)
                 ax.set_xticks(list(x), [o.method for o, _ in tp], rotation=30, fontsize=7)
                 ax.set(ylabel=label, title=task if row == 0 else None)
-            axes[0][col].legend(fontsize=7)
         save(fig, PLOTS[3])
