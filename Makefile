@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	SOFTPROMPT_SLOW=1 $(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/softprompt bench benchmarks/smollm2.yaml   # resumes; report in benchmarks/results/smollm2/
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/softprompt bench benchmarks/smollm2.yaml --quick
 
 clean:
 	rm -rf $(VENV) runs prompts .pytest_cache

@@ -105,17 +105,10 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return
-    import yaml
+    from .fileio import read_mapping
 
     path = Path(known.config)
-    if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}", "pass an existing YAML or JSON file to --config.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {path} is not valid YAML/JSON: {e}", "fix its syntax.") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"Config file {path} must map option names to values.", "write `steps: 150` style lines.")
+    values = read_mapping(path, "Config file", "map option names to values: write `steps: 150` style lines.")
     dests = {a.dest for a in parser._actions}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - dests)
@@ -304,6 +297,7 @@ EXTENSIONS: tuple[str, ...] = (
     "softprompt.serve",
     "softprompt.search",
     "softprompt.explain",
+    "softprompt.bench",
 )
 
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import PromptFileError, StorageError
+from .errors import ConfigError, PromptFileError, StorageError
 
 # Magic bytes of formats people pass by mistake. Pickles run code when loaded; we only name them.
 _FOREIGN = {b"\x80": "a Python pickle (torch.save / .bin / .pt)", b"PK\x03\x04": "a zip archive (torch.save)",
@@ -122,3 +122,19 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{path} has corrupted metadata ({e}).", "re-create the file.") from e
     return tensors, meta
+
+
+def read_mapping(path: str | Path, what: str, shape_fix: str) -> dict:
+    """A YAML (or JSON) file that must hold a mapping, with one-line errors naming `what` it is."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}", "pass an existing YAML or JSON file.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}", "fix its syntax.") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must be a mapping.", shape_fix)
+    return values

@@ -139,6 +139,11 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def init_context(base, task: Task, seed: int) -> InitContext:
+    """What a method initializes from: the model, the task's verbalizers and its training text (capped), seeded."""
+    return InitContext(base, task.spec.verbalizers, task.examples("train", seed).texts(5000), seed=seed)
+
+
 class Trainer:
     """Trains one method on one task. Use `train()` unless you need the pieces."""
 
@@ -162,8 +167,7 @@ class Trainer:
         c = self.config
         self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
         if trainable is None:
-            ctx = InitContext(base, spec.verbalizers, self.examples.texts(5000), seed=c.seed)
-            trainable = build_method(method, method_config, ctx)
+            trainable = build_method(method, method_config, init_context(base, task, c.seed))
         self.method = trainable
         self.method_name = trainable.name
         self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable

@@ -58,6 +58,16 @@ def build_tiny(arch: str, tokenizer, seed: int = 0):
     return softprompt.base.freeze(model, copy.deepcopy(tokenizer), f"tiny-{arch}-seed{seed}")
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as a Hugging Face model directory (what `--model PATH` loads)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    base = build_tiny("llama", tokenizer)
+    base.model.save_pretrained(path)
+    base.tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def arch(request):
     return request.param
@@ -109,13 +119,3 @@ def smollm2():
     import softprompt as sp
 
     return sp.load_base("smollm2")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama saved as a Hugging Face directory, for the CLI and subprocess tests (--model PATH)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    base = build_tiny("llama", tokenizer)
-    base.model.save_pretrained(path)
-    base.tokenizer.save_pretrained(path)
-    return str(path)

@@ -11,11 +11,6 @@ from softprompt.cli import main
 from conftest import DATA
 
 
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

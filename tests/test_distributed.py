@@ -28,18 +28,18 @@ TRAIN = ["train", "--task", "sst2", "--data-dir", str(DATA), "--method", "soft",
          "--final-eval-limit", "8", "--checkpoint-every", "2", "--log-every", "1", "--seed", "0"]
 
 
-def test_two_processes_match_one_with_twice_the_accumulation(tiny_model_dir, tmp_path, capsys):
+def test_two_processes_match_one_with_twice_the_accumulation(model_dir, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     two = subprocess.run(
         # --multi_gpu is the launcher that starts N processes (torchrun); without GPUs they run on CPU with gloo.
         # (`--cpu` alone starts one process unless MPI is set up.)
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "softprompt", *TRAIN, "--model", tiny_model_dir,
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "softprompt", *TRAIN, "--model", model_dir,
          "--grad-accum", "1", "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert main([*TRAIN, "--model", tiny_model_dir, "--grad-accum", "2", "--no-progress",
+    assert main([*TRAIN, "--model", model_dir, "--grad-accum", "2", "--no-progress",
                  "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "one")]) == 0
     capsys.readouterr()
 
@@ -48,7 +48,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(tiny_model_dir, tmp
     print(f"2 processes x accumulation 1 vs 1 process x accumulation 2: max |diff| {diff:.2e}")  # shown with -s
     assert diff < 1e-6
     # control: half the data per step (one process, accumulation 1) gives a visibly different prompt
-    assert main([*TRAIN, "--model", tiny_model_dir, "--no-progress", "--out", str(tmp_path / "half.safetensors"),
+    assert main([*TRAIN, "--model", model_dir, "--no-progress", "--out", str(tmp_path / "half.safetensors"),
                  "--run-dir", str(tmp_path / "half")]) == 0
     assert (sp.load_prompt(tmp_path / "half.safetensors").injection.embeds - b).abs().max().item() > 100 * max(diff, 1e-8)
 
@@ -97,7 +97,7 @@ def test_sharded_embeddings_are_gathered_for_init_and_fingerprint(tokenizer, mon
     assert gathers and sharded.embedding_matrix.numel() == 0  # gathered only inside the block
 
 
-def test_real_zero3_partitioned_embeddings(tiny_model_dir, tmp_path):
+def test_real_zero3_partitioned_embeddings(model_dir, tmp_path):
     """With DeepSpeed installed: load the tiny model partitioned by ZeRO-3 (2 CPU processes) and fingerprint it."""
     pytest.importorskip("deepspeed")
     script = tmp_path / "zero3.py"
@@ -111,8 +111,8 @@ from softprompt.methods import InitContext
 from softprompt.train import Trainer
 deepspeed.init_distributed(dist_backend="gloo")
 keep = HfDeepSpeedConfig({{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}}})
-model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
-base = softprompt.base.freeze(model, AutoTokenizer.from_pretrained({tiny_model_dir!r}), "tiny")
+model = AutoModelForCausalLM.from_pretrained({model_dir!r})
+base = softprompt.base.freeze(model, AutoTokenizer.from_pretrained({model_dir!r}), "tiny")
 init = InitContext(base, [" good"], ["a good film"], seed=2).embeddings("labels", 3)
 if int(os.environ["RANK"]) == 0:
     json.dump({{"sharded": base.embedding_matrix.numel() == 0, "sha": base.fingerprint.embedding_sha256,
@@ -126,7 +126,7 @@ else:
                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
-    plain = sp.load_base(tiny_model_dir, device="cpu")
+    plain = sp.load_base(model_dir, device="cpu")
     assert out["sharded"] and out["sha"] == plain.fingerprint.embedding_sha256
     assert torch.equal(torch.tensor(out["init"]), InitContext(plain, [" good"], ["a good film"], seed=2).embeddings(
         "labels", 3))

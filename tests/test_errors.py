@@ -152,10 +152,10 @@ def _plain_safetensors(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
-def test_cli_errors(case, tmp_path, tiny_model_dir, llama, sst2, capsys, monkeypatch):
+def test_cli_errors(case, tmp_path, model_dir, llama, sst2, capsys, monkeypatch):
     build, problem, fix = CLI_CASES[case]
     monkeypatch.setenv("SOFTPROMPT_DATA", str(DATA))
-    code = main([str(a) for a in build(tmp_path, tiny_model_dir, llama, sst2)])
+    code = main([str(a) for a in build(tmp_path, model_dir, llama, sst2)])
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err

@@ -19,11 +19,6 @@ from conftest import DATA
 STEPS, EVERY = 240, 20
 
 
-@pytest.fixture
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 def command(model_dir, run_dir, out, method):
     return [sys.executable, "-m", "softprompt", "train", "--task", "sst2", "--data-dir", str(DATA), "--model", model_dir,
             "--method", method, "--num-virtual-tokens", "3", "--steps", str(STEPS), "--batch-size", "2",

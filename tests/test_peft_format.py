@@ -172,15 +172,15 @@ def test_imports_are_checked(base, sst2, tokenizer, tmp_path):
         import_peft(tmp_path / "lora", base)
 
 
-def test_cli_export_and_import(tiny_model_dir, tmp_path, capsys):
+def test_cli_export_and_import(model_dir, tmp_path, capsys):
     from softprompt.cli import main
 
-    base = sp.load_base(tiny_model_dir, device="cpu")
+    base = sp.load_base(model_dir, device="cpu")
     sst2 = sp.load_task("sst2", str(DATA))
     path = make_prompt(base, sst2, "deep").save(tmp_path / "p")
     assert main(["export", "--format", "peft", str(path), str(tmp_path / "peft")]) == 0
     assert "position_ids" not in capsys.readouterr().out
-    assert main(["import", str(tmp_path / "peft"), "--model", tiny_model_dir, "--out", str(tmp_path / "q")]) == 0
+    assert main(["import", str(tmp_path / "peft"), "--model", model_dir, "--out", str(tmp_path / "q")]) == 0
     q = sp.load_prompt(tmp_path / "q.safetensors", base)
     assert torch.equal(q.injection.kv, sp.load_prompt(path).injection.kv)
 

@@ -1,0 +1,265 @@
+"""One benchmark cell: one method on one task with one seed and step budget, measured, as one JSON record.
+
+A cell loads its own base model (full finetuning and LoRA change it in place) and trains through
+the one training loop, instrumented by `BenchTrainer`. `softprompt bench` runs every cell in a
+fresh process (`python -m softprompt.bench.cell RESULTS_DIR CELL_JSON`), so the peak resident
+memory the operating system reports is that cell's alone.
+
+Evaluation is on a fixed dev subset (the same rows for every method and seed; `DEV_SEED`); the
+cell's metric is that of the final step, with no selection on dev. Zero-shot metrics are shared by
+the cells of a task through a small cache file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..base import load_base
+from ..data import load_task
+from ..evaluate import evaluate, primary_metric
+from ..fileio import atomic_write_text
+from ..inject import EMPTY
+from ..methods import METHODS, build_method
+from ..train import Trainer, TrainConfig, init_context, peak_memory_bytes
+from .baselines import BASELINES, HardConfig, PeftMethod, hard_prompt_spec
+
+DEV_SEED = 0  # seed of the fixed dev subset, whatever the training seed
+KINDS = ("hard", *METHODS, *BASELINES)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything that defines a cell (JSON round trip: `asdict` / `Cell(**d)`)."""
+
+    task: str  # a built-in task, or the name of the spec file below
+    method: str  # the grid's name for the entry, e.g. "soft-text"
+    kind: str  # "hard", a METHODS name or a BASELINES name
+    config: dict
+    seed: int
+    steps: int  # 0 for the hard prompt (not trained)
+    lr: float | None
+    train: dict  # TrainConfig options shared by the grid
+    dev_limit: int | None
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+    data_dir: str | None = None
+    latency_examples: int = 16
+    pair: str | None = None  # PEFT entries: the softprompt entry they are compared with
+    spec: str | None = None  # task spec file, when the task is not built in
+
+    def load_task(self):
+        return load_task(self.spec or self.task, self.data_dir)
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}--{self.method}--s{self.seed}--{self.steps}steps"
+
+    @property
+    def identity(self) -> str:
+        """Hash of what changes the result; a record with another identity is stale and the cell runs again."""
+        keys = ("task", "kind", "config", "seed", "steps", "lr", "train", "dev_limit", "model", "dtype", "device")
+        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_path(results: Path, cell: Cell) -> Path:
+    return Path(results) / "cells" / f"{cell.id}.json"
+
+
+class BenchTrainer(Trainer):
+    """The one training loop, instrumented for the benchmark.
+
+    - evaluates on the fixed dev subset (not one drawn with the training seed);
+    - keeps the time spent evaluating out of the training time (wall and CPU seconds per step; CPU
+      seconds, summed over threads, say more than wall time on a machine shared with other jobs);
+    - counts the text tokens trained on (tokens per second);
+    - lets PEFT models compute their own loss.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_seconds, self.eval_cpu_seconds, self.tokens = 0.0, 0.0, 0
+
+    def micro_batch(self, step: int, micro: int) -> dict:
+        batch = super().micro_batch(step, micro)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.method.loss(batch) if isinstance(self.method, PeftMethod) else super().loss(batch)
+
+    def evaluate(self, injection, limit):
+        c = self.config
+        return evaluate(self.base, self.task, injection, split=c.eval_split, limit=limit, batch_size=c.eval_batch_size,
+                        truncate=c.truncate, seed=DEV_SEED)
+
+    def _eval_and_keep_best(self) -> None:
+        t, cpu = time.perf_counter(), time.process_time()
+        super()._eval_and_keep_best()
+        self.eval_seconds += time.perf_counter() - t
+        self.eval_cpu_seconds += time.process_time() - cpu
+
+    def run(self):
+        cpu = time.process_time()
+        result = super().run()
+        self.train_seconds = result.train_seconds - self.eval_seconds  # the loop's time without evaluations
+        self.train_cpu_seconds = time.process_time() - cpu - self.eval_cpu_seconds
+        return result
+
+
+# A task's most frequent token ids (vocab init), kept while the task is loaded: cells sharing a process
+# (--quick, --in-process) would otherwise recount the same 40,000 texts each time.
+_FREQUENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def build_trainable(cell: Cell, base, task):
+    ctx = init_context(base, task, cell.seed)
+    known = _FREQUENT.get(task)
+    if known and known[0] == base.tokenizer.name_or_path:
+        ctx.__dict__["frequent_ids"] = known[1]  # InitContext.frequent_ids is a cached_property
+    if cell.kind in BASELINES:
+        cls = BASELINES[cell.kind]
+        trainable = cls(cls.config_class.from_dict(cell.config), ctx)
+    else:
+        trainable = build_method(cell.kind, cell.config, ctx)
+    if "frequent_ids" in ctx.__dict__:
+        _FREQUENT[task] = (base.tokenizer.name_or_path, ctx.frequent_ids)
+    return trainable
+
+
+def _zero_shot(base, task, cell: Cell, results: Path) -> dict:
+    """The task's template scored without a prompt on the dev subset; computed once per task and model."""
+    path = Path(results) / "zero_shot" / f"{cell.task}.json"
+    key = {"model": cell.model, "dtype": cell.dtype, "device": cell.device, "task": cell.task,
+           "dev_limit": cell.dev_limit, "dev_seed": DEV_SEED}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            return cached["metrics"]
+    metrics = evaluate(base, task, None, limit=cell.dev_limit, seed=DEV_SEED)
+    atomic_write_text(path, json.dumps({"key": key, "metrics": metrics}, indent=1))
+    return metrics
+
+
+def _latency(base, task, injection, spec, n: int) -> float:
+    """Seconds per example at batch size 1 (one scoring forward, or one whole greedy generation)."""
+    t = time.perf_counter()
+    out = evaluate(base, task, injection, limit=n, batch_size=1, spec=spec, seed=DEV_SEED)
+    return (time.perf_counter() - t) / out["n"]
+
+
+def _versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    v = {"softprompt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        v["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def run_cell(cell: Cell, results: str | Path, isolated: bool = False, task=None) -> dict:
+    """Run one cell and write its record (atomically) to RESULTS/cells/ID.json; returns the record.
+
+    task: the loaded task, when the caller runs several cells in one process (reading data is slow).
+    """
+    results = Path(results)
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    torch.manual_seed(cell.seed)  # PEFT's modules draw their initial weights from the global generator
+    base = load_base(cell.model, device=cell.device, dtype=cell.dtype)
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(base.device)
+    task = task or cell.load_task()
+    metric = primary_metric(task.spec)
+    zero_shot = _zero_shot(base, task, cell, results)
+    spec, trainer = task.spec, None
+    if cell.kind == "hard":
+        spec = hard_prompt_spec(task, HardConfig.from_dict(cell.config))
+        injection, config = EMPTY, HardConfig.from_dict(cell.config).to_dict()
+        dev = zero_shot if spec is task.spec else evaluate(base, task, None, limit=cell.dev_limit, spec=spec,
+                                                          seed=DEV_SEED)
+        params, saved, file_bytes, lr = 0, 0, len(spec.template.encode()), None  # the "file" is the template
+    else:
+        options = {**cell.train, "steps": cell.steps, "lr": cell.lr, "seed": cell.seed, "eval_limit": cell.dev_limit,
+                   "final_eval": False, "checkpoint_every": 0, "progress": False}
+        trainable = build_trainable(cell, base, task)
+        trainer = BenchTrainer(base, task, config=TrainConfig(**options), trainable=trainable)
+        trainer.run()
+        # the run's history, as `softprompt train` writes it (without its curves: the report draws them)
+        atomic_write_text(results / "runs" / cell.id / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in trainer.history))
+        final = [r["eval"] for r in trainer.history if "eval" in r and r["step"] == cell.steps]
+        dev = final[0] if final else trainer.evaluate(trainable.collapse(), cell.dev_limit)
+        injection, config, lr = trainable.collapse(), trainable.config.to_dict(), trainer.config.lr
+        params = trainable.num_trainable()
+        saved, file_bytes = _artifact(trainer)
+    memory = peak_memory_bytes(base.device)
+    latency = _latency(base, task, injection, spec, cell.latency_examples)
+    record = {
+        "cell": cell.id, "identity": cell.identity, "spec": asdict(cell),
+        "task": cell.task, "method": cell.method, "kind": cell.kind, "tool": "peft" if cell.kind.startswith("peft") else
+        "softprompt", "pair": cell.pair, "config": config, "init": config.get("init"), "seed": cell.seed,
+        "steps": cell.steps, "lr": lr, "batch_size": trainer.config.batch_size if trainer else None,
+        "metric": metric, "dev": dev, "zero_shot": zero_shot,
+        "dev_best": trainer.best_metric if trainer and trainer.has_eval else None,
+        "trainable_parameters": {"training": params, "saved": saved}, "file_bytes": file_bytes,
+        "peak_memory_bytes": memory,
+        "memory_kind": "cuda max_memory_allocated" if base.device.type == "cuda" else
+        ("ru_maxrss of the cell's own process" if isolated else "ru_maxrss of a shared process (not per cell)"),
+        "latency_seconds_per_example": latency, "latency_examples": cell.latency_examples,
+        "model": base.name, "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "versions": _versions(),
+        "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if trainer:
+        pure = trainer.train_seconds
+        record.update({"train_seconds": pure, "eval_seconds": trainer.eval_seconds,
+                       "seconds_per_step": pure / cell.steps,
+                       "cpu_seconds_per_step": trainer.train_cpu_seconds / cell.steps, "train_tokens": trainer.tokens,
+                       "tokens_per_second": trainer.tokens / pure, "history": f"runs/{cell.id}/metrics.jsonl"})
+    record["wall_seconds"] = time.perf_counter() - t0
+    if isolated:  # the whole process: model loading, zero-shot, training, evaluation, latency
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        record["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    atomic_write_text(record_path(results, cell), json.dumps(record, indent=1))
+    return record
+
+
+def _artifact(trainer: BenchTrainer) -> tuple[int, int]:
+    """(parameters, bytes) of what the trained cell leaves behind: a prompt file, a PEFT adapter, or weights."""
+    method = trainer.method
+    with tempfile.TemporaryDirectory() as tmp:
+        if hasattr(method, "artifact"):
+            return method.artifact(Path(tmp))
+        trainer.best = method.collapse()  # the final prompt, as the cell reports it
+        prompt = trainer._prompt()
+        return prompt.num_parameters, prompt.save(Path(tmp) / "prompt.safetensors").stat().st_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a cell's own process: `python -m softprompt.bench.cell RESULTS_DIR CELL_JSON`."""
+    results, spec = (argv or sys.argv[1:])[:2]
+    run_cell(Cell(**json.loads(spec)), results, isolated=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

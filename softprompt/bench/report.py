@@ -1,0 +1,371 @@
+"""`softprompt bench report RESULTS_DIR`: a Markdown report and PNG plots from a grid's cell records.
+
+Seeds are summarized as mean ± half their range (with two seeds: both lie inside the band); the
+softprompt-vs-PEFT checks use the full seed-to-seed spread (max - min, the larger of the two
+methods'). Everything is computed from `cells/*.json` and each run's `metrics.jsonl`, so a
+partial grid gives a partial report that names the missing cells.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..fileio import atomic_write_text
+
+PLOTS = ("metric_vs_params.png", "metric_vs_steps.png", "cost.png", "softprompt_vs_peft.png")
+
+
+def load_records(results: str | Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("cells/*.json"))]
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric == "accuracy" else 1.0  # accuracy in %, BLEU already 0-100
+
+
+class Group:
+    """The records of one (task, method) across seeds."""
+
+    def __init__(self, records: list[dict]):
+        self.records = sorted(records, key=lambda r: r["seed"])
+        r = self.records[0]
+        self.task, self.method, self.kind, self.tool, self.pair = r["task"], r["method"], r["kind"], r["tool"], r["pair"]
+        self.metric = r["metric"]
+        self.values = [x["dev"][self.metric] * _scale(self.metric) for x in self.records]
+
+    def mean(self, key=None) -> float | None:
+        vals = self.values if key is None else [x[key] for x in self.records if x.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    @property
+    def spread(self) -> float:
+        return max(self.values) - min(self.values)
+
+    def fmt(self) -> str:
+        return f"{self.mean():.1f} ±{self.spread / 2:.1f}" if len(self.values) > 1 else f"{self.mean():.1f}"
+
+    def extra(self, name: str) -> float:
+        """Mean of another dev metric (e.g. rouge_l), in display units."""
+        return statistics.fmean(x["dev"][name] * _scale(name) for x in self.records)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.records)
+
+    def first(self, *keys):
+        v = self.records[0]
+        for k in keys:
+            v = v[k]
+        return v
+
+
+def _groups(records: list[dict], order: list[tuple[str, str]]) -> dict[tuple[str, str], Group]:
+    by = defaultdict(list)
+    for r in records:
+        by[(r["task"], r["method"])].append(r)
+    rank = {k: i for i, k in enumerate(order)}
+    return {k: Group(v) for k, v in sorted(by.items(), key=lambda kv: rank.get(kv[0], len(rank)))}
+
+
+def _si(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23M' (a count) or '1.23 MB' (unit 'B')."""
+    if n is None:
+        return "–"
+    sep = " " if unit else ""
+    for prefix, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{sep}{prefix}{unit}"
+    return f"{n:.0f}{sep}{unit}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def pairs(groups: dict) -> list[tuple[Group, Group]]:
+    """(softprompt group, PEFT group) for every PEFT entry with a `pair`, per task."""
+    out = []
+    for (task, _), g in groups.items():
+        if g.pair and (task, g.pair) in groups:
+            out.append((groups[(task, g.pair)], g))
+    return out
+
+
+def check(ours: Group, peft: Group) -> dict:
+    """The acceptance checks of one pair: metric within the seed spread, time per step and memory no worse."""
+    spread = max(ours.spread, peft.spread)
+    return {"metric_ok": ours.mean() >= peft.mean() - spread, "spread": spread,
+            "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
+            "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
+            "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes")}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def _flag(ratio: float | None, worse: str) -> str:
+    if ratio is None:
+        return "–"
+    return f"{ratio:.2f}" + ("" if ratio <= 1 else f" **({worse})**")
+
+
+def _metric_of(groups: dict, task: str) -> str:
+    return next((g.metric for (t, _), g in groups.items() if t == task), "")
+
+
+def headline(groups: dict, tasks: list[str]) -> str:
+    """Markdown table: softprompt's methods (and full finetuning) by task, metric mean ± half the seed range."""
+    methods = list(dict.fromkeys(m for (_, m), g in groups.items() if g.tool == "softprompt"))
+    head = ["method"] + [f"{t} ({_metric_of(groups, t)})" if _metric_of(groups, t) else t for t in tasks]
+    rows = []
+    for m in methods:
+        cells = [groups[(t, m)].fmt() if (t, m) in groups else "–" for t in tasks]
+        if any(c != "–" for c in cells):
+            rows.append([m] + cells)
+    return _table(head, rows)
+
+
+def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tuple[str, ...] = ("prefix", "deep")) -> list[str]:
+    """One line per task and prefix variant: which wins, by how much, against the seed-to-seed spread."""
+    lines = []
+    for task in tasks:
+        for pre in prefixes:
+            a, b = groups.get((task, prompt)), groups.get((task, pre))
+            if not a or not b:
+                continue
+            diff, spread = a.mean() - b.mean(), max(a.spread, b.spread)
+            who = (f"{prompt} ahead" if diff > 0 else f"{pre} ahead") if abs(diff) > spread else "a tie within the seed spread"
+            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
+                         f"(difference {diff:+.1f}, seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seed(s)).")
+    return lines
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md and the PNG plots into `out` (default: the results directory); returns report.md."""
+    results = Path(results)
+    out = Path(out) if out else results
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(results)
+    grid = json.loads((results / "grid.json").read_text()) if (results / "grid.json").exists() else []
+    order = list(dict.fromkeys((c["task"], c["method"]) for c in grid))
+    groups = _groups(records, order)
+    tasks = list(dict.fromkeys([c["task"] for c in grid] + [r["task"] for r in records]))
+    _plots(results, out, groups, [t for t in tasks if _metric_of(groups, t)])
+
+    md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
+    if records:
+        md += _setup(records, grid)
+    md += ["## Prompt or prefix? (dev metric, mean ± half the seed range)", "", headline(groups, tasks), "",
+           *verdict(groups, tasks), ""]
+    md += ["## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)", "",
+           _peft_table(groups, _speed(results)), ""]
+    for task in tasks:
+        if _metric_of(groups, task):
+            md += [f"## {task}", "", _task_table(groups, task), ""]
+    md += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS if (out / p).exists()] + [""]
+    md += _missing(results, grid, records)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path
+
+
+def _setup(records: list[dict], grid: list[dict]) -> list[str]:
+    r = records[0]
+    steps = sorted({x["steps"] for x in records if x["steps"]})
+    batch = sorted({x["batch_size"] for x in records if x.get("batch_size")})
+    loads = [x["load_average"]["start"] for x in records]
+    limits = {c["task"]: c["dev_limit"] for c in grid} or {x["task"]: x["spec"]["dev_limit"] for x in records}
+    versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+    return [f"Model {r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} torch threads); {versions}.",
+            f"Training: {', '.join(map(str, steps))} steps at batch {', '.join(map(str, batch))}, each method's own "
+            "learning rate (PEFT entries: that of the softprompt method they mirror), linear schedule with warmup, "
+            f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
+            f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
+            f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}; "
+            f"load average at cell start {min(loads):.1f}–{max(loads):.1f} (the machine was shared: times are "
+            "comparable within this report, not absolute). Memory: "
+            f"{r['memory_kind']}. Latency: seconds per example at batch size 1 on our inference path.", ""]
+
+
+def _task_table(groups: dict, task: str) -> str:
+    head = ["method", "tool", "init", "lr", "dev", "best eval", "zero-shot", "trainable (training / saved)", "file",
+            "s/step", "CPU s/step", "tokens/s", "peak memory", "latency / example", "seeds"]
+    rows = []
+    for (t, m), g in groups.items():
+        if t != task:
+            continue
+        scale = _scale(g.metric)
+        dev = g.fmt() + (f" (ROUGE-L {g.extra('rouge_l'):.1f})" if g.metric == "bleu" else "")
+        best = g.mean("dev_best")
+        sps, cps, tps = g.mean("seconds_per_step"), g.mean("cpu_seconds_per_step"), g.mean("tokens_per_second")
+        lr = g.first("lr")
+        rows.append([m, g.tool, str(g.first("init") or "–"), "–" if lr is None else f"{lr:g}", dev,
+                     "–" if best is None else f"{best * scale:.1f}",
+                     f"{g.first('zero_shot', g.metric) * scale:.1f}",
+                     f"{_si(g.first('trainable_parameters', 'training'))} / "
+                     f"{_si(g.first('trainable_parameters', 'saved'))}",
+                     _si(g.first("file_bytes"), "B"), "–" if sps is None else f"{sps:.2f}",
+                     "–" if cps is None else f"{cps:.2f}",
+                     "–" if tps is None else f"{tps:.0f}", f"{g.mean('peak_memory_bytes') / 2**30:.2f} GiB",
+                     f"{1000 * g.mean('latency_seconds_per_example'):.0f} ms", str(g.seeds)])
+    return _table(head, rows)
+
+
+def _peft_table(groups: dict, speed: dict) -> str:
+    """One row per pair. Time ratios: the grid's cells (wall, and CPU summed over threads; cells ran at different
+    times, so on a shared machine these compare loads as much as code) and, where measured, the interleaved A/B
+    run of benchmarks/peft_speed.py (same process, alternating steps)."""
+    head = ["task", "softprompt", "PEFT", "metric ours / PEFT", "spread", "metric ≥ PEFT − spread",
+            "s/step ours / PEFT (grid wall)", "(grid CPU)", "(interleaved)", "peak memory ours / PEFT"]
+    rows = []
+    for ours, peft in pairs(groups):
+        c = check(ours, peft)
+        ab = speed.get((ours.task, peft.kind))
+        rows.append([ours.task, ours.method, peft.method, f"{ours.fmt()} / {peft.fmt()}", f"{c['spread']:.1f}",
+                     "yes" if c["metric_ok"] else "**no**", _flag(c["time_ratio"], "slower"),
+                     _flag(c["cpu_ratio"], "slower"), _flag(ab and ab["ratio_wall"], "slower"),
+                     _flag(c["memory_ratio"], "more")])
+    return _table(head, rows) if rows else "(no paired cells yet)"
+
+
+def _speed(results: Path) -> dict:
+    """Interleaved ratios from benchmarks/peft_speed.py, by (task, PEFT kind), if that file is there."""
+    path = results / "peft_speed.json"
+    if not path.exists():
+        return {}
+    return {(r["task"], r["peft_kind"]): r for r in json.loads(path.read_text())["pairs"]}
+
+
+def _missing(results: Path, grid: list[dict], records: list[dict]) -> list[str]:
+    have = {r["cell"] for r in records}
+    from .cell import Cell
+
+    missing = [Cell(**c).id for c in grid if Cell(**c).id not in have]
+    if not missing:
+        return ["All cells of the grid have records."]
+    failed = {p.stem for p in (results / "logs").glob("*.log")} if (results / "logs").is_dir() else set()
+    return [f"## Missing cells ({len(missing)} of {len(grid)})", ""] + \
+        [f"- {m}" + (" (failed; see logs/)" if m in failed else "") for m in missing]
+
+
+# --- plots -----------------------------------------------------------------------------------------------------------
+
+def _history(results: Path, group: Group) -> list[list[dict]]:
+    runs = []
+    for r in group.records:
+        path = results / r["history"] if r.get("history") else None
+        if path and path.exists():
+            runs.append([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+    return runs
+
+
+def _colors(groups: dict, cmap) -> dict[str, tuple]:
+    """A color per method: a PEFT entry gets the light shade of its softprompt pair's hue."""
+    methods = list(dict.fromkeys(m for _, m in groups))
+    pair = {g.method: g.pair for g in groups.values() if g.pair}
+    hues = [m for m in methods if m not in pair]
+    return {m: cmap((2 * hues.index(pair[m]) + 1 if m in pair else 2 * hues.index(m)) % 20) for m in methods}
+
+
+def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not groups:
+        return
+    n = len(tasks)
+    colors = _colors(groups, plt.get_cmap("tab20"))
+
+    def save(fig, name):
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        tmp.replace(out / name)
+
+    # metric against trainable parameters (log x); the hard prompt (0 parameters) is a dashed line
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, m), g in groups.items():
+            if t != task:
+                continue
+            params = g.first("trainable_parameters", "training")
+            if not params:
+                ax.axhline(g.mean(), ls="--", color="gray", label=f"{m} (0 params)")
+                continue
+            lo, hi = min(g.values), max(g.values)
+            ax.errorbar([params], [g.mean()], yerr=[[g.mean() - lo], [hi - g.mean()]], fmt="x" if g.tool == "peft"
+                        else "o", color=colors[m], label=m, capsize=3)
+        ax.set(xscale="log", xlabel="trainable parameters (training)", title=task,
+               ylabel=_metric_of(groups, task))
+    save(fig, PLOTS[0])
+
+    # dev metric (top) and training loss (bottom) against steps, mean over seeds
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 7), squeeze=False)
+    for col, task in enumerate(tasks):
+        for (t, m), g in groups.items():
+            if t != task or not g.records[0]["steps"]:
+                continue
+            runs = _history(results, g)
+            zero = g.first("zero_shot", g.metric) * _scale(g.metric)
+            for row, key in ((0, "eval"), (1, "loss")):
+                pts = defaultdict(list)
+                for run in runs:
+                    for rec in run:
+                        if key in rec:
+                            pts[rec["step"]].append(rec[key][g.metric] * _scale(g.metric) if key == "eval" else rec[key])
+                if row == 0:
+                    pts[0] = [zero]
+                if pts:
+                    steps = sorted(pts)
+                    axes[row][col].plot(steps, [statistics.fmean(pts[s]) for s in steps], ls="--" if g.tool == "peft"
+                                        else "-", marker="o" if row == 0 else None, color=colors[m], label=m)
+        axes[0][col].set(title=task, xlabel="step", ylabel="dev " + _metric_of(groups, task))
+        axes[1][col].set(xlabel="step", ylabel="train loss (mean since the last record)")
+    save(fig, PLOTS[1])
+
+    # seconds per step and peak memory per method
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 8), squeeze=False)
+    for col, task in enumerate(tasks):
+        gs = [g for (t, _), g in groups.items() if t == task and g.mean("seconds_per_step") is not None]
+        names = [g.method for g in gs]
+        axes[0][col].barh(names, [g.mean("seconds_per_step") for g in gs], color=[colors[m] for m in names])
+        axes[1][col].barh(names, [g.mean("peak_memory_bytes") / 2**30 for g in gs], color=[colors[m] for m in names])
+        axes[0][col].set(title=task, xlabel="seconds per training step")
+        axes[1][col].set(xlabel="peak memory (GiB)")
+        for ax in axes[:, col]:
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=7)
+    save(fig, PLOTS[2])
+
+    # softprompt against PEFT, side by side for each paired method
+    ps = pairs(groups)
+    if ps:
+        fig, axes = plt.subplots(3, n, figsize=(4.6 * n, 9), squeeze=False)
+        for col, task in enumerate(tasks):
+            tp = [(o, p) for o, p in ps if o.task == task]
+            x = range(len(tp))
+            for row, (label, get) in enumerate((("dev " + (tp[0][0].metric if tp else ""), lambda g: g.mean()),
+                                               ("seconds per step", lambda g: g.mean("seconds_per_step")),
+                                               ("peak memory (GiB)", lambda g: g.mean("peak_memory_bytes") / 2**30))):
+                ax = axes[row][col]
+                ax.bar([i - 0.2 for i in x], [get(o) for o, _ in tp], 0.4, label="softprompt", color="C0")
+                ax.bar([i + 0.2 for i in x], [get(p) for _, p in tp], 0.4, label="PEFT", color="C1")
+                if row == 0:
+                    ax.errorbar([i - 0.2 for i in x], [o.mean() for o, _ in tp], yerr=[o.spread / 2 for o, _ in tp],
+                                fmt="none", color="k", capsize=3)
+                    ax.errorbar([i + 0.2 for i in x], [p.mean() for _, p in tp], yerr=[p.spread / 2 for _, p in tp],
+                                fmt="none", color="k", capsize=3)
+                ax.set_xticks(list(x), [o.method for o, _ in tp], rotation=30, fontsize=7)
+                ax.set(ylabel=label, title=task if row == 0 else None)
+        save(fig, PLOTS[3])

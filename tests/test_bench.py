@@ -1,0 +1,275 @@
+"""The benchmark: grid expansion and resume, every kind of cell on a tiny model, PEFT parity, the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import softprompt as sp
+from softprompt.bench import load_grid, run_grid, write_report
+from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
+from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
+from softprompt.cli import main
+from softprompt.data import collate
+from softprompt.inject import assemble, forward
+from softprompt.train import Trainer, init_context
+
+from conftest import DATA
+
+pytest.importorskip("peft")
+GRID = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and lose a lot when the machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_tasks(tmp_path_factory):
+    """A classification and a generation task on the first rows of the shared SST-2 and E2E files."""
+    if not (DATA / "sst2").is_dir() or not (DATA / "e2e_nlg").is_dir():
+        pytest.skip("shared data not present")
+    root = tmp_path_factory.mktemp("tasks")
+    for src, dst, n in (("sst2/train.tsv", "cls-train.tsv", 200), ("sst2/dev.tsv", "cls-dev.tsv", 40),
+                        ("e2e_nlg/train.csv", "gen-train.csv", 200), ("e2e_nlg/dev.csv", "gen-dev.csv", 40)):
+        (root / dst).write_text("".join((DATA / src).read_text().splitlines(keepends=True)[: n + 1]))
+    cls = {**yaml.safe_load((Path(sp.__file__).parent / "tasks" / "sst2.yaml").read_text()), "name": "cls",
+           "splits": {"train": "cls-train.tsv", "dev": "cls-dev.tsv"}}
+    gen = {**yaml.safe_load((Path(sp.__file__).parent / "tasks" / "e2e_nlg.yaml").read_text()), "name": "gen",
+           "splits": {"train": "gen-train.csv", "dev": "gen-dev.csv"}, "max_new_tokens": 6}
+    for spec in (cls, gen):
+        (root / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def tiny_grid(tiny_tasks, model_dir, tmp_path, **extra) -> Path:
+    """A grid with one entry of every kind (and a PEFT pair of each prompt method) on the tiny tasks."""
+    methods = {
+        "hard": {"kind": "hard"},
+        "soft": {"kind": "soft", "config": {"num_virtual_tokens": 3}, "per_task": {"gen": {"init": "vocab"}}},
+        "soft-text": {"kind": "soft", "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"},
+                      "tasks": ["cls"]},
+        "prefix": {"kind": "prefix", "config": {"num_virtual_tokens": 2, "prefix_hidden": 8}},
+        "deep": {"kind": "deep", "config": {"num_virtual_tokens": 2}},
+        "ptuning": {"kind": "ptuning", "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
+                    "per_task": {"gen": {"init": "vocab"}}},
+        "full": {"kind": "full"},
+        "peft-prompt": {"kind": "peft-prompt", "config": {"num_virtual_tokens": 3}, "pair": "soft",
+                        "per_task": {"gen": {"init": "vocab", "copy_init": True}}},
+        "peft-prompt-text": {"kind": "peft-prompt", "pair": "soft-text", "tasks": ["cls"],
+                             "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"}},
+        "peft-prefix": {"kind": "peft-prefix", "config": {"num_virtual_tokens": 2, "prefix_hidden": 8},
+                        "pair": "prefix"},
+        "peft-ptuning": {"kind": "peft-ptuning", "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
+                         "per_task": {"gen": {"init": "vocab"}}, "pair": "ptuning"},
+        "peft-lora": {"kind": "peft-lora", "config": {"r": 2}},
+    }
+    grid = {"model": model_dir, "results": str(tmp_path / "results"), "seeds": [0, 1], "steps": [4], "dev_limit": 8,
+            "latency_examples": 2, "train": {"batch_size": 2, "eval_every": 2, "log_every": 1, "warmup_steps": 1},
+            "quick": {"steps": [2], "dev_limit": 4},
+            "tasks": {"cls": {"spec": str(tiny_tasks / "cls.yaml")}, "gen": {"spec": str(tiny_tasks / "gen.yaml"),
+                                                                           "dev_limit": 3}},
+            "methods": methods, **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_smollm2_grid_expands_as_documented():
+    grid = load_grid(GRID)
+    cells = grid.cells()
+    tasks = ["sst2", "trec", "rte", "e2e_nlg"]
+    assert [t for t in tasks if any(c.task == t for c in cells)] == tasks
+    trained = [c for c in cells if c.kind != "hard"]
+    assert {c.seed for c in trained} == {0, 1}
+    for t in tasks:  # every method of a task trains the same number of steps
+        assert len({c.steps for c in trained if c.task == t}) == 1
+    assert sum(c.kind == "hard" for c in cells) == 4  # a template is scored once per task, not per seed
+    inits = {(c.task, c.config.get("init")) for c in cells if c.kind == "soft"}
+    assert inits == {("sst2", i) for i in ("labels", "vocab", "text", "random")} | {("trec", "labels"),
+                                                                                      ("rte", "labels"),
+                                                                                      ("e2e_nlg", "vocab")}
+    kinds = {c.kind for c in cells}
+    assert kinds == {"hard", "soft", "prefix", "deep", "ptuning", *BASELINES}
+    for c in cells:  # every PEFT prompt method is paired with a softprompt entry of the same config
+        if c.pair:
+            ours = next(o for o in cells if o.method == c.pair and o.task == c.task and o.seed == c.seed)
+            shared = set(ours.config) & set(c.config)
+            assert {k: ours.config[k] for k in shared} == {k: c.config[k] for k in shared}
+    quick = grid.cells(quick=True)
+    assert {c.seed for c in quick} == {0} and {c.steps for c in quick if c.kind != "hard"} == {2}
+    assert len(quick) == len([c for c in cells if c.seed == 0])
+
+
+def test_quick_grid_runs_every_kind_resumes_and_reports(tiny_tasks, model_dir, tmp_path, capsys, monkeypatch):
+    grid = tiny_grid(tiny_tasks, model_dir, tmp_path)
+    code, out, err = run(capsys, "bench", grid, "--quick", "--in-process")
+    assert code == 0, err
+    results = tmp_path / "results-quick"
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("cells/*.json"))]
+    assert len(records) == 22 and "22 cells run, 0 already done, 0 failed" in out
+    for r in records:
+        assert r["dev"]["n"] > 0 and r["zero_shot"]["n"] == r["dev"]["n"]
+        assert r["peak_memory_bytes"] > 0 and r["latency_seconds_per_example"] > 0 and r["file_bytes"] > 0
+        if r["kind"] == "hard":
+            assert r["trainable_parameters"] == {"training": 0, "saved": 0} and r["dev"] == r["zero_shot"]
+            continue
+        assert r["steps"] == 2 and r["trainable_parameters"]["training"] > 0 and r["trainable_parameters"]["saved"] > 0
+        assert r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0 and r["train_tokens"] > 0
+        history = [json.loads(x) for x in (results / r["history"]).read_text().splitlines()]
+        assert history[-1] == {"step": 2, "eval": r["dev"]}  # the cell's metric is the final step's
+    by = {(r["task"], r["method"]): r for r in records}
+    # the same config from both tools: the same number of trained prompt parameters (the collapsed prompt)
+    for ours, peft in (("soft", "peft-prompt"), ("prefix", "peft-prefix"), ("ptuning", "peft-ptuning")):
+        assert by[("cls", ours)]["trainable_parameters"]["saved"] == by[("cls", peft)]["trainable_parameters"]["saved"]
+    base_params = by[("cls", "full")]["trainable_parameters"]["training"]
+    assert by[("cls", "peft-lora")]["trainable_parameters"]["training"] < base_params
+    assert by[("cls", "soft")]["lr"] == by[("cls", "peft-prompt")]["lr"] == sp.METHODS["soft"].default_lr
+
+    report = (results / "report.md").read_text()
+    assert "Prompt or prefix?" in report and "| cls | soft | peft-prompt |" in report
+    assert "All cells of the grid have records." in report
+    for png in ("metric_vs_params.png", "metric_vs_steps.png", "cost.png", "softprompt_vs_peft.png"):
+        assert (results / png).stat().st_size > 5000
+
+    # a second run redoes nothing
+    monkeypatch.setattr("softprompt.bench.grid.run_cell", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    counts = run_grid(load_grid(grid).cells(quick=True), results, isolate=False)
+    assert counts == {"done": 0, "skipped": 22, "failed": 0}
+
+
+def test_a_changed_cell_runs_again_and_a_missing_one_is_reported(tiny_tasks, model_dir, tmp_path):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
+    cells = [c for c in grid.cells(quick=True) if c.task == "cls" and c.method in ("hard", "soft")]
+    results = tmp_path / "r"
+    assert run_grid(cells, results, isolate=False, echo=lambda s: None)["done"] == 2
+    changed = [replace(cells[1], config={"num_virtual_tokens": 2})] + cells[:1]
+    assert run_grid(changed, results, isolate=False, echo=lambda s: None) == {"done": 1, "skipped": 1, "failed": 0}
+    assert json.loads(record_path(results, cells[1]).read_text())["trainable_parameters"]["saved"] == 2 * 64
+
+    record_path(results, cells[0]).unlink()
+    report = write_report(results).read_text()
+    assert "## Missing cells (1 of 2)" in report and f"- {cells[0].id}" in report
+
+
+def test_a_cell_in_its_own_process_reports_its_own_memory(tiny_tasks, model_dir, tmp_path):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
+    cell = next(c for c in grid.cells(quick=True) if c.kind == "hard" and c.task == "cls")
+    assert run_grid([cell], tmp_path / "r", isolate=True, echo=lambda s: None)["done"] == 1
+    record = json.loads(record_path(tmp_path / "r", cell).read_text())
+    assert record["memory_kind"] == "ru_maxrss of the cell's own process" and record["peak_memory_bytes"] > 0
+
+
+def test_a_failing_cell_is_reported_and_the_grid_goes_on(tiny_tasks, model_dir, tmp_path):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
+    cells = [c for c in grid.cells(quick=True) if c.task == "gen" and c.method in ("hard", "soft")]
+    bad = replace(cells[1], config={"num_virtual_tokens": 3, "init": "labels"})  # a generation task has no labels
+    lines = []
+    assert run_grid([bad, cells[0]], tmp_path / "r", isolate=False, echo=lines.append) == \
+        {"done": 1, "skipped": 0, "failed": 1}
+    assert "FAILED" in lines[0] and "init 'labels' needs class labels" in lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nope.yaml"], "Grid file not found"),
+    (["bench", "report"], "needs the results directory"),
+])
+def test_bench_cli_errors(argv, message, capsys):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": {"x": {"kind": "lora"}}}, "unknown kind 'lora'"),
+    ({"methods": {"x": {"kind": "soft", "config": {"init": "nope"}}}}, "Unknown init 'nope'"),
+    ({"methods": {"x": {"kind": "soft", "tasks": ["mnli"]}}}, "names task 'mnli'"),
+    ({"methods": {"x": {"kind": "peft-prompt", "pair": "y"}}}, "pairs with unknown method 'y'"),
+    ({"tasks": {"sst2": {"epochs": 3}}}, "unknown key(s) ['epochs']"),
+])
+def test_grid_mistakes_are_caught_before_running(change, message, tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"tasks": {"sst2": {}}, "methods": {"soft": {}}, **change}))
+    code, _, err = run(capsys, "bench", path, "--list")
+    assert code == 2 and message in err
+
+
+# --- PEFT: the same prompt, the same numbers -----------------------------------------------------------------------
+
+PEFT_PROMPTS = {"peft-prompt": (PeftPrompt, {"num_virtual_tokens": 3, "init": "random"}),
+                "peft-prefix": (PeftPrefix, {"num_virtual_tokens": 3, "prefix_hidden": 8}),
+                "peft-ptuning": (PeftPTuning, {"num_virtual_tokens": 3, "encoder_hidden": 8, "init": "random"})}
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
+def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
+    """Our evaluator on PEFT's collapsed prompt gives PEFT's own logits, also inside a left-padded batch."""
+    cls, config = PEFT_PROMPTS[kind]
+    torch.manual_seed(0)
+    method = cls(cls.config_class(**config), init_context(base, sst2, 0))
+    with torch.no_grad():  # move the prompt away from its initialization
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = base.tokenizer("Review: the film was great fun\nSentiment:")["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = method.peft(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(ids):]  # (T, V)
+    batch = collate([ids[:4], ids], base.tokenizer.pad_token_id)
+    ours, _ = forward(base, assemble(base, batch["input_ids"], batch["attention_mask"], method.collapse()))
+    torch.testing.assert_close(ours[1, -len(ids):], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
+def test_peft_loss_is_our_loss_on_the_same_prompt(base, sst2, kind):
+    """PEFT trains on the same objective: its loss (right padding, full logits) equals our target-token loss."""
+    cls, config = PEFT_PROMPTS[kind]
+    trainer = BenchTrainer(base, sst2, trainable=cls(cls.config_class(**config), init_context(base, sst2, 0)),
+                           config=sp.TrainConfig(batch_size=4, progress=False))
+    rows = sst2.split("train")
+    pairs = [trainer.enc.training_example(rows.prompts[i], rows.targets[i], None) for i in range(4)]
+    batch = collate([p[0] for p in pairs], base.tokenizer.pad_token_id, [p[1] for p in pairs])
+    assert batch["attention_mask"][:, 0].sum() < 4  # left-padded rows of different lengths
+    torch.testing.assert_close(trainer.loss(batch), Trainer.loss(trainer, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_right_padding_moves_each_row_to_the_start():
+    batch = collate([[5, 6, 7], [8]], pad_id=0, labels=[[-100, 6, 7], [8]])
+    ids, mask, labels = _right_padded(batch, 0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_full_finetuning_trains_every_weight(base, sst2):
+    before = {k: v.clone() for k, v in base.model.named_parameters()}
+    method = FullFinetune(FullFinetune.config_class(), init_context(base, sst2, 0))
+    assert method.num_trainable() == base.num_parameters()
+    trainer = BenchTrainer(base, sst2, trainable=method, config=sp.TrainConfig(
+        steps=2, batch_size=2, eval_every=0, eval_limit=4, final_eval=False, progress=False))
+    trainer.run()
+    unchanged = [k for k, v in base.model.named_parameters() if torch.equal(v, before[k])]
+    assert unchanged == [] and not base.model.training and method.collapse().num_positions == 0
+
+
+def test_hard_cell_scores_a_given_template(tiny_tasks, model_dir, tmp_path):
+    cell = Cell(task="cls", spec=str(tiny_tasks / "cls.yaml"), method="hard", kind="hard",
+                config={"template": "Sentence: {sentence}\nMood:"}, seed=0, steps=0, lr=None, train={}, dev_limit=4,
+                model=model_dir, latency_examples=1)
+    record = run_cell(cell, tmp_path)
+    assert record["config"]["template"].startswith("Sentence:") and record["file_bytes"] == len(
+        "Sentence: {sentence}\nMood:")
