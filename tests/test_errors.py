@@ -123,6 +123,9 @@ CLI_CASES = {
     "unknown-method-in-config-file": (
         lambda t, *_: ["train", "--config", _write(t / "run.yaml", b"task: sst2\nmethod: lora\n")],
         "Unknown method 'lora'", "use one of ['deep', 'prefix', 'ptuning', 'soft'] (--method)"),
+    "init-text-with-another-init": (lambda *_: ["train", "--task", "sst2", "--init", "vocab", "--init-text", "Review:"],
+                                    "--init-text was given with --init vocab, which does not use it",
+                                    "pass --init text to start from the text, or drop --init-text"),
     "train-without-task": (lambda *_: ["train", "--steps", "3"], "`softprompt train` needs a task",
                            "pass --task NAME_OR_SPEC"),
     "generate-without-prompt-or-task": (lambda t, m, *_: ["generate", "--model", m, "x"],
@@ -294,7 +297,7 @@ def test_catalogue_rows_name_existing_tests():
     assert len(rows) >= 25
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        number, message, test = cells[0], cells[2], cells[-1]
+        number, message, test = cells[0], cells[3], cells[-1]  # | # | area | bad input | message | test |
         ref = re.fullmatch(r"`(tests/test_\w+\.py)::(test_\w+)(\[[\w-]+\])?`", test)
         assert ref, f"row {number}: no test reference in {test!r}"
         source = (ROOT / ref[1]).read_text()

@@ -30,6 +30,11 @@ class MethodConfig:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.",
                               "pass --num-virtual-tokens N with N >= 1 (20 is a good start).")
+        # methods that start from a text have `init` and `init_text`; a text given with another init would be ignored
+        init, text = getattr(self, "init", None), getattr(self, "init_text", None)
+        if text is not None and init != "text":
+            raise ConfigError(f"--init-text was given with --init {init}, which does not use it.",
+                              "pass --init text to start from the text, or drop --init-text.")
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         """Validate an enum-like option, naming the flag to fix."""
