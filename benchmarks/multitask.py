@@ -330,7 +330,7 @@ def bench_server(store: Store, n: int, concurrency: int, max_batch: int, max_wai
         plan = requests_plan(store, n)
         latencies, failures, wall = asyncio.run(load(url, plan, concurrency))
         health = httpx.get(url + "/health").json()
-    q = statistics.quantiles(latencies, n=100)
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
     out = {
         "requests": n, "concurrency": concurrency, "tasks": len(store.names()),
         "methods": sorted({sp.load_prompt(store.path(t)).method for t in store.names()}),

@@ -87,7 +87,7 @@ async def soak(url: str, pid: int, plan, rate: float, seconds: float, seed: int,
 
 
 def quantile(xs: list[float], q: int) -> float:
-    return statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
 
 
 def summarize(run: dict, rate: float, seconds: float) -> dict:
