@@ -20,7 +20,7 @@ from softprompt.search import (AutoPromptConfig, Candidates, _split_rows, autopr
                                trigger_gradient, trigger_losses, trigger_vocabulary)
 
 from conftest import DATA
-from test_cli import model_dir, run  # noqa: F401  (a module-scoped fixture, reused)
+from test_cli import run
 
 TINY_AUTOPROMPT = dict(num_triggers=2, iterations=2, num_candidates=3, grad_rows=4, eval_rows=4, verify_candidates=2,
                        verify_rows=4, search_size=16)

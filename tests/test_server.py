@@ -61,14 +61,6 @@ def llama(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def model_dir(llama, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    llama.model.save_pretrained(path)
-    llama.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def store(llama, sst2, e2e, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store"))
     store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))

@@ -18,7 +18,7 @@ from softprompt.server import create_app
 from softprompt.store import Store
 
 from test_multitask import make_prompt
-from test_server import KEY, Gate, Live, auth, llama, model_dir, registry, store, wait_for  # noqa: F401 (fixtures)
+from test_server import KEY, Gate, Live, auth, llama, registry, store, wait_for  # noqa: F401 (fixtures)
 
 LONG = "the film was great fun and the plot " * 80  # ~600 tokens: over the tiny model's 512 positions
 
