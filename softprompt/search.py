@@ -198,16 +198,12 @@ def best_verbalizers(scores: torch.Tensor, gold: list[int], options: list[list[i
     return combos[best].tolist(), float(acc[best])
 
 
-def score_templates(base, task: Task, candidates: Candidates, search_size: int = 256, finalists: int = 3,
-                    split: str = "dev", limit: int | None = None, seed: int = 0, batch_size: int = 32,
-                    progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Scored]:
-    """Rank templates (each with its best label words) on the search split; score finalists on dev.
+def rank_templates(base, task: Task, candidates: Candidates, search_size: int = 256, seed: int = 0,
+                   batch_size: int = 32, progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Split]:
+    """Every template with its best label words, scored on the search split (carved from train), best first.
 
-    Returns (all candidates best first, with dev metrics for the top `finalists`), and the
-    task's own template and words as a reference (search and dev metrics).
+    Returns the ranking and the search split. Nothing here looks at dev.
     """
-    if finalists < 1:
-        raise ConfigError(f"finalists must be >= 1, got {finalists}.", "pass --finalists 1 or more.")
     if candidates.num_combinations > MAX_COMBINATIONS:
         raise ConfigError(f"{candidates.num_combinations:,} template x verbalizer combinations are too many to score.",
                           f"list fewer templates or words (at most {MAX_COMBINATIONS:,} combinations).")
@@ -225,6 +221,20 @@ def score_templates(base, task: Task, candidates: Candidates, search_size: int =
         spec = with_template(task.spec, template, [pool[c] for c in cols])
         results.append(Scored(spec, scored_metrics(scores[:, cols], gold, seed)))
     results.sort(key=lambda s: -s.search["accuracy"])  # stable: ties keep the file's order
+    return results, data
+
+
+def score_templates(base, task: Task, candidates: Candidates, search_size: int = 256, finalists: int = 3,
+                    split: str = "dev", limit: int | None = None, seed: int = 0, batch_size: int = 32,
+                    progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Scored]:
+    """Rank templates (each with its best label words) on the search split; score finalists on dev.
+
+    Returns (all candidates best first, with dev metrics for the top `finalists`), and the
+    task's own template and words as a reference (search and dev metrics).
+    """
+    if finalists < 1:
+        raise ConfigError(f"finalists must be >= 1, got {finalists}.", "pass --finalists 1 or more.")
+    results, data = rank_templates(base, task, candidates, search_size, seed, batch_size, progress, min_words)
     dev = dev_split(task, split, limit, seed)
     for s in results[:finalists]:
         s.dev = score_spec(base, task, s.spec, dev, batch_size=batch_size, progress=progress)

@@ -273,3 +273,29 @@ def test_hard_cell_scores_a_given_template(tiny_tasks, model_dir, tmp_path):
     record = run_cell(cell, tmp_path)
     assert record["config"]["template"].startswith("Sentence:") and record["file_bytes"] == len(
         "Sentence: {sentence}\nMood:")
+
+
+def test_the_hard_cell_takes_the_best_searched_template_and_never_looks_at_dev(tokenizer, sst2, e2e, monkeypatch):
+    from softprompt.bench.baselines import HardConfig, hard_prompt_spec
+    from softprompt.search import Candidates, rank_templates
+
+    from conftest import build_tiny
+
+    base = build_tiny("llama", tokenizer)
+    monkeypatch.setattr(type(sst2), "split", _train_only(type(sst2).split))
+    spec = hard_prompt_spec(base, sst2, HardConfig(template="search", search_size=24))
+    candidates = Candidates.load(None, sst2.spec)
+    ranking, _ = rank_templates(base, sst2, candidates, 24, progress=False)
+    assert spec.template in candidates.templates and spec == ranking[0].spec
+    assert ranking[0].search["accuracy"] == max(s.search["accuracy"] for s in ranking)
+    assert all(w in ws for w, ws in zip(spec.verbalizers, ([" " + w for w in ws] for ws in candidates.words)))
+    assert hard_prompt_spec(base, e2e, HardConfig(template="search")) is e2e.spec  # nothing to search for generation
+    assert hard_prompt_spec(base, sst2, HardConfig(template="default")) is sst2.spec
+
+
+def _train_only(split):
+    def guarded(self, name):
+        assert name == "train", f"the template search read split {name!r}"
+        return split(self, name)
+
+    return guarded

@@ -46,15 +46,25 @@ class Options:
 
 @dataclass
 class HardConfig(Options):
-    template: str = field(default="default", metadata={
-        "help": "'default' (the task's own template) or a template string with the task's {fields}. The template "
-                "search (issue 6) plugs in here: `hard_prompt_spec` returns the spec a 'hard' cell scores"})
+    template: str = field(default="search", metadata={
+        "help": "'search': the best of the task's built-in candidate templates and label words, ranked on a search "
+                "split carved from train (`softprompt search templates`); 'default': the task's own template; or a "
+                "template string with the task's {fields}"})
+    search_size: int = field(default=256, metadata={"help": "train rows the template search ranks on"})
 
 
-def hard_prompt_spec(task: Task, config: HardConfig) -> TaskSpec:
+def hard_prompt_spec(base, task: Task, config: HardConfig, seed: int = 0) -> TaskSpec:
     """The spec (template + verbalizers) a 'hard' cell scores zero-shot."""
     if config.template == "default":
         return task.spec
+    if config.template == "search":
+        from ..search import CANDIDATES_DIR, Candidates, rank_templates
+
+        if not task.spec.is_classification or not (CANDIDATES_DIR / f"{task.spec.name}.yaml").exists():
+            return task.spec  # nothing to search (generation, or no built-in candidates); the record names the template
+        ranking, _ = rank_templates(base, task, Candidates.load(None, task.spec), config.search_size, seed,
+                                    progress=False)
+        return ranking[0].spec
     return dataclasses.replace(task.spec, template=config.template)
 
 

@@ -190,8 +190,9 @@ def run_cell(cell: Cell, results: str | Path, isolated: bool = False, task=None)
     zero_shot = _zero_shot(base, task, cell, results)
     spec, trainer = task.spec, None
     if cell.kind == "hard":
-        spec = hard_prompt_spec(task, HardConfig.from_dict(cell.config))
-        injection, config = EMPTY, HardConfig.from_dict(cell.config).to_dict()
+        hard = HardConfig.from_dict(cell.config)
+        spec = hard_prompt_spec(base, task, hard, cell.seed)
+        injection, config = EMPTY, {**hard.to_dict(), "chosen_template": spec.template, "chosen_labels": spec.labels}
         dev = zero_shot if spec is task.spec else evaluate(base, task, None, limit=cell.dev_limit, spec=spec,
                                                           seed=DEV_SEED)
         params, saved, file_bytes, lr = 0, 0, len(spec.template.encode()), None  # the "file" is the template
