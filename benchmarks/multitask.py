@@ -304,12 +304,15 @@ def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: in
     cmd = [sys.executable, "-m", "softprompt", "serve", "--store", str(store.root), "--port", str(port),
            "--log-level", "warning", "--no-access-log", "--max-batch-size", str(max_batch),
            "--max-wait-ms", str(max_wait_ms)]
-    server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file: a pipe nobody drains fills up and blocks the server's next log line
+    errors = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen(cmd, env=env, stderr=errors, text=True)
     try:
         deadline = time.monotonic() + 300
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"server exited: {server.stderr.read()[-2000:]}")
+                errors.seek(0)
+                raise RuntimeError(f"server exited: {errors.read()[-2000:]}")
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
@@ -321,6 +324,7 @@ def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: in
     finally:
         server.terminate()
         server.wait(timeout=60)
+        errors.close()
 
 
 def bench_server(store: Store, n: int, concurrency: int, max_batch: int, max_wait_ms: float, threads: int) -> dict:

@@ -120,7 +120,7 @@ def cmd_serve(ns) -> None:
     from .server import create_app
     from .store import Store
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(**_pick(ns, [f.name for f in dataclasses.fields(ServerConfig)]))
     store = Store(ns.store)
     if not store.root.is_dir():
