@@ -299,3 +299,14 @@ def _train_only(split):
         return split(self, name)
 
     return guarded
+
+
+def test_a_partial_run_keeps_the_whole_grid_for_the_report(tiny_tasks, model_dir, tmp_path, capsys):
+    grid = tiny_grid(tiny_tasks, model_dir, tmp_path)
+    code, out, err = run(capsys, "bench", grid, "--quick", "--only", "cls--hard")
+    assert code == 0, err
+    assert "1 cells run, 0 already done, 0 failed" in out
+    results = tmp_path / "results-quick"
+    assert len(json.loads((results / "grid.json").read_text())) == 22  # every cell, not just the one that ran
+    report = (results / "report.md").read_text()
+    assert "Missing cells (21 of 22)" in report and "cls--soft--s0--2steps" in report

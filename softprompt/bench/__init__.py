@@ -53,11 +53,12 @@ def cmd_bench(ns) -> None:
         return
     grid = load_grid(ns.grid, model=ns.model, device=ns.device, dtype=ns.dtype, data_dir=ns.data_dir, results=ns.results)
     results = Path(grid.results + ("-quick" if ns.quick else ""))
-    cells = [c for c in grid.cells(quick=ns.quick) if not ns.only or any(o in c.id for o in ns.only)]
+    everything = grid.cells(quick=ns.quick)
+    cells = [c for c in everything if not ns.only or any(o in c.id for o in ns.only)]
     if ns.list:
         for c in cells:
             print(f"{'done' if finished(results, c) else 'todo'}  {c.id}")
         return
-    counts = run_grid(cells, results, isolate=not (ns.in_process or ns.quick))
+    counts = run_grid(cells, results, isolate=not (ns.in_process or ns.quick), grid=everything)
     print(f"{counts['done']} cells run, {counts['skipped']} already done, {counts['failed']} failed; "
           f"report: {write_report(results)}")

@@ -144,15 +144,17 @@ def finished(results: Path, cell: Cell) -> dict | None:
     return record if record.get("identity") == cell.identity else None
 
 
-def run_grid(cells: list[Cell], results: str | Path, isolate: bool = True, echo=print) -> dict:
+def run_grid(cells: list[Cell], results: str | Path, isolate: bool = True, echo=print,
+             grid: list[Cell] | None = None) -> dict:
     """Run the cells that have no current record; returns counts of done, skipped and failed cells.
 
     isolate: run each cell in a fresh Python process (its peak memory is then its own), else in
-    this process (fast; what the tests use).
+    this process (fast; what the tests use). grid: the whole grid when `cells` is a part of it
+    (`--only`), recorded in grid.json so that the report still lists every missing cell.
     """
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results / "grid.json", json.dumps([asdict(c) for c in cells], indent=1))
+    atomic_write_text(results / "grid.json", json.dumps([asdict(c) for c in grid or cells], indent=1))
     counts = {"done": 0, "skipped": 0, "failed": 0}
     tasks: dict[str, Task] = {}  # loaded once per task when cells share this process
     for i, cell in enumerate(cells, 1):
