@@ -133,12 +133,18 @@ class Candidates:
     templates: list[str]
     words: list[list[str]]  # per class, in the task's class order; [0] is the task's own word
 
+    @staticmethod
+    def builtin_path(spec: TaskSpec) -> Path | None:
+        """The task's built-in candidates file (`tasks/candidates/NAME.yaml`), or None if it has none."""
+        path = CANDIDATES_DIR / f"{spec.name}.yaml"
+        return path if path.exists() else None
+
     @classmethod
     def load(cls, path: str | Path | None, spec: TaskSpec) -> "Candidates":
         """From a YAML file; None = the built-in candidates of the task (`tasks/candidates/NAME.yaml`)."""
         if path is None:
-            path = CANDIDATES_DIR / f"{spec.name}.yaml"
-            if not path.exists():
+            path = cls.builtin_path(spec)
+            if path is None:
                 raise ConfigError(f"Task '{spec.name}' has no built-in candidate templates.",
                                   "pass --candidates FILE (a YAML list of `templates:`, optional `labels:`).")
         path = Path(path)

@@ -139,9 +139,13 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def init_context(base, task: Task, seed: int) -> InitContext:
-    """What a method initializes from: the model, the task's verbalizers and its training text (capped), seeded."""
-    return InitContext(base, task.spec.verbalizers, task.examples("train", seed).texts(5000), seed=seed)
+def init_context(base, task: Task, seed: int, examples=None) -> InitContext:
+    """What a method initializes from: the model, the task's verbalizers and its training text (capped), seeded.
+
+    examples: the train split's examples when the caller has them already (a streamed split is read again otherwise).
+    """
+    examples = examples if examples is not None else task.examples("train", seed)
+    return InitContext(base, task.spec.verbalizers, examples.texts(5000), seed=seed)
 
 
 class Trainer:
@@ -167,7 +171,7 @@ class Trainer:
         c = self.config
         self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
         if trainable is None:
-            trainable = build_method(method, method_config, init_context(base, task, c.seed))
+            trainable = build_method(method, method_config, init_context(base, task, c.seed, self.examples))
         self.method = trainable
         self.method_name = trainable.name
         self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable

@@ -58,9 +58,9 @@ def hard_prompt_spec(base, task: Task, config: HardConfig, seed: int = 0) -> Tas
     if config.template == "default":
         return task.spec
     if config.template == "search":
-        from ..search import CANDIDATES_DIR, Candidates, rank_templates
+        from ..search import Candidates, rank_templates
 
-        if not task.spec.is_classification or not (CANDIDATES_DIR / f"{task.spec.name}.yaml").exists():
+        if not task.spec.is_classification or Candidates.builtin_path(task.spec) is None:
             return task.spec  # nothing to search (generation, or no built-in candidates); the record names the template
         ranking, _ = rank_templates(base, task, Candidates.load(None, task.spec), config.search_size, seed,
                                     progress=False)
