@@ -161,8 +161,10 @@ def _fmt_bytes(n: int) -> str:
 def _fmt_metrics(m: dict | None) -> str:
     if not m:
         return "-"
+    from .evaluate import scalar_metrics
+
     return ", ".join(f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}"
-                     for k, v in m.items() if k != "n" and isinstance(v, (int, float)))
+                     for k, v in scalar_metrics(m).items())
 
 
 # --- commands --------------------------------------------------------------------------------------------------------

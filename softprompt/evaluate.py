@@ -108,6 +108,11 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> di
     return {"bleu": bleu, "rouge_l": 100 * rouge / len(hypotheses), "n": len(hypotheses)}
 
 
+def scalar_metrics(m: dict) -> dict:
+    """The numbers of a metrics dict, without its row count `n` (intervals such as `accuracy_ci95` are left out)."""
+    return {k: v for k, v in m.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def primary_metric(spec: TaskSpec) -> str:
     return "accuracy" if spec.is_classification else "bleu"
 

@@ -49,8 +49,9 @@ def _eval_metrics(metrics: dict) -> dict:
 
     Only scalar metrics: intervals such as a hard prompt's `accuracy_ci95` stay in the file's metadata.
     """
-    return {split: {k: v for k, v in m.items() if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for split, m in metrics.items()
+    from .evaluate import scalar_metrics
+
+    return {split: scalar_metrics(m) for split, m in metrics.items()
             if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)}
 
 
