@@ -176,13 +176,17 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
 
 def _setup(records: list[dict], grid: list[dict]) -> list[str]:
     r = records[0]
-    steps = sorted({x["steps"] for x in records if x["steps"]})
+    steps: dict[str, set] = {}  # task -> step budgets (tasks may have their own; hard cells train none)
+    for x in records:
+        if x["steps"]:
+            steps.setdefault(x["task"], set()).add(x["steps"])
+    threads = "/".join(map(str, sorted({x["torch_threads"] for x in records})))
     batch = sorted({x["batch_size"] for x in records if x.get("batch_size")})
     loads = [x["load_average"]["start"] for x in records]
     limits = {c["task"]: c["dev_limit"] for c in grid} or {x["task"]: x["spec"]["dev_limit"] for x in records}
     versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-    return [f"Model {r['model']} on {r['device']} ({r['dtype']}, {r['torch_threads']} torch threads); {versions}.",
-            f"Training: {', '.join(map(str, steps))} steps at batch {', '.join(map(str, batch))}, each method's own "
+    return [f"Model {r['model']} on {r['device']} ({r['dtype']}, {threads} torch threads); {versions}.",
+            f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, at batch {', '.join(map(str, batch))}, each method's own "
             "learning rate (PEFT entries: that of the softprompt method they mirror), linear schedule with warmup, "
             f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
             f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
