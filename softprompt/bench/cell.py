@@ -2,7 +2,7 @@
 
 A cell loads its own base model (full finetuning and LoRA change it in place) and trains through
 the one training loop, instrumented by `BenchTrainer`. `softprompt bench` runs every cell in a
-fresh process (`python -m softprompt.bench.cell RESULTS_DIR CELL_JSON`), so the peak resident
+fresh process (`python -m softprompt.bench RESULTS_DIR CELL_JSON`), so the peak resident
 memory the operating system reports is that cell's alone.
 
 Evaluation is on a fixed dev subset (the same rows for every method and seed; `DEV_SEED`); the
@@ -256,11 +256,8 @@ def _artifact(trainer: BenchTrainer) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a cell's own process: `python -m softprompt.bench.cell RESULTS_DIR CELL_JSON`."""
+    """Entry point of a cell's own process: `python -m softprompt.bench RESULTS_DIR CELL_JSON`."""
     results, spec = (argv or sys.argv[1:])[:2]
     run_cell(Cell(**json.loads(spec)), results, isolated=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

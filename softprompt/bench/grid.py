@@ -190,7 +190,7 @@ def _run_isolated(cell: Cell, results: Path) -> str | None:
     # made a SmolLM2 training step 3-7x slower (measured); alone, the difference is small.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "-m", "softprompt.bench.cell", str(results), json.dumps(asdict(cell))],
+        code = subprocess.call([sys.executable, "-m", "softprompt.bench", str(results), json.dumps(asdict(cell))],
                                stdout=f, stderr=subprocess.STDOUT, env=env)
     if code == 0 and finished(results, cell):
         log.unlink()
