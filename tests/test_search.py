@@ -195,6 +195,26 @@ def test_autoprompt_is_seeded_and_only_keeps_improvements(base, sst2):
     assert slotted("{sentence} {trigger}!") == "{sentence} {trigger}!"
 
 
+def test_autoprompt_keeps_the_visited_trigger_best_on_held_out_rows(base, sst2):
+    cfg = AutoPromptConfig(**{**TINY_AUTOPROMPT, "iterations": 4, "search_size": 24}, select_rows=8, seed=1)
+    a = autoprompt(base, sst2, cfg, progress=False)
+    decode = base.tokenizer.decode
+    # the start and every kept flip, in order, each scored on the 8 held-out rows
+    kept_flips = [h for h in a.history if h["loss"] < h["loss_before"]]
+    assert len(a.selection) == 1 + len(kept_flips) and a.selection[0]["trigger"] == " the the"
+    best = max(a.selection, key=lambda x: (x["accuracy"], -x["loss"]))
+    assert decode(a.triggers) == best["trigger"] and a.spec.template == sst2.spec.template + best["trigger"]
+    assert all(x["accuracy"] in {k / 8 for k in range(9)} for x in a.selection)
+    # held-out rows are the search split's first rows: they agree with scoring those rows directly
+    data = search_split(sst2, 24, 1)
+    verb = Encoder(sst2.spec, base.tokenizer).verbalizer_ids
+    rows = _split_rows(base, sst2.spec, slotted(sst2.spec.template), data.subset(range(8)), data.subset(range(8)).labels)
+    ce = trigger_losses(base, rows, verb, [base.tokenizer(best["trigger"], add_special_tokens=False)["input_ids"]])
+    assert float(ce[0]) == pytest.approx(best["loss"], abs=1e-5)
+    with pytest.raises(ConfigError, match="select-rows"):
+        AutoPromptConfig(search_size=16, select_rows=16)
+
+
 def test_autoprompt_rejects_bad_templates(base, sst2):
     cfg = AutoPromptConfig(**TINY_AUTOPROMPT)
     with pytest.raises(ConfigError, match="slots"):
