@@ -310,3 +310,26 @@ def test_a_partial_run_keeps_the_whole_grid_for_the_report(tiny_tasks, model_dir
     assert len(json.loads((results / "grid.json").read_text())) == 22  # every cell, not just the one that ran
     report = (results / "report.md").read_text()
     assert "Missing cells (21 of 22)" in report and "cls--soft--s0--2steps" in report
+
+
+def test_report_judges_against_the_seed_spread_only_with_two_seeds():
+    from softprompt.bench.report import Group, check, verdict
+
+    def records(task, method, kind, values, pair=None):
+        return Group([{"task": task, "method": method, "kind": kind, "tool": "peft" if pair else "softprompt",
+                       "pair": pair, "metric": "accuracy", "seed": s, "dev": {"accuracy": v},
+                       "seconds_per_step": 1.0, "cpu_seconds_per_step": 1.0, "peak_memory_bytes": 1}
+                      for s, v in enumerate(values)])
+
+    two = {("t", "soft"): records("t", "soft", "soft", [0.80, 0.84]),
+           ("t", "prefix"): records("t", "prefix", "prefix", [0.70, 0.72])}
+    assert check(two[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.85, 0.87], "soft")) == \
+        pytest.approx({"metric_ok": True, "spread": 4.0, "time_ratio": 1.0, "cpu_ratio": 1.0, "memory_ratio": 1.0})
+    assert verdict(two, ["t"], prefixes=("prefix",)) == [
+        "- t: soft 82.0 ±2.0 vs prefix 71.0 ±1.0 (accuracy): soft ahead (difference +11.0, seed spread 4.0, 2 seeds)."]
+    one = {("t", "soft"): records("t", "soft", "soft", [0.80]), ("t", "prefix"): records("t", "prefix", "prefix", [0.90])}
+    c = check(one[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.95], "soft"))
+    assert c["spread"] is None and c["metric_ok"] is None  # one seed: nothing to judge a 15-point gap against
+    assert verdict(one, ["t"], prefixes=("prefix",)) == [
+        "- t: soft 80.0 vs prefix 90.0 (accuracy): prefix higher on one seed, no spread to judge against yet "
+        "(difference -10.0, 1 seed)."]

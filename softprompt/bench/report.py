@@ -96,9 +96,12 @@ def pairs(groups: dict) -> list[tuple[Group, Group]]:
 
 
 def check(ours: Group, peft: Group) -> dict:
-    """The acceptance checks of one pair: metric within the seed spread, time per step and memory no worse."""
-    spread = max(ours.spread, peft.spread)
-    return {"metric_ok": ours.mean() >= peft.mean() - spread, "spread": spread,
+    """The acceptance checks of one pair: metric within the seed spread, time per step and memory no worse.
+
+    With a single seed on either side there is no spread to judge against: spread and metric_ok are None.
+    """
+    spread = max(ours.spread, peft.spread) if min(ours.seeds, peft.seeds) > 1 else None
+    return {"metric_ok": None if spread is None else ours.mean() >= peft.mean() - spread, "spread": spread,
             "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
             "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
             "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes")}
@@ -139,9 +142,13 @@ def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tupl
             if not a or not b:
                 continue
             diff, spread = a.mean() - b.mean(), max(a.spread, b.spread)
-            who = (f"{prompt} ahead" if diff > 0 else f"{pre} ahead") if abs(diff) > spread else "a tie within the seed spread"
-            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
-                         f"(difference {diff:+.1f}, seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seed(s)).")
+            if min(a.seeds, b.seeds) < 2:
+                who = f"{prompt if diff > 0 else pre} higher on one seed, no spread to judge against yet"
+            else:
+                who = (f"{prompt} ahead" if diff > 0 else f"{pre} ahead") if abs(diff) > spread else "a tie within the seed spread"
+            seeds = min(a.seeds, b.seeds)
+            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} (difference {diff:+.1f}"
+                         + (f", seed spread {spread:.1f}, {seeds} seeds)." if seeds > 1 else ", 1 seed)."))
     return lines
 
 
@@ -230,8 +237,9 @@ def _peft_table(groups: dict, speed: dict) -> str:
     for ours, peft in pairs(groups):
         c = check(ours, peft)
         ab = speed.get((ours.task, peft.kind))
-        rows.append([ours.task, ours.method, peft.method, f"{ours.fmt()} / {peft.fmt()}", f"{c['spread']:.1f}",
-                     "yes" if c["metric_ok"] else "**no**", _flag(c["time_ratio"], "slower"),
+        rows.append([ours.task, ours.method, peft.method, f"{ours.fmt()} / {peft.fmt()}",
+                     "– (1 seed)" if c["spread"] is None else f"{c['spread']:.1f}",
+                     {None: "–", True: "yes", False: "**no**"}[c["metric_ok"]], _flag(c["time_ratio"], "slower"),
                      _flag(c["cpu_ratio"], "slower"), _flag(ab and ab["ratio_wall"], "slower"),
                      _flag(c["memory_ratio"], "more")])
     return _table(head, rows) if rows else "(no paired cells yet)"
