@@ -27,6 +27,8 @@ and label words in its task spec), which `eval`, serving and the benchmark use l
 
 Overfitting guard: searches only look at a seeded "search split" carved from train; the numbers
 reported next to the result (and stored in its prompt file) come from a separate dev split.
+AutoPrompt can also hold rows of the search split out of the flips (`select_rows`) and return
+the visited trigger that scores best on them, not the last one (early stopping on train data).
 """
 
 from __future__ import annotations
