@@ -295,7 +295,8 @@ class AutoPromptResult:
     spec: TaskSpec  # the template with the triggers written in
     triggers: list[int]  # token ids
     history: list[dict]  # per step: position, kept token, loss of the current trigger on that step's rows
-    selection: list[dict] = field(default_factory=list)  # per distinct trigger visited: held-out accuracy and loss
+    selection: list[dict] = field(default_factory=list)  # per trigger visited, in order: held-out accuracy and loss
+    kept: int | None = None  # index into `selection` of the trigger returned (None: no held-out rows, the last one)
 
 
 def _escape(text: str) -> str:
@@ -389,11 +390,15 @@ def trigger_scores(base, rows: list[_Row], verb: list[list[int]], options: list[
     return scores.view(len(options), len(rows), len(verb))
 
 
+def _mean_losses(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """Mean class cross-entropy per option of (O, N, C) scores on `rows`: (O,)."""
+    gold = torch.tensor([r.gold for r in rows]).repeat(len(scores))
+    return torch.nn.functional.cross_entropy(scores.flatten(0, 1), gold, reduction="none").view(scores.shape[:2]).mean(1)
+
+
 def trigger_losses(base, rows: list[_Row], verb: list[list[int]], options: list[list[int]]) -> torch.Tensor:
     """Mean class cross-entropy of every trigger sequence in `options` on `rows`: (len(options),)."""
-    scores = trigger_scores(base, rows, verb, options)  # (O, N, C)
-    gold = torch.tensor([r.gold for r in rows]).repeat(len(options))
-    return torch.nn.functional.cross_entropy(scores.flatten(0, 1), gold, reduction="none").view(scores.shape[:2]).mean(1)
+    return _mean_losses(trigger_scores(base, rows, verb, options), rows)
 
 
 def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None = None, template: str | None = None,
@@ -450,18 +455,18 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
         history.append({"step": step, "position": pos, "token": tok.decode([triggers[pos]]),
                         "loss": float(losses[best]), "loss_before": float(losses[0])})
         bar.set_postfix(loss=f"{float(losses[best]):.3f}", trigger=repr(tok.decode(triggers)))
-    selection = []
+    selection, kept = [], None
     if held:
         # Early stopping: a flip that won on search rows can still lose on rows the search never saw
         # (measured on SST-2: the last of 60 flips scored 4.5 points below the start on dev).
         scores = trigger_scores(base, held, verb, visited)  # (O, N, C)
-        gold_held = torch.tensor([r.gold for r in held])
-        acc = (scores.argmax(-1) == gold_held).float().mean(1)  # (O,)
-        loss = torch.stack([torch.nn.functional.cross_entropy(s, gold_held) for s in scores])  # (O,)
+        acc = (scores.argmax(-1) == torch.tensor([r.gold for r in held])).float().mean(1)  # (O,)
+        loss = _mean_losses(scores, held)  # (O,)
         selection = [{"trigger": tok.decode(t), "accuracy": float(a), "loss": float(l)}
                      for t, a, l in zip(visited, acc, loss)]
-        triggers = visited[max(range(len(visited)), key=lambda i: (float(acc[i]), -float(loss[i])))]
-    return AutoPromptResult(fill(spec, template, tok.decode(triggers)), triggers, history, selection)
+        kept = max(range(len(visited)), key=lambda i: (selection[i]["accuracy"], -selection[i]["loss"]))
+        triggers = visited[kept]
+    return AutoPromptResult(fill(spec, template, tok.decode(triggers)), triggers, history, selection, kept)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -526,7 +531,7 @@ def cmd_autoprompt(ns) -> None:
     path = hard_prompt(base, result.spec, search, metrics).save(ns.out or f"prompts/{task.name}-autoprompt.safetensors")
     c = _console()
     if result.selection:
-        kept = next(x for x in result.selection if x["trigger"] == base.tokenizer.decode(result.triggers))
+        kept = result.selection[result.kept]
         c.print(f"kept the trigger {kept['trigger']!r} of {len(result.selection)} visited: accuracy "
                 f"{100 * kept['accuracy']:.1f} on {config.select_rows} held-out search rows "
                 f"(the last one: {100 * result.selection[-1]['accuracy']:.1f})")

@@ -95,12 +95,17 @@ def pairs(groups: dict) -> list[tuple[Group, Group]]:
     return out
 
 
+def _spread(a: Group, b: Group) -> float | None:
+    """The larger seed-to-seed spread of two groups; None with a single seed on either side (nothing to judge by)."""
+    return max(a.spread, b.spread) if min(a.seeds, b.seeds) > 1 else None
+
+
 def check(ours: Group, peft: Group) -> dict:
     """The acceptance checks of one pair: metric within the seed spread, time per step and memory no worse.
 
     With a single seed on either side there is no spread to judge against: spread and metric_ok are None.
     """
-    spread = max(ours.spread, peft.spread) if min(ours.seeds, peft.seeds) > 1 else None
+    spread = _spread(ours, peft)
     return {"metric_ok": None if spread is None else ours.mean() >= peft.mean() - spread, "spread": spread,
             "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
             "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
@@ -141,14 +146,14 @@ def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tupl
             a, b = groups.get((task, prompt)), groups.get((task, pre))
             if not a or not b:
                 continue
-            diff, spread = a.mean() - b.mean(), max(a.spread, b.spread)
-            if min(a.seeds, b.seeds) < 2:
-                who = f"{prompt if diff > 0 else pre} higher on one seed, no spread to judge against yet"
+            diff, spread, leader = a.mean() - b.mean(), _spread(a, b), prompt if a.mean() > b.mean() else pre
+            if spread is None:
+                who, detail = f"{leader} higher on one seed, no spread to judge against yet", "1 seed"
             else:
-                who = (f"{prompt} ahead" if diff > 0 else f"{pre} ahead") if abs(diff) > spread else "a tie within the seed spread"
-            seeds = min(a.seeds, b.seeds)
-            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} (difference {diff:+.1f}"
-                         + (f", seed spread {spread:.1f}, {seeds} seeds)." if seeds > 1 else ", 1 seed)."))
+                who = f"{leader} ahead" if abs(diff) > spread else "a tie within the seed spread"
+                detail = f"seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seeds"
+            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
+                         f"(difference {diff:+.1f}, {detail}).")
     return lines
 
 
@@ -193,8 +198,9 @@ def _setup(records: list[dict], grid: list[dict]) -> list[str]:
     limits = {c["task"]: c["dev_limit"] for c in grid} or {x["task"]: x["spec"]["dev_limit"] for x in records}
     versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
     return [f"Model {r['model']} on {r['device']} ({r['dtype']}, {threads} torch threads); {versions}.",
-            f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, at batch {', '.join(map(str, batch))}, each method's own "
-            "learning rate (PEFT entries: that of the softprompt method they mirror), linear schedule with warmup, "
+            f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, "
+            f"at batch {', '.join(map(str, batch))}, each method's own learning rate (PEFT entries: that of the "
+            "softprompt method they mirror), linear schedule with warmup, "
             f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
             f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
             f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}; "
