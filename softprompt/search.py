@@ -28,7 +28,9 @@ and label words in its task spec), which `eval`, serving and the benchmark use l
 Overfitting guard: searches only look at a seeded "search split" carved from train; the numbers
 reported next to the result (and stored in its prompt file) come from a separate dev split.
 AutoPrompt can also hold rows of the search split out of the flips (`select_rows`) and return
-the visited trigger that scores best on them, not the last one (early stopping on train data).
+the visited trigger that scores best on them, not the last one (early stopping on train data),
+and run several searches from the start trigger (`restarts`) that compete on those same rows:
+on SST-2 the searched-for trigger depends on the seed as much as on the data.
 """
 
 from __future__ import annotations
@@ -275,10 +277,15 @@ class AutoPromptConfig:
     vocab: str = field(default="frequent", metadata={"help": "trigger vocabulary: frequent (words among the 5,000 "
                                                              "most frequent tokens of the train inputs), words (a "
                                                              "space and letters) or all (any printable token)"})
-    seed: int = field(default=0, metadata={"help": "seed of the search (batches and positions)"})
+    restarts: int = field(default=1, metadata={"help": "independent searches from the start trigger, each with its "
+                                                       "own draws (restart r is seeded seed + 1000 r); with "
+                                                       "--select-rows, the trigger best on the held-out rows across "
+                                                       "all of them is kept"})
+    seed: int = field(default=0, metadata={"help": "seed of the search split and of the search (batches and "
+                                                   "positions)"})
 
     def __post_init__(self):
-        for name in ("num_triggers", "iterations", "num_candidates", "grad_rows", "eval_rows", "verify_candidates",
+        for name in ("num_triggers", "iterations", "restarts", "num_candidates", "grad_rows", "eval_rows", "verify_candidates",
                      "verify_rows", "search_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
@@ -286,6 +293,9 @@ class AutoPromptConfig:
         if not 0 <= self.select_rows < self.search_size:
             raise ConfigError(f"select_rows must be >= 0 and leave search rows, got {self.select_rows} of "
                               f"search_size {self.search_size}.", "lower --select-rows or raise --search-size.")
+        if self.restarts > 1 and not self.select_rows:
+            raise ConfigError(f"{self.restarts} restarts need held-out rows to choose between their triggers.",
+                              "pass --select-rows (e.g. 256) or --restarts 1.")
         if self.vocab not in VOCABULARIES:
             raise ConfigError(f"Unknown trigger vocabulary '{self.vocab}'.", f"pass --vocab with one of {VOCABULARIES}.")
 
@@ -294,8 +304,8 @@ class AutoPromptConfig:
 class AutoPromptResult:
     spec: TaskSpec  # the template with the triggers written in
     triggers: list[int]  # token ids
-    history: list[dict]  # per step: position, kept token, loss of the current trigger on that step's rows
-    selection: list[dict] = field(default_factory=list)  # per trigger visited, in order: held-out accuracy and loss
+    history: list[dict]  # per step: restart, position, kept token, loss of the current trigger on that step's rows
+    selection: list[dict] = field(default_factory=list)  # per trigger visited, in order: restart, held-out accuracy, loss
     kept: int | None = None  # index into `selection` of the trigger returned (None: no held-out rows, the last one)
 
 
@@ -423,49 +433,61 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     if len(init) != 1 or not allowed[init[0]]:
         raise ConfigError(f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",
                           "pass a single common word with its leading space, e.g. ' the'.")
-    triggers = init * config.num_triggers
+    start = init * config.num_triggers
     verb = Encoder(spec, tok).verbalizer_ids
     rows = _split_rows(base, spec, template, data, gold)
     # the search split is a seeded random sample, so its first rows are as random a hold-out as any
     held, rows = rows[:config.select_rows], rows[config.select_rows:]
     E = base.embedding_matrix.detach()  # (V, D)
-    g = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=config.iterations * config.restarts, desc="autoprompt", disable=not progress)
+    history, visited = [], []  # visited: (restart, trigger ids), the start and every kept flip of every restart
+    g = torch.Generator()
 
     def draw(n: int) -> list[_Row]:
         return [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
 
-    history, visited = [], [triggers]
-    bar = tqdm(range(config.iterations), desc="autoprompt", disable=not progress)
-    for step in bar:
-        grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
-        pos = int(torch.randint(config.num_triggers, (1,), generator=g))
-        # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
-        gain = -(E @ grad[pos]).float().cpu()  # (V,)
-        gain[~allowed] = -float("inf")
-        gain[triggers[pos]] = -float("inf")
-        candidates = [triggers[:pos] + [w] + triggers[pos + 1:] for w in gain.topk(config.num_candidates).indices.tolist()]
-        # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
-        screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
-        options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
-        losses = trigger_losses(base, draw(config.verify_rows), verb, options)
-        best = int(losses.argmin())  # the current trigger (0) stays unless a candidate beats it on these rows
-        triggers = options[best]
-        if best:
-            visited.append(triggers)
-        history.append({"step": step, "position": pos, "token": tok.decode([triggers[pos]]),
-                        "loss": float(losses[best]), "loss_before": float(losses[0])})
-        bar.set_postfix(loss=f"{float(losses[best]):.3f}", trigger=repr(tok.decode(triggers)))
+    for restart in range(config.restarts):
+        g.manual_seed(config.seed + 1000 * restart)  # restart 0 draws exactly what a single search draws
+        triggers = start
+        visited.append((restart, triggers))
+        for step in range(config.iterations):
+            grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
+            pos = int(torch.randint(config.num_triggers, (1,), generator=g))
+            # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
+            gain = -(E @ grad[pos]).float().cpu()  # (V,)
+            gain[~allowed] = -float("inf")
+            gain[triggers[pos]] = -float("inf")
+            candidates = [triggers[:pos] + [w] + triggers[pos + 1:]
+                          for w in gain.topk(config.num_candidates).indices.tolist()]
+            # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
+            screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
+            options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
+            losses = trigger_losses(base, draw(config.verify_rows), verb, options)
+            best = int(losses.argmin())  # the current trigger (0) stays unless a candidate beats it on these rows
+            triggers = options[best]
+            if best:
+                visited.append((restart, triggers))
+            history.append({"restart": restart, "step": step, "position": pos, "token": tok.decode([triggers[pos]]),
+                            "loss": float(losses[best]), "loss_before": float(losses[0])})
+            bar.update()
+            bar.set_postfix(restart=restart, loss=f"{float(losses[best]):.3f}", trigger=repr(tok.decode(triggers)))
+    bar.close()
     selection, kept = [], None
     if held:
         # Early stopping: a flip that won on search rows can still lose on rows the search never saw
         # (measured on SST-2: the last of 60 flips scored 4.5 points below the start on dev).
-        scores = trigger_scores(base, held, verb, visited)  # (O, N, C)
+        # Restarts share the start trigger: score it once. (O, N, C) over the distinct triggers
+        distinct = list(dict.fromkeys(tuple(t) for _, t in visited))
+        scores = trigger_scores(base, held, verb, [list(t) for t in distinct])
         acc = (scores.argmax(-1) == torch.tensor([r.gold for r in held])).float().mean(1)  # (O,)
         loss = _mean_losses(scores, held)  # (O,)
-        selection = [{"trigger": tok.decode(t), "accuracy": float(a), "loss": float(l)}
-                     for t, a, l in zip(visited, acc, loss)]
+        at = {t: i for i, t in enumerate(distinct)}
+        selection = [{"restart": r, "trigger": tok.decode(t), "accuracy": float(acc[at[tuple(t)]]),
+                      "loss": float(loss[at[tuple(t)]])} for r, t in visited]
         kept = max(range(len(visited)), key=lambda i: (selection[i]["accuracy"], -selection[i]["loss"]))
-        triggers = visited[kept]
+        triggers = visited[kept][1]
+    else:
+        triggers = visited[-1][1]
     return AutoPromptResult(fill(spec, template, tok.decode(triggers)), triggers, history, selection, kept)
 
 
@@ -532,7 +554,8 @@ def cmd_autoprompt(ns) -> None:
     c = _console()
     if result.selection:
         kept = result.selection[result.kept]
-        c.print(f"kept the trigger {kept['trigger']!r} of {len(result.selection)} visited: accuracy "
+        of = f" (restart {kept['restart']} of {config.restarts})" if config.restarts > 1 else ""
+        c.print(f"kept the trigger {kept['trigger']!r}{of} of {len(result.selection)} visited: accuracy "
                 f"{100 * kept['accuracy']:.1f} on {config.select_rows} held-out search rows "
                 f"(the last one: {100 * result.selection[-1]['accuracy']:.1f})")
     c.print(f"start  {start.template!r}: {ns.split} accuracy {_ci(before)}")

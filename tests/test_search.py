@@ -215,6 +215,24 @@ def test_autoprompt_keeps_the_visited_trigger_best_on_held_out_rows(base, sst2):
         AutoPromptConfig(search_size=16, select_rows=16)
 
 
+def test_autoprompt_restarts_compete_on_the_same_held_out_rows(base, sst2):
+    single = AutoPromptConfig(**{**TINY_AUTOPROMPT, "iterations": 3, "search_size": 24}, select_rows=8, seed=2)
+    one = autoprompt(base, sst2, single, progress=False)
+    three = autoprompt(base, sst2, dataclasses.replace(single, restarts=3), progress=False)
+    # restart 0 is the single search, draw for draw; the others draw differently
+    assert [h for h in three.history if h["restart"] == 0] == [{"restart": 0, **h} for h in one.history]
+    assert len(three.history) == 9 and {h["restart"] for h in three.history} == {0, 1, 2}
+    assert [x["accuracy"] for x in three.selection[:len(one.selection)]] == [x["accuracy"] for x in one.selection]
+    # every restart starts from the same trigger, scored on the same held-out rows
+    starts = [x for x in three.selection if x["trigger"] == " the the"]
+    assert [x["restart"] for x in starts][:3] == [0, 1, 2] and len({(x["accuracy"], x["loss"]) for x in starts}) == 1
+    best = max(three.selection, key=lambda x: (x["accuracy"], -x["loss"]))
+    assert three.selection[three.kept] == best and base.tokenizer.decode(three.triggers) == best["trigger"]
+    assert best["accuracy"] >= one.selection[one.kept]["accuracy"]
+    with pytest.raises(ConfigError, match="select-rows"):
+        AutoPromptConfig(restarts=2)
+
+
 def test_autoprompt_rejects_bad_templates(base, sst2):
     cfg = AutoPromptConfig(**TINY_AUTOPROMPT)
     with pytest.raises(ConfigError, match="slots"):
