@@ -278,11 +278,13 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
     auto = tmp_path / "auto.safetensors"
     flags = [x for k, v in TINY_AUTOPROMPT.items() for x in (f"--{k.replace('_', '-')}", v)]
     code, text, err = run(capsys, "search", "autoprompt", "--task", "sst2", "--data-dir", DATA, "--model", model_dir,
-                          "--start", out, "--limit", 8, "--out", auto, *flags)
+                          "--start", out, "--limit", 8, "--out", auto, "--restarts", 2, "--select-rows", 8, *flags)
     assert code == 0, err
     p = sp.load_prompt(auto)
     assert p.method == "hard" and p.spec.template.startswith(sp.load_prompt(out).spec.template)
     assert "found" in text and len(p.method_config["triggers"]) == 2
+    assert "of 2) of" in text and p.method_config["restarts"] == 2
+    assert {x["restart"] for x in p.method_config["selection"]} == {0, 1}
 
     base = sp.load_base(model_dir)
     soft = tmp_path / "soft.safetensors"
