@@ -6,8 +6,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} COLUMNS=${COLUMNS:-200}
 OUT=${OUT:-prompts}
 AUTOPROMPT=(--num-candidates 10 --eval-rows 48 --iterations 30)
 # SST-2's train split is mostly short phrases and its dev split whole sentences: search on sentence-length
-# train rows, and keep the visited trigger that is best on 256 held-out search rows (early stopping).
-SST2=(--search-min-words 10 --search-size 1024 --select-rows 256)
+# train rows, run 3 searches (restarts), and keep the visited trigger that is best on 256 held-out search rows
+# (early stopping, and a choice between restarts: one search's result depends on its seed).
+SST2=(--search-min-words 10 --search-size 1024 --select-rows 256 --restarts 3)
 for task in sst2 trec; do
   softprompt search templates --task "$task" --out "$OUT/$task-hard.safetensors"
   extra=(); [ "$task" = sst2 ] && extra=("${SST2[@]}")
