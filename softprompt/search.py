@@ -411,6 +411,23 @@ def trigger_losses(base, rows: list[_Row], verb: list[list[int]], options: list[
     return _mean_losses(trigger_scores(base, rows, verb, options), rows)
 
 
+def _contest(base, draw, verb: list[list[int]], allowed: torch.Tensor, triggers: list[int], config: AutoPromptConfig,
+             g: torch.Generator) -> tuple[int, list[list[int]], torch.Tensor]:
+    """One AutoPrompt step: the current `triggers` (option 0) against the best few one-token flips at a random
+    position. Returns (that position, the options, their mean losses on fresh search rows (O,))."""
+    grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
+    pos = int(torch.randint(config.num_triggers, (1,), generator=g))
+    # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
+    gain = -(base.embedding_matrix.detach() @ grad[pos]).float().cpu()  # (V,)
+    gain[~allowed] = -float("inf")
+    gain[triggers[pos]] = -float("inf")
+    candidates = [triggers[:pos] + [w] + triggers[pos + 1:] for w in gain.topk(config.num_candidates).indices.tolist()]
+    # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
+    screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
+    options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
+    return pos, options, trigger_losses(base, draw(config.verify_rows), verb, options)
+
+
 def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None = None, template: str | None = None,
                progress: bool = True) -> AutoPromptResult:
     """Search `config.num_triggers` trigger tokens for `template` (default: `spec`'s, slot at its end)."""
@@ -438,7 +455,6 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     rows = _split_rows(base, spec, template, data, gold)
     # the search split is a seeded random sample, so its first rows are as random a hold-out as any
     held, rows = rows[:config.select_rows], rows[config.select_rows:]
-    E = base.embedding_matrix.detach()  # (V, D)
     bar = tqdm(total=config.iterations * config.restarts, desc="autoprompt", disable=not progress)
     history, visited = [], []  # visited: (restart, trigger ids), the start and every kept flip of every restart
     g = torch.Generator()
@@ -451,18 +467,7 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
         triggers = start
         visited.append((restart, triggers))
         for step in range(config.iterations):
-            grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
-            pos = int(torch.randint(config.num_triggers, (1,), generator=g))
-            # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
-            gain = -(E @ grad[pos]).float().cpu()  # (V,)
-            gain[~allowed] = -float("inf")
-            gain[triggers[pos]] = -float("inf")
-            candidates = [triggers[:pos] + [w] + triggers[pos + 1:]
-                          for w in gain.topk(config.num_candidates).indices.tolist()]
-            # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
-            screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
-            options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
-            losses = trigger_losses(base, draw(config.verify_rows), verb, options)
+            pos, options, losses = _contest(base, draw, verb, allowed, triggers, config, g)
             best = int(losses.argmin())  # the current trigger (0) stays unless a candidate beats it on these rows
             triggers = options[best]
             if best:
@@ -476,14 +481,13 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     if held:
         # Early stopping: a flip that won on search rows can still lose on rows the search never saw
         # (measured on SST-2: the last of 60 flips scored 4.5 points below the start on dev).
-        # Restarts share the start trigger: score it once. (O, N, C) over the distinct triggers
+        # Restarts share the start trigger: score each distinct trigger once. (O, N, C)
         distinct = list(dict.fromkeys(tuple(t) for _, t in visited))
         scores = trigger_scores(base, held, verb, [list(t) for t in distinct])
         acc = (scores.argmax(-1) == torch.tensor([r.gold for r in held])).float().mean(1)  # (O,)
-        loss = _mean_losses(scores, held)  # (O,)
-        at = {t: i for i, t in enumerate(distinct)}
-        selection = [{"restart": r, "trigger": tok.decode(t), "accuracy": float(acc[at[tuple(t)]]),
-                      "loss": float(loss[at[tuple(t)]])} for r, t in visited]
+        held_out = dict(zip(distinct, zip(acc.tolist(), _mean_losses(scores, held).tolist())))
+        selection = [{"restart": r, "trigger": tok.decode(t), "accuracy": held_out[tuple(t)][0],
+                      "loss": held_out[tuple(t)][1]} for r, t in visited]
         kept = max(range(len(visited)), key=lambda i: (selection[i]["accuracy"], -selection[i]["loss"]))
         triggers = visited[kept][1]
     else:

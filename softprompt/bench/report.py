@@ -146,7 +146,8 @@ def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tupl
             a, b = groups.get((task, prompt)), groups.get((task, pre))
             if not a or not b:
                 continue
-            diff, spread, leader = a.mean() - b.mean(), _spread(a, b), prompt if a.mean() > b.mean() else pre
+            diff, spread = a.mean() - b.mean(), _spread(a, b)
+            leader = prompt if diff > 0 else pre
             if spread is None:
                 who, detail = f"{leader} higher on one seed, no spread to judge against yet", "1 seed"
             else:
