@@ -20,7 +20,7 @@ from .errors import SoftpromptError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .generate import Sampling, generate_ids  # noqa: E402
 from .hub import from_pretrained, push_to_hub  # noqa: E402
-from .inject import Injection  # noqa: E402
+from .injection import Injection  # noqa: E402
 from .methods import METHODS, MethodConfig, PromptMethod, SoftPromptConfig  # noqa: E402
 from .store import Prompt, Store, load_prompt  # noqa: E402
 from .train import TrainConfig, TrainResult, train  # noqa: E402

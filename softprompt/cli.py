@@ -211,7 +211,7 @@ def cmd_generate(ns):
     from .data import Encoder, load_task
     from .evaluate import generate_texts
     from .generate import Sampling
-    from .inject import EMPTY
+    from .injection import EMPTY
     from .store import load_prompt
 
     if not ns.prompt and not ns.task:
@@ -226,7 +226,7 @@ def cmd_generate(ns):
         spec, injection = load_task(ns.task, ns.data_dir).spec, EMPTY
     texts = ns.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     rendered = [t if ns.raw else render_input(spec, t) for t in texts]
-    enc = Encoder(spec, base.tokenizer, ns.truncate)
+    enc = Encoder(spec, base, ns.truncate)
     max_new = ns.max_new_tokens or spec.max_new_tokens
     import torch
 

@@ -24,8 +24,13 @@ import torch
 import yaml
 
 from .errors import ConfigError, DataError, InputTooLongError, check_keys
+from .example import MASK, Example
+from .injection import EMPTY, Injection
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
+TRUNCATIONS = ("error", "left", "right")  # what to do with an input over the limit
+# The label word's place in a template: `{mask}`, rendered as `example.MASK`.
+MASK_FIELD = "mask"
 
 
 def builtin_tasks() -> list[str]:
@@ -77,17 +82,30 @@ class TaskSpec:
                 raise ConfigError(f"Task '{self.name}' maps two labels to the same verbalizer word.",
                                   "give every class its own word in `labels`.")
         try:
-            self.template_fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+            parsed = [(text, f) for text, f, _, _ in string.Formatter().parse(self.template)]
         except ValueError as e:
             raise ConfigError(f"Task '{self.name}': template is not a valid format string ({e}).",
                               "write fields as {name} and literal braces as {{ and }}.") from e
-        if any(f == "" or not f.isidentifier() for f in self.template_fields):
+        fields = [f for _, f in parsed if f is not None]
+        if any(f == "" or not f.isidentifier() for f in fields):
             raise ConfigError(f"Task '{self.name}': template fields must be names like {{sentence}}.",
                               "name every placeholder in the template.")
+        if fields.count(MASK_FIELD) > 1:
+            raise ConfigError(f"Task '{self.name}': the template has {fields.count(MASK_FIELD)} {{mask}} slots.",
+                              "put one {mask} where the label word goes.")
+        self.template_fields = [f for f in fields if f != MASK_FIELD]
+        # text after the {mask} slot: only a masked LM reads any (a causal LM's label word follows the prompt)
+        after = [text for text, _ in parsed[[f for _, f in parsed].index(MASK_FIELD) + 1:]] if MASK_FIELD in fields else []
+        self.mask_inside = any(after)
 
     @property
     def is_classification(self) -> bool:
         return self.labels is not None
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the template marks the label word's place with {mask}."""
+        return self.mask_inside or "{" + MASK_FIELD + "}" in self.template.replace("{{", "")
 
     @property
     def class_names(self) -> list[str]:
@@ -103,7 +121,7 @@ class TaskSpec:
 
     def render(self, row: dict) -> str:
         """The template filled with one row's fields."""
-        return self.template.format(**{f: row[self.column(f)] for f in self.template_fields})
+        return self.template.format(**{f: row[self.column(f)] for f in self.template_fields}, **{MASK_FIELD: MASK})
 
     def portable(self) -> dict:
         """The spec without data locations: what a prompt file stores to format requests later."""
@@ -380,22 +398,18 @@ def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
 
 
 class Encoder:
-    """Turns a task's texts into token ids for one tokenizer.
+    """Turns a task's texts into `Example`s for one base model, through its family's conventions.
 
-    The loss and the scores cover target tokens only; prompt and target are tokenized separately
-    and concatenated, the same way in training, scoring and serving, so the boundary never shifts.
+    The family decides the special tokens and where the label word goes; the loss and the scores
+    cover target tokens only. Prompt and target are tokenized separately, the same way in
+    training, scoring and serving, so the boundary never shifts.
     """
 
-    def __init__(self, spec: TaskSpec, tokenizer, truncate: str = "error"):
-        if truncate not in ("error", "left", "right"):
-            raise ConfigError(f"Unknown truncation policy '{truncate}'.", "use error, left or right.")
-        self.spec, self.tokenizer, self.truncate = spec, tokenizer, truncate
-
-    def prompt_ids(self, text: str) -> list[int]:
-        if self.spec.chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                      add_generation_prompt=True, return_dict=False)
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def __init__(self, spec: TaskSpec, base, truncate: str = "error", max_length: int | None = None):
+        if truncate not in TRUNCATIONS:
+            raise ConfigError(f"Unknown truncation policy '{truncate}'.", f"use one of {', '.join(TRUNCATIONS)}.")
+        base.family.check_spec(spec)
+        self.spec, self.family, self.truncate, self.max_length = spec, base.family, truncate, max_length
 
     @property
     def _prefix(self) -> str:
@@ -403,37 +417,47 @@ class Encoder:
         return "" if self.spec.chat else self.spec.target_prefix
 
     def target_ids(self, text: str, eos: bool) -> list[int]:
-        ids = self.tokenizer(self._prefix + text, add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id] if eos else ids
+        return self.family.target_ids(self._prefix + text, eos)
 
     @cached_property
     def verbalizer_ids(self) -> list[list[int]]:
-        return [self.target_ids(w, eos=False) for w in self.spec.labels.values()]
-
-    def fit(self, prompt: list[int], budget: int | None) -> list[int]:
-        """Apply the truncation policy so that the prompt has at most `budget` tokens."""
-        if budget is None or len(prompt) <= budget:
-            return prompt
-        if self.truncate == "error" or budget <= 0:
-            raise InputTooLongError(
-                f"An input of {len(prompt)} tokens does not fit the {budget} tokens left by the context, the "
-                "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
-        return prompt[-budget:] if self.truncate == "left" else prompt[:budget]
-
-    def input_ids(self, text: str, budget: int | None) -> list[int]:
-        """Token ids of an input to score or continue, fitted to `budget` (the truncation policy); never empty, since
-        the next token is read at the input's last position."""
-        ids = self.fit(self.prompt_ids(text), budget)
-        if not ids:
-            raise DataError("An input has no tokens (an empty text, and a template that adds none).",
-                            "pass a non-empty input.")
+        ids = [self.target_ids(w, eos=False) for w in self.spec.labels.values()]
+        empty = [w for w, v in zip(self.spec.labels.values(), ids) if not v]
+        if empty:
+            raise ConfigError(f"Task '{self.spec.name}': the label word(s) {empty} have no tokens.",
+                              "give every class a non-empty word in `labels`.")
         return ids
 
-    def training_example(self, prompt: str, target: str, budget: int | None) -> tuple[list[int], list[int]]:
-        """(input ids, labels) with -100 on prompt tokens; generation targets end with EOS to learn to stop."""
+    def fit(self, ids: list[int], slot: int, budget: int | None) -> tuple[list[int], int]:
+        """Apply the truncation policy so that the source has at most `budget` tokens; cuts stay before the slot."""
+        if budget is None or len(ids) <= budget:
+            return ids, slot
+        cut = len(ids) - budget
+        if self.truncate == "error" or budget <= 0 or cut > slot:
+            raise InputTooLongError(
+                f"An input of {len(ids)} tokens does not fit the {budget} tokens left by the context, the "
+                "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
+        if self.truncate == "left":
+            return ids[cut:], slot - cut
+        return ids[:slot - cut] + ids[slot:], slot - cut
+
+    def example(self, text: str, injection: Injection = EMPTY, reserve: int = 0, target: list[int] | None = None) \
+            -> Example:
+        """A rendered prompt as an `Example` to score or continue: fitted to what the context leaves after the prompt's
+        positions and `reserve` tokens (the target or new tokens); never empty, since the next token is read at the
+        slot."""
+        ids, slot = self.family.source_ids(text, self.spec.chat)
+        budget = self.family.source_budget(injection, reserve, self.max_length)
+        ids, slot = self.fit(ids, slot, budget)
+        if not ids and injection.num_embeds == 0:
+            raise DataError("An input has no tokens (an empty text, and a template that adds none).",
+                            "pass a non-empty input.")
+        return Example(ids, slot, list(target or []), injection)
+
+    def training_example(self, prompt: str, target: str, injection: Injection = EMPTY) -> Example:
+        """The example to train on: the target's tokens (generation targets end with EOS, to learn to stop)."""
         tgt = self.target_ids(target, eos=not self.spec.is_classification)
-        p = self.fit(self.prompt_ids(prompt), None if budget is None else budget - len(tgt))
-        return p + tgt, [-100] * len(p) + tgt
+        return self.example(prompt, injection, len(tgt), tgt)
 
 
 def collate(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict:

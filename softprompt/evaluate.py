@@ -11,10 +11,10 @@ from collections import OrderedDict
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoder, Split, Task, TaskSpec, collate
+from .data import Encoder, Split, Task, TaskSpec
 from .errors import ConfigError
 from .generate import GREEDY, Sampling, generate_ids
-from .inject import EMPTY, Injection, _per_row, assemble, forward
+from .injection import EMPTY, Injection, per_row
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -23,63 +23,21 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _budget(base, inj: Injection, reserve: int) -> int | None:
-    return None if base.max_positions is None else base.max_positions - inj.num_positions - reserve
-
-
 @torch.inference_mode()
 def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: Injection | list[Injection] = EMPTY,
                           batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """(N, C) log-likelihood of each class's verbalizer tokens after each prompt."""
-    rows = _per_row(injections, len(prompts))
+    """(N, C) log-likelihood of each class's label word after (or, for a masked LM, in) each rendered prompt."""
+    rows = per_row(injections, len(prompts))
     verb = enc.verbalizer_ids
     reserve = max(len(v) for v in verb)
-    ids = [enc.input_ids(p, _budget(base, r, reserve)) for p, r in zip(prompts, rows)]
-    # multi-token verbalizers turn every prompt into C sequences; keep the sequences per batch the same
+    examples = [enc.example(p, r, reserve) for p, r in zip(prompts, rows)]
+    # multi-token label words turn every prompt into C sequences; keep the sequences per batch the same
     per_batch = batch_size if all(len(v) == 1 for v in verb) else max(1, batch_size // len(verb))
-    scores = torch.empty(len(ids), len(verb))
-    for batch in tqdm(length_batches([len(s) for s in ids], per_batch), disable=not progress, desc="scoring",
-                      leave=False):
-        scores[batch] = class_scores(base, [ids[i] for i in batch], [rows[i] for i in batch], verb).cpu()
+    scores = torch.empty(len(examples), len(verb))
+    for batch in tqdm(length_batches([len(e.source) for e in examples], per_batch), disable=not progress,
+                      desc="scoring", leave=False):
+        scores[batch] = torch.stack(base.family.class_scores([(examples[i], verb) for i in batch])).float().cpu()
     return scores
-
-
-def class_scores(base, seqs: list[list[int]], injections: list[Injection], verb: list[list[int]]) -> torch.Tensor:
-    """(B, C) log-likelihood of each class's verbalizer tokens `verb` after each token sequence: one batch.
-
-    When every verbalizer is one token (the common case), one forward per sequence reads all C
-    scores from the last position; otherwise each (sequence, class) pair is scored as a sequence.
-    Differentiable: gradients reach tensors in `injections` that need them.
-    """
-    pad = base.tokenizer.pad_token_id
-    if all(len(v) == 1 for v in verb):
-        b = collate(seqs, pad)
-        logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], injections), logits_to_keep=1)
-        return logits[:, -1].float().log_softmax(-1)[:, [v[0] for v in verb]]
-    b = collate([s + v for s in seqs for v in verb], pad, [[-100] * len(s) + v for s in seqs for v in verb])
-    inputs = assemble(base, b["input_ids"], b["attention_mask"], [r for r in injections for _ in verb],
-                      labels=b["labels"])
-    return target_log_likelihood(base, inputs).view(len(seqs), len(verb))
-
-
-def target_log_probs(base, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target token) at the labelled trailing positions: (logp (B, K), mask (B, K)).
-
-    Targets sit at the end of every row (left padding), so logits are only computed for the last
-    K + 1 positions, K = the longest target: the vocabulary projection is the costliest layer here.
-    """
-    labels = inputs.labels
-    K = int((labels != -100).sum(1).max())
-    logits, _ = forward(base, inputs, logits_to_keep=K + 1)
-    logp = logits[:, :-1].float().log_softmax(-1)  # (B, K, V) predictions for the last K positions
-    tgt = labels[:, -K:]
-    mask = tgt != -100
-    return logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * mask, mask
-
-
-def target_log_likelihood(base, inputs) -> torch.Tensor:
-    """Per-row sum of log p(target tokens); (B,)."""
-    return target_log_probs(base, inputs)[0].sum(1)
 
 
 def classification_metrics(scores: torch.Tensor, gold: list[int]) -> dict:
@@ -166,7 +124,7 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
     data = subset(task.split(split), task.spec, limit, seed)
     if spec.is_classification:
         return classification_metrics(*classify(base, task, spec, data, injection, batch_size, truncate, progress))
-    enc = Encoder(spec, base.tokenizer, truncate)
+    enc = Encoder(spec, base, truncate)
     prompts = [spec.render(r) for r in data.rows]
     refs: OrderedDict[str, list[str]] = OrderedDict()
     for p, t in zip(prompts, data.targets):
@@ -181,7 +139,7 @@ def classify(base, task: Task, spec: TaskSpec, data: Split, injection: Injection
     # gold labels are indices into the task's label map; map them to the spec's class order
     order = {name: i for i, name in enumerate(spec.class_names)}
     gold = [order[task.spec.class_names[y]] for y in data.labels]
-    enc = Encoder(spec, base.tokenizer, truncate)
+    enc = Encoder(spec, base, truncate)
     scores = class_log_likelihoods(base, enc, [spec.render(r) for r in data.rows], injection, batch_size, progress)
     return scores, gold
 
@@ -190,13 +148,12 @@ def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection 
                    batch_size: int = 32, progress: bool = False, use_cache: bool = True, sampling: Sampling = GREEDY,
                    generator: torch.Generator | None = None) -> list[str]:
     """Continuations of rendered prompts (greedy unless `sampling` says otherwise), decoded to text."""
-    rows = _per_row(injection, len(prompts))
-    ids = [enc.input_ids(p, _budget(base, r, max_new_tokens)) for p, r in zip(prompts, rows)]
-    out = [""] * len(ids)
-    for batch in tqdm(length_batches([len(s) for s in ids], batch_size), disable=not progress, desc="generating",
-                      leave=False):
-        new = generate_ids(base, [ids[i] for i in batch], [rows[i] for i in batch], max_new_tokens, sampling,
-                           use_cache, generator)
+    rows = per_row(injection, len(prompts))
+    examples = [enc.example(p, r, max_new_tokens) for p, r in zip(prompts, rows)]
+    out = [""] * len(examples)
+    for batch in tqdm(length_batches([len(e.source) for e in examples], batch_size), disable=not progress,
+                      desc="generating", leave=False):
+        new = generate_ids(base, [examples[i] for i in batch], max_new_tokens, sampling, use_cache, generator)
         for i, toks in zip(batch, new):
             out[i] = base.tokenizer.decode(toks, skip_special_tokens=True).strip()
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
-from .inject import Injection
+from .injection import Injection
 from .store import Prompt
 
 METRICS = ("cosine", "l2")

@@ -1,8 +1,9 @@
-"""Batched, left-padded decoding with a KV cache, for any mix of prompts in one batch.
+"""Batched decoding with a KV cache, for any mix of prompts in one batch, on any family that generates.
 
-We run our own decode loop over the model's forward instead of `model.generate`: the prompt's
-key/value prefix must sit in the cache, the attention mask must cover it, and position ids must
-continue from each row's own count. The loop passes those explicitly, so cached and uncached
+We run our own decode loop instead of `model.generate`: the prompt's key/value prefix must sit in
+the cache, the attention mask must cover it, and positions must continue from each row's own
+count. The family lays that out (`Family.start_decoding`, `continue_decoding`); this loop samples,
+stops rows at EOS or their length limit, and yields tokens as they come. Cached and uncached
 decoding give the same tokens (PEFT on transformers 5.x silently loses the prefix in `generate`).
 """
 
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import collate
-from .errors import ConfigError, InputTooLongError
-from .inject import Injection, _per_row, assemble, forward, run
+from .errors import ConfigError
+from .example import Example
 
 
 @dataclass(frozen=True)
@@ -72,60 +72,41 @@ def stop_ids(base) -> set[int]:
 
 
 @torch.inference_mode()
-def decode(base, prompt_ids: list[list[int]], injections: Injection | list[Injection],
-           max_new_tokens: int | list[int], sampling: Sampling | list[Sampling] = GREEDY, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def decode(base, examples: list[Example], max_new_tokens: int | list[int], sampling: Sampling | list[Sampling] = GREEDY,
+           use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), active (B,)) once per step; a row is inactive after its EOS or length limit.
 
-    prompt_ids: token ids per row (not padded). injections: one for all rows or one per row.
+    examples: one per row, each with its prompt (`Example.injection`); what is decoded follows each source.
     With use_cache=False every step re-runs the whole sequence (slow; a reference for tests).
     """
-    B = len(prompt_ids)
-    if not all(prompt_ids):
-        raise ConfigError("An input to generate from has no tokens.", "pass at least one token per row.")
-    rows = _per_row(injections, B)
+    B = len(examples)
+    family = base.family
     settings = [sampling] * B if isinstance(sampling, Sampling) else list(sampling)
-    limits = torch.tensor([max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens))
-    context = base.max_positions
-    if context is not None:
-        need = max(len(p) + r.num_positions + int(n) for p, r, n in zip(prompt_ids, rows, limits))
-        if need > context:
-            raise InputTooLongError(f"Prompt, virtual tokens and max_new_tokens need {need} positions; the model has "
-                                    f"{context}.", "shorten the input or lower max_tokens.")
+    limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    family.check_fits(examples, limits)
     dev = base.device
-    batch = collate(prompt_ids, base.tokenizer.pad_token_id)
-    ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    inputs = assemble(base, ids, attn, rows)
-    logits, cache = forward(base, inputs, logits_to_keep=1, for_decoding=use_cache)
-    mask, pos = inputs.attention_mask, inputs.position_ids[:, -1]  # (B, K + S), (B,)
+    state, logits = family.start_decoding(examples, use_cache)
     eos = torch.tensor(sorted(stop_ids(base)), device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
-    limits = limits.to(dev)
+    limits = torch.tensor(limits, device=dev)
     pad = base.tokenizer.pad_token_id
     for step in range(int(limits.max())):
-        nxt = sample_next(logits[:, -1], settings, generator)
+        nxt = sample_next(logits, settings, generator)
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
         yield nxt, active.clone()
         active &= ~torch.isin(nxt, eos) & (limits > step + 1)
         if not active.any():
             return
-        ones = mask.new_ones(B, 1)
-        mask, pos = torch.cat([mask, ones], 1), pos + 1
-        if use_cache:
-            logits, cache = run(base, base.embed(nxt[:, None]), mask, pos[:, None], cache, logits_to_keep=1,
-                                use_cache=True)
-        else:
-            ids, attn = torch.cat([ids, nxt[:, None]], 1), torch.cat([attn, ones], 1)
-            logits, _ = forward(base, assemble(base, ids, attn, rows), logits_to_keep=1)
+        logits = family.continue_decoding(state, nxt)
 
 
-def generate_ids(base, prompt_ids: list[list[int]], injections: Injection | list[Injection],
-                 max_new_tokens: int | list[int] = 64, sampling: Sampling | list[Sampling] = GREEDY,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
+def generate_ids(base, examples: list[Example], max_new_tokens: int | list[int] = 64,
+                 sampling: Sampling | list[Sampling] = GREEDY, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
     """New token ids per row, without the EOS token."""
-    out: list[list[int]] = [[] for _ in prompt_ids]
+    out: list[list[int]] = [[] for _ in examples]
     eos = stop_ids(base)
-    for nxt, active in decode(base, prompt_ids, injections, max_new_tokens, sampling, use_cache, generator):
+    for nxt, active in decode(base, examples, max_new_tokens, sampling, use_cache, generator):
         for i in active.nonzero()[:, 0].tolist():
             if int(nxt[i]) not in eos:
                 out[i].append(int(nxt[i]))

@@ -3,13 +3,13 @@
 The base model is loaded once; each task is one small prompt file. A request names its task; the
 registry formats it with that prompt's own template (`data.Encoder`) and runs rows of different
 tasks, methods (soft, prefix, deep, P-tuning, a plain template with no tensors) and numbers of
-virtual tokens in one forward pass or one decode loop: `inject.assemble` lays out one injection
-per row and masks the slots a shorter prompt leaves empty.
+virtual tokens in one forward pass or one decode loop: the model's family lays out one prompt
+per row (`Family.class_scores`, `generate.decode`).
 
 Prompts made of virtual-token embeddings (soft prompts, P-tuning's encoder output) are compiled
-once at load into a KV prefix (`inject.compile_injection`): with causal attention their keys and
-values never depend on the text after them, so requests pay nothing for them in prefill, and
-outputs stay the same as uncompiled.
+once at load into a KV prefix where the family can do that exactly (`Family.compile`: causal
+attention, whose keys and values never depend on the text after them), so requests pay nothing
+for them in prefill, and outputs stay the same as uncompiled.
 
 A `Store` directory is the source of truth: `sync` loads new and changed files, drops removed
 ones, and refuses a file that does not load or does not fit the base model (its reason is kept in
@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .data import Encoder, TaskSpec, collate
+from .data import Encoder, TaskSpec
 from .errors import ConfigError, SoftpromptError
+from .example import Example
 from .generate import GREEDY, Sampling, decode, generate_ids
-from .inject import Injection, assemble, compile_injection, forward
+from .injection import Injection
 from .store import Prompt, Store
 
 log = logging.getLogger("softprompt.multitask")
@@ -71,14 +72,13 @@ class Entry:
     def spec(self) -> TaskSpec:
         return self.encoder.spec
 
-    def encode(self, value: str | dict, reserve: int | None = None) -> list[int]:
-        """Token ids of one request input, leaving `reserve` positions in the context for what follows it
-        (new tokens; by default the longest class verbalizer, or the task's max_new_tokens)."""
+    def encode(self, value: str | dict, reserve: int | None = None) -> Example:
+        """One request input as an `Example` with this task's prompt, leaving `reserve` positions in the context for
+        what follows it (new tokens; by default the longest class verbalizer, or the task's max_new_tokens)."""
         if reserve is None:
             spec = self.spec
             reserve = max(map(len, self.encoder.verbalizer_ids)) if spec.is_classification else spec.max_new_tokens
-        budget = None if self.max_positions is None else self.max_positions - self.injection.num_positions - reserve
-        return self.encoder.input_ids(render_request(self.spec, value), budget)
+        return self.encoder.example(render_request(self.spec, value), self.injection, reserve)
 
     def describe(self) -> dict:
         """What `/v1/models` shows of the task."""
@@ -112,37 +112,17 @@ def padded_groups(lengths: list[int], max_padding: float | None) -> list[list[in
 
 
 @torch.inference_mode()
-def class_scores(base, rows: list[tuple[list[int], Injection, list[list[int]]]],
-                 max_padding: float | None = 0.25) -> list[torch.Tensor]:
-    """Log-likelihood of every class verbalizer of every row; rows of any tasks, batched together.
+def class_scores(base, rows: list[tuple[Example, list[list[int]]]], max_padding: float | None = 0.25) \
+        -> list[torch.Tensor]:
+    """Log-likelihood of every class label word of every row; rows of any tasks, batched together.
 
-    rows: (prompt ids, injection, verbalizer ids per class). The prompt itself is one sequence, whose
-    last position scores every single-token verbalizer; a multi-token verbalizer adds the sequence
-    prompt + verbalizer, scored on its tokens (as `evaluate.class_log_likelihoods` does).
-    max_padding: see `padded_groups`; None runs all sequences in one forward pass.
-    Returns one (C_i,) tensor per row.
+    rows: (example with its prompt, label-word token ids per class). max_padding: see `padded_groups`;
+    None runs all rows in one batch. Returns one (C_i,) tensor per row.
     """
-    # (row, classes it scores, token ids, verbalizer length: 0 = read the first token at the last position)
-    seqs = []
-    for r, (ids, _, verb) in enumerate(rows):
-        singles = [c for c, v in enumerate(verb) if len(v) == 1]
-        if singles:
-            seqs.append((r, singles, ids, 0))
-        seqs += [(r, [c], ids + v, len(v)) for c, v in enumerate(verb) if len(v) > 1]
-    scores = [torch.empty(len(verb)) for _, _, verb in rows]
-    for group in padded_groups([len(s[2]) for s in seqs], max_padding):
-        part = [seqs[i] for i in group]
-        b = collate([ids for _, _, ids, _ in part], base.tokenizer.pad_token_id)
-        inputs = assemble(base, b["input_ids"], b["attention_mask"], [rows[r][1] for r, *_ in part])
-        K = max(n for *_, n in part)  # the longest multi-token verbalizer here (0 if none)
-        logits, _ = forward(base, inputs, logits_to_keep=K + 1)
-        logp = logits.float().log_softmax(-1).cpu()  # (N, K + 1, V); position j predicts the token at j + 1
-        for i, (r, classes, ids, n) in enumerate(part):
-            verb = rows[r][2]
-            if n == 0:
-                scores[r][classes] = logp[i, -1, [verb[c][0] for c in classes]]
-            else:  # the verbalizer fills the last n positions; logits at K - n ... K - 1 predict them
-                scores[r][classes[0]] = logp[i, K - n:K].gather(-1, torch.tensor(verb[classes[0]])[:, None]).sum()
+    scores: list[torch.Tensor | None] = [None] * len(rows)
+    for group in padded_groups([len(e.source) for e, _ in rows], max_padding):
+        for i, s in zip(group, base.family.class_scores([rows[i] for i in group])):
+            scores[i] = s.float().cpu()
     return scores
 
 
@@ -186,8 +166,8 @@ class MultiTask:
         prompt.verify(self.base, what=f"The prompt of task '{name}'")
         injection = prompt.injection.to(self.base.device, self.base.dtype)
         if self.compile:
-            injection = compile_injection(self.base, injection)
-        encoder = Encoder(prompt.spec, self.base.tokenizer, self.truncate)
+            injection = self.base.family.compile(injection)
+        encoder = Encoder(prompt.spec, self.base, self.truncate)
         if encoder.spec.is_classification:
             encoder.verbalizer_ids  # tokenized once, here, not on the request path  # noqa: B018
         entry = Entry(name, prompt, injection, encoder, self.base.max_positions, stamp)
@@ -240,17 +220,17 @@ class MultiTask:
         return report
 
     # --- batches of any mix of tasks -----------------------------------------------------------------------------
-    def encode(self, task: str, value: str | dict, reserve: int | None = None) -> tuple[Entry, list[int]]:
+    def encode(self, task: str, value: str | dict, reserve: int | None = None) -> tuple[Entry, Example]:
         entry = self.get(task)
         return entry, entry.encode(value, reserve)
 
-    def classify_rows(self, rows: list[tuple[Entry, list[int]]]) -> list[Classification]:
+    def classify_rows(self, rows: list[tuple[Entry, Example]]) -> list[Classification]:
         """Classify already encoded rows of any mix of classification tasks, batched together (`class_scores`)."""
         for entry, _ in rows:
             if not entry.spec.is_classification:
                 raise ConfigError(f"Task '{entry.name}' is a generation task; it has no classes.",
                                   "use a classification task, or /v1/completions for generation.")
-        scores = class_scores(self.base, [(ids, e.injection, e.encoder.verbalizer_ids) for e, ids in rows])
+        scores = class_scores(self.base, [(example, e.encoder.verbalizer_ids) for e, example in rows])
         out = []
         for (entry, _), s in zip(rows, scores):
             names = entry.spec.class_names
@@ -262,19 +242,18 @@ class MultiTask:
         """(task, input) pairs -> their classes, the whole mixed batch at once."""
         return self.classify_rows([self.encode(t, v) for t, v in requests])
 
-    def decode_rows(self, rows: list[tuple[Entry, list[int]]], max_new_tokens: int | list[int],
+    def decode_rows(self, rows: list[tuple[Entry, Example]], max_new_tokens: int | list[int],
                     sampling: Sampling | list[Sampling] = GREEDY,
                     generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`generate.decode` over encoded rows of any mix of tasks: yields (next tokens (B,), active (B,)) per step."""
-        return decode(self.base, [ids for _, ids in rows], [e.injection for e, _ in rows], max_new_tokens, sampling,
-                      generator=generator)
+        return decode(self.base, [example for _, example in rows], max_new_tokens, sampling, generator=generator)
 
     def generate_ids(self, requests: list[tuple[str, str | dict]], max_new_tokens: int | None = None,
                      sampling: Sampling | list[Sampling] = GREEDY) -> list[list[int]]:
         """(task, input) pairs -> new token ids per row (one decode loop); length: each task's max_new_tokens."""
         limits = [max_new_tokens or self.get(t).spec.max_new_tokens for t, _ in requests]
         rows = [self.encode(t, v, n) for (t, v), n in zip(requests, limits)]
-        return generate_ids(self.base, [ids for _, ids in rows], [e.injection for e, _ in rows], limits, sampling)
+        return generate_ids(self.base, [example for _, example in rows], limits, sampling)
 
     def generate(self, requests: list[tuple[str, str | dict]], max_new_tokens: int | None = None,
                  sampling: Sampling | list[Sampling] = GREEDY) -> list[str]:

@@ -13,6 +13,20 @@ an adapter loaded with `inference_mode: true` uses it as is:
 query attention PEFT sets `token_dim = H_kv * hd` and `num_attention_heads = H_kv`, as we write them.)
 softprompt needs no PEFT to read or write these files; the tests check them against PEFT itself.
 
+PEFT's task type follows the base model's family: CAUSAL_LM (causal LMs), SEQ_2_SEQ_LM
+(`PeftModelForSeq2SeqLM`: T5, BART) and FEATURE_EXTRACTION (masked LMs: the wrapper that
+prepends prompts to a BERT-style encoder). Two seq2seq conventions of PEFT:
+- Prompt tuning and P-tuning use the first P rows of `prompt_embeddings` in front of the encoder
+  input (with `num_transformer_submodules` 2, PEFT's default, there are 2P rows and the second P
+  are never used). softprompt exports P rows with `num_transformer_submodules` 1.
+- Prefix tuning (`num_transformer_submodules` 2) cuts the tensor into 2L key/value slots and
+  gives decoder layer i the slots 4i and 4i + 1 (mod 2L) for its self-attention; the slots meant
+  for cross-attention are discarded. With L layers in the config, layers i and i + L/2 share a
+  prefix, so softprompt exports a prefix with `num_layers` 2L, where layer i's slots are distinct
+  (the unused slots are zeros), and imports any `num_layers` by the same rule. PEFT's
+  `num_transformer_submodules` 1 shares one cache between self- and cross-attention, which has no
+  exact equivalent, and is refused.
+
 Where PEFT's conventions differ from ours (see the README, "PEFT"):
 - Positions under prefix tuning are the same: PEFT hands the prefix to the model as a cache of P
   entries, so the text's positions start at P, and softprompt's `prefix` and `deep` prompts take
@@ -39,13 +53,15 @@ from safetensors.torch import save as st_save
 from .data import TaskSpec
 from .errors import ConfigError, PromptFileError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .inject import Injection
+from .injection import Injection
 from .methods import METHODS
 from .store import Prompt
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+# model family (`Fingerprint.family`) -> PEFT task type
+TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
 # softprompt method -> PEFT type for prompts of embeddings; every KV prefix is PEFT's PREFIX_TUNING.
 _EMBEDDING_TYPES = {"ptuning": "P_TUNING"}
 _PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
@@ -56,14 +72,34 @@ def hub_model_id(model_id: str) -> str:
     return model_id.split(" (")[0]
 
 
-def flatten_kv(kv: torch.Tensor) -> torch.Tensor:
-    """(L, 2, H_kv, P, hd) -> PEFT's (P, L * 2 * H_kv * hd)."""
-    return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1)
+def slot_pairs(family: str, peft_layers: int, model_layers: int) -> list[tuple[int, int]]:
+    """(key slot, value slot) of PEFT's prefix tensor that each of the model's layers reads (see the module docstring)."""
+    if family == "seq2seq":
+        return [((4 * i) % (2 * peft_layers), (4 * i + 1) % (2 * peft_layers)) for i in range(model_layers)]
+    return [(2 * i, 2 * i + 1) for i in range(model_layers)]
 
 
-def unflatten_kv(flat: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """PEFT's (P, L * 2 * H_kv * hd) -> (L, 2, H_kv, P, hd)."""
-    return flat.view(flat.shape[0], num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+def export_layers(family: str, model_layers: int) -> int:
+    """The `num_layers` softprompt writes into a PEFT prefix config: L, or 2L for a seq2seq decoder (module docstring)."""
+    return 2 * model_layers if family == "seq2seq" else model_layers
+
+
+def flatten_kv(kv: torch.Tensor, family: str = "causal") -> torch.Tensor:
+    """(L, 2, H_kv, P, hd) -> PEFT's (P, L' * 2 * H_kv * hd), L' = `export_layers(family, L)`."""
+    L, _, H, P, hd = kv.shape
+    peft_layers = export_layers(family, L)
+    slots = kv.new_zeros(2 * peft_layers, H, P, hd)  # (S, H_kv, P, hd)
+    for layer, (k, v) in enumerate(slot_pairs(family, peft_layers, L)):
+        slots[k], slots[v] = kv[layer, 0], kv[layer, 1]
+    return slots.permute(2, 0, 1, 3).reshape(P, -1)
+
+
+def unflatten_kv(flat: torch.Tensor, peft_layers: int, model_layers: int, num_kv_heads: int, head_dim: int,
+                 family: str = "causal") -> torch.Tensor:
+    """PEFT's (P, L' * 2 * H_kv * hd) -> (L, 2, H_kv, P, hd) for a model of L layers."""
+    slots = flat.view(flat.shape[0], 2 * peft_layers, num_kv_heads, head_dim).permute(1, 2, 0, 3)  # (S, H_kv, P, hd)
+    return torch.stack([torch.stack([slots[k], slots[v]])
+                        for k, v in slot_pairs(family, peft_layers, model_layers)]).contiguous()
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
@@ -77,14 +113,16 @@ def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
     if inj.embeds is None and inj.kv is None:
         raise PromptFileError(f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
                               "use its template as plain text.")
-    common = {"task_type": "CAUSAL_LM", "inference_mode": True, "num_transformer_submodules": 1,
+    family = prompt.base.get("family", "causal")
+    common = {"task_type": TASK_TYPES[family], "inference_mode": True, "num_transformer_submodules": 1,
               "base_model_name_or_path": base_model_name or hub_model_id(prompt.base.get("model_id", "")) or None,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
     if inj.kv is not None:
         L, _, H_kv, P, hd = inj.kv.shape
-        return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": L,
+        return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": export_layers(family, L),
                 "num_attention_heads": H_kv, "token_dim": H_kv * hd, "encoder_hidden_size": H_kv * hd,
-                "prefix_projection": False, "init_weights": None}
+                "prefix_projection": False, "init_weights": None,
+                "num_transformer_submodules": 2 if family == "seq2seq" else 1}
     P, D = inj.embeds.shape
     # num_layers / num_attention_heads: PEFT fills them in from the model config when null.
     common.update(num_virtual_tokens=P, token_dim=D, num_layers=None, num_attention_heads=None)
@@ -107,7 +145,7 @@ def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None
 
     config = peft_config(prompt, base_model_name)
     inj = prompt.injection
-    tensor = flatten_kv(inj.kv) if inj.kv is not None else inj.embeds
+    tensor = flatten_kv(inj.kv, prompt.base.get("family", "causal")) if inj.kv is not None else inj.embeds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # the header keeps softprompt's metadata, marked so that `Prompt.load` refuses the file (it holds no `embeds`/`kv`)
@@ -189,29 +227,41 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
     if kind not in PEFT_TYPES:
         raise PromptFileError(f"{path} is a PEFT {kind} adapter, not a prompt-learning one.",
                               f"softprompt imports {list(PEFT_TYPES)} adapters.")
-    if config.get("task_type") not in (None, "CAUSAL_LM") or config.get("num_transformer_submodules", 1) != 1:
-        raise PromptFileError(f"{path} is a PEFT adapter for task type {config.get('task_type')}; softprompt runs "
-                              "decoder-only causal LMs.", "import an adapter trained with task_type='CAUSAL_LM'.")
+    family = base.family.name
+    task_type = config.get("task_type")
+    if task_type not in (None, TASK_TYPES[family]):
+        raise PromptFileError(f"{path} is a PEFT adapter for task type {task_type}, but '{base.name}' is a {family} "
+                              f"model (PEFT task type {TASK_TYPES[family]}).",
+                              "import it against a model of the family it was trained for (--model).")
+    # PEFT's own default: two submodules (encoder and decoder) for seq2seq models, one otherwise
+    nts = config.get("num_transformer_submodules") or (2 if task_type == "SEQ_2_SEQ_LM" else 1)
     P = config.get("num_virtual_tokens")
-    if tensor.dim() != 2 or tensor.shape[0] != P:
+    rows = P if kind == "PREFIX_TUNING" else P * nts if isinstance(P, int) else None
+    if tensor.dim() != 2 or tensor.shape[0] != rows:
         raise PromptFileError(f"{path}: prompt_embeddings has shape {tuple(tensor.shape)}, but the config says "
                               f"{P} virtual tokens.", "re-save the adapter with PEFT.")
-    layout = base.kv_layout
     if kind == "PREFIX_TUNING":
-        width = layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim
-        if tensor.shape[1] != width:
+        if family == "seq2seq" and nts != 2:
+            raise PromptFileError(f"{path}: a seq2seq prefix with num_transformer_submodules {nts} (PEFT then shares one "
+                                  "cache between self- and cross-attention), which softprompt cannot reproduce.",
+                                  "re-train it with PEFT's default num_transformer_submodules=2.")
+        layout = base.kv_layout
+        per_layer = 2 * layout.num_kv_heads * layout.head_dim
+        peft_layers = tensor.shape[1] // per_layer
+        if tensor.shape[1] % per_layer or peft_layers < (layout.num_layers if family != "seq2seq" else 1) or \
+                (family != "seq2seq" and peft_layers != layout.num_layers):
             raise PromptFileError(
                 f"{path}: a prefix of width {tensor.shape[1]} per token does not fit '{base.name}' ({layout.num_layers} "
-                f"layers x 2 x {layout.num_kv_heads} KV heads x {layout.head_dim} = {width}).",
+                f"layers x 2 x {layout.num_kv_heads} KV heads x {layout.head_dim}).",
                 "import it against the model it was trained for (--model).")
         positions = meta["kv_positions"] if meta else P  # PEFT's own convention: the text starts after the prefix
-        injection = Injection(kv=unflatten_kv(tensor, layout.num_layers, layout.num_kv_heads, layout.head_dim),
-                              kv_positions=positions)
+        kv = unflatten_kv(tensor, peft_layers, layout.num_layers, layout.num_kv_heads, layout.head_dim, family)
+        injection = Injection(kv=kv, kv_positions=positions)
     else:
         if tensor.shape[1] != base.hidden_size:
             raise PromptFileError(f"{path}: virtual tokens of width {tensor.shape[1]} do not fit '{base.name}' "
                                   f"(hidden size {base.hidden_size}).", "import it against the model it was trained for.")
-        injection = Injection(embeds=tensor)
+        injection = Injection(embeds=tensor[:P])  # PEFT puts the first P in front of the input (the rest: unused)
     method, method_config = (meta["method"], meta["method_config"]) if meta else _method_of(config)
     if spec is not None:
         task = spec.portable()

@@ -19,11 +19,12 @@ and label words in its task spec), which `eval`, serving and the benchmark use l
 
   Why a slot, and how the gradient is read: the slot lets triggers sit between the input and
   the answer, where they see the input. The text before the slot does not depend on the
-  triggers, so each search row keeps it as a KV prefix (`inject.kv_of_embeddings`, computed
-  once); the triggers then enter as an `Injection(embeds=...)` leaf that requires grad, placed
-  right after that prefix at the positions the text prompt gives them, and `.grad` is read.
-  Candidates are scored the same way with their token ids, so a step costs K + |text after the
-  slot| tokens per row instead of the whole prompt. Final numbers score the saved text itself.
+  triggers, so each search row keeps it as a KV prefix (`Family.kv_of_embeddings`, computed
+  once, exact for causal attention, so AutoPrompt runs on the families that compile); the
+  triggers then enter as an `Injection(embeds=...)` leaf that requires grad, placed right after
+  that prefix at the positions the text prompt gives them, and `.grad` is read. Candidates are
+  scored the same way with their token ids, so a step costs K + |text after the slot| tokens per
+  row instead of the whole prompt. Final numbers score the saved text itself.
 
 Overfitting guard: searches only look at a seeded "search split" carved from train; the numbers
 reported next to the result (and stored in its prompt file) come from a separate dev split.
@@ -46,10 +47,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .data import BUILTIN_DIR, Encoder, Split, Task, TaskSpec, collate, frequent_token_ids
+from .data import BUILTIN_DIR, Encoder, Split, Task, TaskSpec, frequent_token_ids
 from .errors import ConfigError
-from .evaluate import class_log_likelihoods, class_scores, classification_metrics, classify, subset
-from .inject import EMPTY, Injection, assemble, forward, kv_of_embeddings
+from .evaluate import class_log_likelihoods, classification_metrics, classify, subset
+from .example import Example
+from .injection import EMPTY, Injection
 from .store import Prompt
 
 CANDIDATES_DIR = BUILTIN_DIR / "candidates"
@@ -225,7 +227,7 @@ def rank_templates(base, task: Task, candidates: Candidates, search_size: int = 
     for template in tqdm(candidates.templates, desc="templates", disable=not progress):
         # one "class" per candidate word: (N, W) scores from a single pass (one forward per row when words are 1 token)
         pooled = dataclasses.replace(task.spec, template=template, labels={str(i): w for i, w in enumerate(pool)})
-        enc = Encoder(pooled, base.tokenizer)
+        enc = Encoder(pooled, base)
         scores = class_log_likelihoods(base, enc, [pooled.render(r) for r in data.rows], EMPTY, batch_size)
         cols, _ = best_verbalizers(scores, gold, options)
         spec = with_template(task.spec, template, [pool[c] for c in cols])
@@ -356,15 +358,23 @@ class _Row:
 
 
 def _split_rows(base, spec: TaskSpec, template: str, data: Split, gold: list[int]) -> list[_Row]:
-    tok = base.tokenizer
+    family = base.family
     out = []
     for r, y in zip(data.rows, gold):
         before, after = fill(spec, template, _MARK).render(r).split(_MARK)
-        pre = tok(before, add_special_tokens=True)["input_ids"]
-        prefix = (Injection(kv=kv_of_embeddings(base, base.embed(torch.tensor(pre, device=base.device))),
+        pre, _ = family.source_ids(before) if before else ([], 0)
+        prefix = (Injection(kv=family.kv_of_embeddings(base.embed(torch.tensor(pre, device=base.device))),
                             kv_positions=len(pre)) if pre else EMPTY)
-        out.append(_Row(prefix, tok(after, add_special_tokens=False)["input_ids"] if after else [], y))
+        out.append(_Row(prefix, base.tokenizer(after, add_special_tokens=False)["input_ids"] if after else [], y))
     return out
+
+
+def _scores(base, rows: list[_Row], verb: list[list[int]], triggers: list[list[int]],
+            injections: list[Injection]) -> torch.Tensor:
+    """(B, C) class log-likelihoods of rows whose triggers (token ids, or part of each row's prompt) precede the text
+    after the slot."""
+    examples = [Example(t + r.post, len(t) + len(r.post), [], inj) for t, r, inj in zip(triggers, rows, injections)]
+    return torch.stack(base.family.class_scores([(e, verb) for e in examples]))
 
 
 def trigger_gradient(base, rows: list[_Row], verb: list[list[int]], triggers: list[int]) -> torch.Tensor:
@@ -375,14 +385,7 @@ def trigger_gradient(base, rows: list[_Row], verb: list[list[int]], triggers: li
     """
     T = base.embed(torch.tensor(triggers, device=base.device)).detach().requires_grad_()  # (K, D)
     inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows]
-    if all(len(v) == 1 for v in verb):
-        # one sequence per row; the text after the triggers may be empty, so a label word follows it as a
-        # placeholder, and the class scores are read one position earlier, where the label word is predicted
-        b = collate([r.post + verb[0] for r in rows], base.tokenizer.pad_token_id)
-        logits, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], inj), logits_to_keep=2)
-        scores = logits[:, 0].float().log_softmax(-1)[:, [v[0] for v in verb]]  # (B, C)
-    else:  # multi-token label words: (row, class) pairs, never empty
-        scores = class_scores(base, [r.post for r in rows], inj, verb)  # (B, C)
+    scores = _scores(base, rows, verb, [[] for _ in rows], inj)  # (B, C)
     torch.nn.functional.cross_entropy(scores, torch.tensor([r.gold for r in rows], device=scores.device)).backward()
     return T.grad
 
@@ -395,8 +398,8 @@ def trigger_scores(base, rows: list[_Row], verb: list[list[int]], options: list[
     scores = torch.empty(len(pairs), len(verb))
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        scores[i:i + len(chunk)] = class_scores(base, [o + r.post for o, r in chunk], [r.prefix for _, r in chunk],
-                                                verb).cpu()
+        scores[i:i + len(chunk)] = _scores(base, [r for _, r in chunk], verb, [o for o, _ in chunk],
+                                           [r.prefix for _, r in chunk]).float().cpu()
     return scores.view(len(options), len(rows), len(verb))
 
 
@@ -435,6 +438,10 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
     if spec.chat:
         raise ConfigError("AutoPrompt searches plain-text templates; this task wraps prompts in a chat template.",
                           "use a task spec with `chat: false`.")
+    if not base.family.compiles:
+        raise ConfigError(f"AutoPrompt keeps the text before its triggers as keys/values, which is exact only for causal "
+                          f"attention; this base model ('{base.name}') is not a transformer causal LM.",
+                          "search templates instead (`softprompt search templates`), or use a causal LM.")
     template = slotted(template or spec.template)
     if template.count(SLOT) != 1:
         raise ConfigError(f"The template has {template.count(SLOT)} {SLOT} slots.", f"put exactly one {SLOT} in it.")
@@ -451,7 +458,7 @@ def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None
         raise ConfigError(f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",
                           "pass a single common word with its leading space, e.g. ' the'.")
     start = init * config.num_triggers
-    verb = Encoder(spec, tok).verbalizer_ids
+    verb = Encoder(spec, base).verbalizer_ids
     rows = _split_rows(base, spec, template, data, gold)
     # the search split is a seeded random sample, so its first rows are as random a hold-out as any
     held, rows = rows[:config.select_rows], rows[config.select_rows:]

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputTooLongError, SoftpromptError
+from .example import Example
 from .generate import Sampling, stop_ids
 from .multitask import Classification, Entry, MultiTask, UnknownTaskError
 from .serve import ServerConfig
@@ -160,7 +161,7 @@ class Job:
     (index, kind, value): ("token", id), ("done", finish_reason), ("result", Classification), ("error", ApiError)."""
 
     entry: Entry
-    ids: list[int]
+    example: Example
     index: int
     send: object  # callable(event), thread-safe
     classify: bool = False
@@ -260,7 +261,7 @@ class Batcher:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         scoring = [j for j in batch if j.classify]
         if scoring:
-            for job, result in zip(scoring, self.mt.classify_rows([(j.entry, j.ids) for j in scoring])):
+            for job, result in zip(scoring, self.mt.classify_rows([(j.entry, j.example) for j in scoring])):
                 job.finished = True
                 job.send((job.index, "result", result))
         jobs = [j for j in batch if not j.classify]
@@ -268,7 +269,7 @@ class Batcher:
             self._generate(jobs)
 
     def _generate(self, jobs: list[Job]) -> None:
-        steps = self.mt.decode_rows([(j.entry, j.ids) for j in jobs], [j.max_new_tokens for j in jobs],
+        steps = self.mt.decode_rows([(j.entry, j.example) for j in jobs], [j.max_new_tokens for j in jobs],
                                     [j.sampling for j in jobs], generator=self.generator)
         try:
             for nxt, active in steps:
@@ -382,7 +383,7 @@ class Completion:
             "text_completion"
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.entry.name, "choices": choices}
         if usage:
-            prompt, done = sum(len(j.ids) for j in self.jobs), sum(len(t.ids) for t in self.texts)
+            prompt, done = sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts)
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
         return out
 
@@ -439,7 +440,7 @@ class Completion:
     def log(self, status: str) -> None:
         log.info("%s %s task=%s rows=%d prompt_tokens=%d completion_tokens=%d %s %.0f ms", self.id,
                  "chat" if self.chat else "completions", self.entry.name, len(self.jobs),
-                 sum(len(j.ids) for j in self.jobs), sum(len(t.ids) for t in self.texts), status,
+                 sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts), status,
                  1000 * (time.perf_counter() - self.t0))
 
 
@@ -527,7 +528,7 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         except UnknownTaskError as e:
             raise ApiError(404, f"{e.problem} Known tasks: {e.known}.", "model_not_found", param="model") from e
 
-    def encode(entry: Entry, value, reserve: int | None = None) -> list[int]:
+    def encode(entry: Entry, value, reserve: int | None = None) -> Example:
         try:
             return entry.encode(value, reserve)
         except InputTooLongError as e:
@@ -544,6 +545,9 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
 
     async def generation(body: _Sampled, inputs: list, max_tokens: int | None, chat: bool):
         entry = task(body.model)
+        if not mt.base.family.generates:
+            raise ApiError(400, f"The base model '{mt.base.name}' has no decoder, so it cannot generate text; its tasks "
+                                "are served by /v1/classify.", "generation_not_supported", param="model")
         max_new = max_tokens or min(entry.spec.max_new_tokens, config.max_tokens)
         if max_new > config.max_tokens:
             raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {config.max_tokens}.",

@@ -17,7 +17,7 @@ from ._version import __version__
 from .data import TaskSpec
 from .errors import ConfigError, PromptFileError
 from .fileio import read_safetensors, write_safetensors
-from .inject import Injection
+from .injection import Injection
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -104,15 +104,10 @@ class Prompt:
         from .base import Fingerprint
 
         Fingerprint.from_dict(self.base).check(base.fingerprint, what)
-        layout = base.kv_layout
-        inj = self.injection
-        if inj.embeds is not None and inj.embeds.shape[-1] != base.hidden_size:
-            raise PromptFileError(f"{what} has embeddings of width {inj.embeds.shape[-1]}, the model {base.hidden_size}.",
-                                  "use the base model the prompt was trained for.")
-        if inj.kv is not None and tuple(inj.kv.shape[:3]) + (inj.kv.shape[4],) != (
-                layout.num_layers, 2, layout.num_kv_heads, layout.head_dim):
-            raise PromptFileError(f"{what} has KV prefixes of shape {tuple(inj.kv.shape)}, which does not fit the model "
-                                  f"({layout}).", "use the base model the prompt was trained for.")
+        try:
+            base.family.check_injection(self.injection, what)
+        except ConfigError as e:
+            raise PromptFileError(e.problem, e.fix) from e
 
 
 def info(prompt: Prompt) -> dict:

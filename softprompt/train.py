@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .data import Encoder, Task, collate
+from .data import Encoder, Task
 from .errors import ConfigError, PromptFileError, TrainingError
-from .evaluate import evaluate, primary_metric, target_log_probs
+from .evaluate import evaluate, primary_metric
+from .example import Example
 from .fileio import atomic_write_text, read_safetensors, storage_error, write_safetensors
-from .inject import Injection, assemble, disable_gradient_checkpointing, enable_gradient_checkpointing
+from .injection import Injection
 from .methods import InitContext, MethodConfig, PromptMethod, build_method
 from .store import Prompt
 
@@ -167,7 +168,7 @@ class Trainer:
                 "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
         self.run_dir = Path(run_dir) if run_dir else None
         spec = task.spec
-        self.enc = Encoder(spec, base.tokenizer, self.config.truncate)
+        self.enc = Encoder(spec, base, self.config.truncate, self.config.max_length)
         c = self.config
         self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
         if trainable is None:
@@ -212,21 +213,17 @@ class Trainer:
                                   "put --run-dir on storage that every machine shares, or start over with --no-resume.")
 
     # --- data ---------------------------------------------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int) -> dict:
-        """The micro-batch `micro` of optimizer step `step` for this process."""
+    def micro_batch(self, step: int, micro: int) -> list[Example]:
+        """The micro-batch `micro` of optimizer step `step` for this process (fitted to the prompt's shape)."""
         c, world, rank = self.config, self.acc.num_processes, self.acc.process_index
         k = (step * c.grad_accum + micro) * world + rank  # index in the global stream of micro-batches
-        budget = None if self.limit is None else self.limit - self._num_positions
-        pairs = [self.enc.training_example(*self.examples.get(k * c.batch_size + i), budget) for i in range(c.batch_size)]
-        return collate([p[0] for p in pairs], self.base.tokenizer.pad_token_id, [p[1] for p in pairs])
+        return [self.enc.training_example(*self.examples.get(k * c.batch_size + i), self._shape)
+                for i in range(c.batch_size)]
 
     # --- steps --------------------------------------------------------------------------------------------------
-    def loss(self, batch: dict) -> torch.Tensor:
-        injection = self.model()
-        inputs = assemble(self.base, batch["input_ids"], batch["attention_mask"], injection, labels=batch["labels"],
-                          max_length=self.limit)
-        logp, mask = target_log_probs(self.base, inputs)
-        return -logp.sum() / mask.sum()
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        injection = self.model()  # the live prompt, with its graph back to the method's parameters
+        return self.base.family.loss([dataclasses.replace(e, injection=injection) for e in batch])
 
     def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
         c = self.config
@@ -253,16 +250,16 @@ class Trainer:
     def run(self) -> TrainResult:
         c, acc = self.config, self.acc
         self.method.train()
-        self._num_positions = self.method.collapse().num_positions
-        if self.limit is not None and self._num_positions >= self.limit:
-            raise ConfigError(f"The prompt takes {self._num_positions} positions, which leaves no room for text in the "
+        self._shape = self.method.collapse()  # what the examples are fitted around
+        if self.limit is not None and self._shape.num_positions >= self.limit:
+            raise ConfigError(f"The prompt takes {self._shape.num_positions} positions, which leaves no room for text in the "
                               f"context of {self.limit} positions (the model's, or --max-length).",
                               "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).")
         if self.run_dir and acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if c.gradient_checkpointing:
-            enable_gradient_checkpointing(self.base)
+            self.base.family.enable_gradient_checkpointing()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {self.task.name}/{self.method_name}",
@@ -310,7 +307,7 @@ class Trainer:
         finally:
             bar.close()
             if c.gradient_checkpointing:
-                disable_gradient_checkpointing(self.base)
+                self.base.family.disable_gradient_checkpointing()
             self.method.eval()
         train_seconds = time.perf_counter() - t0
         steps_done = self.step - start_step

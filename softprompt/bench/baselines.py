@@ -29,7 +29,8 @@ import torch
 
 from ..data import Task, TaskSpec
 from ..errors import ConfigError
-from ..inject import EMPTY, Injection
+from ..example import Example
+from ..injection import EMPTY, Injection
 from ..methods import InitContext, MethodConfig, PrefixTuning, PromptMethod, PTuning, PTuningConfig, SoftPrompt
 from ..methods.soft import SoftPromptConfig
 
@@ -113,6 +114,12 @@ class PeftMethod(PromptMethod):
         super().__init__(config)
         from peft import get_peft_model
 
+        from ..peft_format import TASK_TYPES
+
+        if TASK_TYPES[ctx.base.family.name] != "CAUSAL_LM":
+            raise ConfigError(f"The PEFT baseline '{self.name}' is trained like a PEFT causal-LM user trains it; the base "
+                              f"model '{ctx.base.name}' is a {ctx.base.family.name} model.",
+                              "leave PEFT cells out of the grid for this model (keep softprompt's methods).")
         self.peft = get_peft_model(ctx.base.model, self.peft_config(ctx))
         self.pad_id = ctx.base.tokenizer.pad_token_id
 
@@ -124,8 +131,8 @@ class PeftMethod(PromptMethod):
         self.peft.get_base_model().eval()
         return self
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        """PEFT's loss on our micro-batch, re-padded on the right (PEFT's layout: prompt, text, pads)."""
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        """PEFT's loss on our micro-batch, padded on the right (PEFT's layout: prompt, text, pads)."""
         ids, mask, labels = _right_padded(batch, self.pad_id)
         dev = self.peft.get_base_model().device
         return self.peft(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
@@ -139,13 +146,17 @@ class PeftMethod(PromptMethod):
         return params, sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
-def _right_padded(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our left-padded (B, T) batch with each row's tokens moved to the start."""
-    mask = batch["attention_mask"]
-    T = mask.shape[1]
-    pads = T - mask.sum(1, keepdim=True)  # (B, 1)
-    idx = (torch.arange(T)[None, :] + pads) % T  # (B, T): column t takes the row's t-th real token
-    return tuple(batch[k].gather(1, idx) for k in ("input_ids", "attention_mask", "labels"))
+def _right_padded(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T): every row's prompt and target tokens from column 0 on."""
+    seqs = [e.source[:e.slot] + e.target for e in batch]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (s, e) in enumerate(zip(seqs, batch)):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        labels[i, len(s) - len(e.target):len(s)] = torch.tensor(e.target)
+    return ids, mask, labels
 
 
 class PeftEmbeddingsMethod(PeftMethod):

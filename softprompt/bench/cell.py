@@ -29,7 +29,7 @@ from ..base import load_base
 from ..data import load_task
 from ..evaluate import evaluate, primary_metric
 from ..fileio import atomic_write_text
-from ..inject import EMPTY
+from ..injection import EMPTY
 from ..methods import METHODS, build_method
 from ..train import Trainer, TrainConfig, init_context, peak_memory_bytes
 from .baselines import BASELINES, HardConfig, PeftMethod, hard_prompt_spec
@@ -91,12 +91,12 @@ class BenchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.eval_seconds, self.eval_cpu_seconds, self.tokens = 0.0, 0.0, 0
 
-    def micro_batch(self, step: int, micro: int) -> dict:
+    def micro_batch(self, step: int, micro: int) -> list:
         batch = super().micro_batch(step, micro)
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += sum(e.slot + len(e.target) for e in batch)
         return batch
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: list) -> torch.Tensor:
         return self.method.loss(batch) if isinstance(self.method, PeftMethod) else super().loss(batch)
 
     def evaluate(self, injection, limit):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..inject import Injection
+from ..injection import Injection
 from .method import InitContext, MethodConfig, PromptMethod
 
 KV_INITS = ("vocab", "labels", "text", "random", "zero")

@@ -1,7 +1,7 @@
 """What every prompt method shares: a config base class, the module contract, and init helpers.
 
 A method is an `nn.Module` holding only its trainable tensors. Calling it returns an `Injection`
-(see `softprompt.inject`); it never sees the base model's forward. After training, `collapse()`
+(see `softprompt.injection`); it never sees the base model's forward. After training, `collapse()`
 gives the plain tensors that a prompt file stores (an encoder or reparametrization MLP is run once
 and dropped), while `state_dict()` keeps everything for resumable checkpoints.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check_keys
-from ..inject import Injection
+from ..injection import Injection
 
 
 @dataclass
@@ -145,9 +145,7 @@ class InitContext:
         lay = self.base.kv_layout
         if mode == "zero":
             return torch.zeros(lay.num_layers, 2, lay.num_kv_heads, n, lay.head_dim)
-        from ..inject import kv_of_embeddings
-
-        return kv_of_embeddings(self.base, self.embeddings(mode, n, text)).float().cpu()
+        return self.base.family.kv_of_embeddings(self.embeddings(mode, n, text)).float().cpu()
 
 
 class PromptMethod(nn.Module):

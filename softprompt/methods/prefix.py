@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..inject import Injection
+from ..injection import Injection
 from .deep import DeepPromptConfig
 from .method import InitContext, PromptMethod
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..inject import Injection
+from ..injection import Injection
 from .method import InitContext, PromptMethod
 from .soft import SoftPromptConfig
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..inject import Injection
+from ..injection import Injection
 from .method import InitContext, MethodConfig, PromptMethod
 
 INITS = ("auto", "random", "vocab", "text", "labels")

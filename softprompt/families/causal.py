@@ -1,0 +1,424 @@
+"""Decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX, Falcon, Bloom, Jamba, Mamba, ...).
+
+Layout of row i, with K = the longest KV prefix in the batch and S the sequence length:
+
+    cache (K slots):  [kv prefix of row i | masked slots]
+    sequence (S):     [pad ... pad | virtual tokens of row i | text tokens of row i]
+
+Left padding, so that every row's tokens end at the last column and decoding appends one column
+for all rows. The virtual tokens stay adjacent to the text (never `prompt <pad> <pad> text`).
+Position ids count from the first real token: a KV prefix occupies positions 0..P-1 and the
+text follows (`Injection.kv_positions`), so a row sees the positions it would see alone.
+
+Attention layers with a window (sliding-window layers of Mistral, Gemma 2/3, Qwen2, GPT-OSS;
+chunked layers of Llama 4) measure it in cache slots, not positions; under left padding the pads
+sit between a row's prefix and its text, so the slot distance would depend on the batch. When a
+batch carries a KV prefix on such a model, every attention layer gets an explicit mask computed
+from positions instead (a dict keyed by layer type where layer types differ), and the decoding
+cache keeps every slot (transformers' sliding layers drop slots by count). The prefix follows the
+model's own semantics: it stands where the tokens it replaces would stand, at positions
+0..P-1, so a sliding layer stops seeing it once the text is longer than the window, exactly like
+the real tokens it was initialized from; a compiled soft prompt stays exact.
+
+KV prefixes go into the layers that hold keys and values, found by running two tokens through the
+model once: every layer of a transformer, the attention layers of a hybrid (Jamba, Falcon-H1,
+Qwen3-Next), none of a pure state-space model (Mamba), which therefore takes soft prompts only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+
+from ..errors import ConfigError, InputTooLongError
+from ..example import MASK, Example
+from ..injection import Injection
+from .family import Family, KVLayout, ReadOnlyPrefixLayer, read_only, stack_padded
+
+WINDOWED = ("sliding_attention", "chunked_attention")
+RECURRENT = ("linear_attention", "conv")  # cache layer types that keep a recurrent state (with "hybrid": also keys)
+
+
+@dataclass
+class Layout:
+    """A batch laid out for one forward (see the module docstring)."""
+
+    inputs_embeds: torch.Tensor  # (B, S, D)
+    mask: torch.Tensor  # (B, K + S), 1 = attend
+    positions: torch.Tensor  # (B, S)
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per prefix layer: keys, values, each (B, H_kv, K, hd)
+    slot_positions: torch.Tensor  # (B, K) positions of the prefix slots (meaningful where mask[:, :K] is 1)
+    labels: torch.Tensor | None = None  # (B, S), -100 where no loss
+
+
+class Causal(Family):
+    name = "causal"
+    auto_class = "AutoModelForCausalLM"
+
+    @classmethod
+    def matches(cls, config) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return not getattr(config, "is_encoder_decoder", False) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # --- the model's layers -----------------------------------------------------------------------------------------
+    @cached_property
+    def _layer_rules(self) -> list[tuple[str, int | None]]:
+        """Per model layer: its cache layer type as transformers reads it from the config, and its window if any."""
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(self.config)
+        return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
+
+    @cached_property
+    def _probe(self) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """(indices of the layers that hold keys/values, their (H_kv, head_dim of keys, of values)).
+
+        Read off one forward of two tokens with a cache: the only source of truth that covers partial
+        rotary, multi-query, fused and hybrid attention alike.
+        """
+        cache = self._new_cache(keep_all=True)
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.call(cache, input_ids=ids, use_cache=True)
+        layers = [i for i, layer in enumerate(cache.layers)
+                  if isinstance(layer, DynamicLayer) and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
+                  and layer.keys.shape[-2] > 0]
+        return layers, [(cache.layers[i].keys.shape[1], cache.layers[i].keys.shape[3], cache.layers[i].values.shape[3])
+                        for i in layers]
+
+    @property
+    def prefix_layers(self) -> list[int]:
+        return self._probe[0]
+
+    @cached_property
+    def recurrent(self) -> bool:
+        """Whether some layers keep a recurrent state (state-space or linear attention) instead of keys and values."""
+        return len(self.prefix_layers) < len(self._layer_rules) or \
+            any(t in RECURRENT or t.startswith("hybrid") for t, _ in self._layer_rules)
+
+    @property
+    def compiles(self) -> bool:  # a recurrent layer's state after the virtual tokens is no key/value prefix
+        return not self.recurrent
+
+    def _kv_layout(self) -> KVLayout:
+        layers, shapes = self._probe
+        if not layers:
+            raise ConfigError(f"This {self.config.model_type} model has no attention layers, so KV-prefix methods (prefix, "
+                              "deep) have nothing to put keys and values into.",
+                              "use a method that prepends virtual tokens: --method soft or --method ptuning.")
+        if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
+            raise ConfigError(f"The attention layers of this {self.config.model_type} model store keys and values of "
+                              f"different shapes {sorted(set(shapes))} (heads, key dim, value dim).",
+                              "use a method that prepends virtual tokens: --method soft or --method ptuning.")
+        heads, head_dim, _ = shapes[0]
+        return KVLayout(len(layers), heads, head_dim)
+
+    @cached_property
+    def _windowed(self) -> bool:
+        return any(self._layer_rules[i][0] in WINDOWED for i in self.prefix_layers)
+
+    def _new_cache(self, keep_all: bool) -> DynamicCache:
+        """The model's own decoding cache; with `keep_all`, windowed layers keep every slot (masks do the windowing)."""
+        cache = DynamicCache(config=self.model.config)
+        if keep_all:
+            for i, layer in enumerate(cache.layers):
+                if type(layer) is not DynamicLayer and isinstance(layer, DynamicLayer) \
+                        and not isinstance(layer, LinearAttentionCacheLayerMixin):
+                    cache.layers[i] = DynamicLayer()
+        return cache
+
+    def _read_only_cache(self, prefix) -> Cache | None:
+        """The cache of a forward that does not decode: the prefix in its layers, read-only; other layers fresh."""
+        if prefix is None:
+            return None
+        layers = list(DynamicCache(config=self.model.config).layers)
+        for i, (k, v) in zip(self.prefix_layers, prefix):
+            if isinstance(layers[i], LinearAttentionCacheLayerMixin):  # a layer with both a state and keys/values
+                layers[i] = read_only(type(layers[i]))(number_of_states=layers[i].number_of_states)
+            else:
+                layers[i] = ReadOnlyPrefixLayer()
+            layers[i].set_prefix(k, v)
+        return Cache(layers=layers)
+
+    def _decoding_cache(self, prefix) -> DynamicCache:
+        cache = self._new_cache(keep_all=self._windowed and prefix is not None)
+        for i, (k, v) in zip(self.prefix_layers, prefix or []):
+            cache.layers[i].update(k.contiguous(), v.contiguous())
+        return cache
+
+    # --- text -> token ids --------------------------------------------------------------------------------------------
+    def check_spec(self, spec) -> None:
+        super().check_spec(spec)
+        if spec.mask_inside:
+            raise ConfigError(f"Task '{spec.name}': a causal LM reads the label word after the prompt, but the template "
+                              "has text after {mask}.", "put {mask} at the end of the template, or drop it.")
+
+    def source_ids(self, text: str, chat: bool = False) -> tuple[list[int], int]:
+        text = text.removesuffix(MASK)
+        tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError("The task says `chat: true`, but this tokenizer has no chat template.",
+                                  "set `chat: false` in the task spec, or use an instruction-tuned model.")
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True,
+                                          return_dict=False)
+        else:
+            ids = tok(text, add_special_tokens=True)["input_ids"]
+        return list(ids), len(ids)
+
+    def target_ids(self, text: str, eos: bool) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id] if eos else ids
+
+    # --- layout -----------------------------------------------------------------------------------------------------
+    def layout(self, examples: list[Example], labels: bool = False) -> Layout:
+        """Lay out a batch: each row's source (+ target with `labels`), left-padded, with its prompt."""
+        device, dtype = self.device, self.dtype
+        rows = [e.injection.to(device, dtype) for e in examples]
+        seqs = [e.source[:e.slot] + (e.target if labels else []) for e in examples]
+        B, T = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        tgt = torch.full((B, T), -100, dtype=torch.long)
+        for i, (s, e) in enumerate(zip(seqs, examples)):
+            if s:
+                ids[i, T - len(s):] = torch.tensor(s)
+                if labels and e.target:
+                    tgt[i, T - len(e.target):] = torch.tensor(e.target)
+        lens = torch.tensor([len(s) for s in seqs], device=device)  # (B,) real tokens per row
+        n_emb = torch.tensor([r.num_embeds for r in rows], device=device)  # (B,)
+        n_kv = torch.tensor([r.num_kv for r in rows], device=device)  # (B,)
+        kv_pos = torch.tensor([r.kv_positions for r in rows], device=device)  # (B,)
+        if bool(((n_emb + lens) == 0).any()):
+            raise ConfigError("An input has no tokens (an empty text, and a template and prompt that add none).",
+                              "pass a non-empty input.")
+        limit = self.max_positions
+        longest = int((kv_pos + n_emb + lens).max())
+        if limit is not None and longest > limit:
+            raise InputTooLongError(
+                f"An input needs {longest} positions (virtual tokens + text), more than the model's context of {limit}.",
+                "shorten the input, use fewer virtual tokens, or set a truncation policy (--truncate left).")
+
+        tok_emb = self.embed(ids.to(device))  # (B, T, D)
+        D = tok_emb.shape[-1]
+        src = tok_emb
+        if any(r.embeds is not None for r in rows):
+            prompt = stack_padded([r.embeds for r in rows], 0, tok_emb, (0, D))  # (B, P_max, D)
+            src = torch.cat([tok_emb, prompt], dim=1)  # (B, T + P_max, D)
+        # Gather index for every output slot: pad, virtual token, or text token.
+        S = int((n_emb + lens).max())
+        s = torch.arange(S, device=device)[None, :]  # (1, S)
+        pad = (S - n_emb - lens)[:, None]  # (B, 1) pads before row i's prompt
+        in_prompt = (s >= pad) & (s < pad + n_emb[:, None])
+        in_text = s >= pad + n_emb[:, None]
+        text_idx = (T - lens)[:, None] + (s - pad - n_emb[:, None])  # position in the left-padded ids
+        idx = torch.where(in_prompt, T + s - pad, torch.where(in_text, text_idx, torch.zeros_like(s)))  # (B, S)
+        embeds = src.gather(1, idx[..., None].expand(-1, -1, D))  # (B, S, D)
+        seq_mask = s >= pad  # (B, S)
+        positions = torch.where(seq_mask, kv_pos[:, None] + s - pad, torch.zeros_like(s))  # (B, S)
+        out_labels = None
+        if labels:
+            picked = tgt.to(device).gather(1, idx.clamp(max=max(T - 1, 0))) if T else torch.full_like(idx, -100)
+            out_labels = torch.where(in_text, picked, torch.full_like(picked, -100))
+
+        prefix, kv_mask = None, seq_mask[:, :0]
+        slot_positions = positions[:, :0]
+        if any(r.kv is not None for r in rows):
+            if len({id(r.kv) for r in rows}) == 1:
+                kv = rows[0].kv.unsqueeze(0).expand(B, *rows[0].kv.shape)  # one prompt for all rows: a view, no copy
+            else:
+                shape = next(r.kv for r in rows if r.kv is not None).shape
+                kv = stack_padded([r.kv for r in rows], 3, tok_emb, shape)  # (B, L, 2, H_kv, K, hd)
+            if kv.shape[1] != len(self.prefix_layers):
+                raise ConfigError(f"A KV prefix has {kv.shape[1]} layers; this model takes {len(self.prefix_layers)}.",
+                                  "use the base model the prompt was trained for.")
+            prefix = [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+            j = torch.arange(kv.shape[4], device=device)[None, :]  # (1, K)
+            kv_mask = j < n_kv[:, None]  # (B, K)
+            slot_positions = kv_pos[:, None] - n_kv[:, None] + j  # the prefix ends right before the text
+        mask = torch.cat([kv_mask, seq_mask], dim=1).long()
+        return Layout(embeds, mask, positions, prefix, slot_positions, out_labels)
+
+    def _attention_masks(self, layout: Layout, q_positions: torch.Tensor, k_positions: torch.Tensor,
+                         k_valid: torch.Tensor, q_valid: torch.Tensor, inputs_embeds: torch.Tensor):
+        """Masks computed from positions for every layer type: what windowed layers need under a KV prefix.
+
+        q_positions, q_valid: (B, Q); k_positions, k_valid: (B, KV). Returns one 4D mask (all attention
+        layers alike) or {layer type: mask} in the format of the model's attention implementation.
+        """
+        from transformers.masking_utils import create_recurrent_attention_mask
+
+        q, k = q_positions[:, :, None], k_positions[:, None, :]  # (B, Q, 1), (B, 1, KV)
+        causal = k_valid[:, None, :] & (k <= q)  # (B, Q, KV)
+        pad_query = ~q_valid[:, :, None]  # a pad query attends everywhere: finite, and never read
+
+        def allowed(kind: str, size: int | None) -> torch.Tensor:
+            m = causal
+            if kind == "sliding_attention":
+                m = m & (q - k < size)
+            elif kind == "chunked_attention":
+                m = m & (torch.div(q, size, rounding_mode="floor") == torch.div(k, size, rounding_mode="floor"))
+            return self._mask_format((m | pad_query)[:, None])  # (B, 1, Q, KV)
+
+        rules = {self._layer_rules[i] for i in self.prefix_layers}
+        types = getattr(self.config, "layer_types", None)
+        if types is None or len(set(types)) == 1:
+            if len(rules) > 1:
+                raise ConfigError(f"The attention layers of this {self.config.model_type} model use different windows "
+                                  f"{sorted(rules, key=str)} but take a single mask.",
+                                  "use soft prompts (--method soft) on this model.")
+            return allowed(*rules.pop())
+        masks = {}
+        for kind in set(types):
+            sizes = {size for t, size in rules if t == kind}
+            if kind in ("full_attention", *WINDOWED) and len(sizes) <= 1:
+                masks[kind] = allowed(kind, sizes.pop() if sizes else None)
+            elif kind in RECURRENT:
+                masks[kind] = create_recurrent_attention_mask(self.model.config, inputs_embeds, layout.mask)
+            else:
+                raise ConfigError(f"KV prefixes are not supported on '{kind}' layers ({self.config.model_type}).",
+                                  "use soft prompts (--method soft) on this model.")
+        return masks
+
+    def _mask_format(self, allowed: torch.Tensor) -> torch.Tensor:
+        impl = self.model.config._attn_implementation
+        if impl == "sdpa":
+            return allowed
+        if impl == "eager":
+            zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+        raise ConfigError(f"KV prefixes on a model with sliding-window or chunked attention need explicit masks, which "
+                          f"the '{impl}' attention implementation does not take.", "load the model with --attn sdpa.")
+
+    def _run(self, layout: Layout, cache: Cache | None, logits_to_keep: int, use_cache: bool,
+             inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None, mask=None):
+        """One forward. Returns (logits (B, logits_to_keep or S, V), cache)."""
+        embeds = layout.inputs_embeds if inputs_embeds is None else inputs_embeds
+        kwargs = {"inputs_embeds": embeds, "attention_mask": layout.mask if mask is None else mask, "use_cache": use_cache}
+        if self.accepts("position_ids"):
+            kwargs["position_ids"] = layout.positions if positions is None else positions
+        if self.accepts("logits_to_keep"):
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self.call(cache, **kwargs)
+        logits = out.logits
+        if logits_to_keep and not self.accepts("logits_to_keep"):
+            logits = logits[:, -logits_to_keep:]
+        return logits, getattr(out, self._cache_name, None)
+
+    def _full_mask(self, layout: Layout):
+        """The attention mask of a whole laid-out batch: the 2D padding mask, or position masks where windows need them."""
+        if layout.prefix is None or not self._windowed:
+            return layout.mask
+        K = layout.slot_positions.shape[1]
+        k_pos = torch.cat([layout.slot_positions, layout.positions], dim=1)
+        seq_valid = layout.mask[:, K:].bool()
+        return self._attention_masks(layout, layout.positions, k_pos, layout.mask.bool(), seq_valid,
+                                     layout.inputs_embeds)
+
+    def _forward(self, layout: Layout, logits_to_keep: int):
+        logits, _ = self._run(layout, self._read_only_cache(layout.prefix), logits_to_keep, False,
+                              mask=self._full_mask(layout))
+        return logits
+
+    # --- the loss and the scorer --------------------------------------------------------------------------------------
+    def target_logits(self, examples: list[Example]):
+        layout = self.layout(examples, labels=True)
+        K = max(len(e.target) for e in examples)
+        # targets sit at the end of every row (left padding): only the last K + 1 positions need the vocabulary
+        # projection, the costliest layer here
+        logits = self._forward(layout, K + 1)[:, :-1]  # (B, K, V): position j predicts the token at j + 1
+        targets = layout.labels[:, -K:]
+        return logits, targets, targets != -100
+
+    def next_token_logits(self, examples: list[Example]) -> torch.Tensor:
+        return self._forward(self.layout([Example(e.source, e.slot, [], e.injection) for e in examples]), 1)[:, -1]
+
+    # --- decoding ---------------------------------------------------------------------------------------------------
+    def check_fits(self, examples: list[Example], max_new_tokens: list[int]) -> None:
+        limit = self.max_positions
+        if limit is None:
+            return
+        need = max(e.slot + e.injection.num_positions + n for e, n in zip(examples, max_new_tokens))
+        if need > limit:
+            raise InputTooLongError(f"Prompt, virtual tokens and max_new_tokens need {need} positions; the model has "
+                                    f"{limit}.", "shorten the input or lower max_tokens.")
+
+    def start_decoding(self, examples: list[Example], use_cache: bool = True):
+        examples = [Example(e.source[:e.slot], e.slot, [], e.injection) for e in examples]
+        layout = self.layout(examples)
+        state = _Decoding(examples, layout, use_cache)
+        if use_cache:
+            state.cache = self._decoding_cache(layout.prefix)
+            K = layout.slot_positions.shape[1]
+            state.k_positions = torch.cat([layout.slot_positions, layout.positions], dim=1)  # (B, K + S)
+            state.k_valid = layout.mask.bool()
+            mask = self._full_mask(layout)
+            logits, state.cache = self._run(layout, state.cache, 1, True, mask=mask)
+            state.position = layout.positions[:, -1]  # (B,)
+            state.four_d = layout.prefix is not None and self._windowed
+            del K
+        else:
+            logits = self._forward(layout, 1)
+        return state, logits[:, -1]
+
+    def continue_decoding(self, state: _Decoding, tokens: torch.Tensor) -> torch.Tensor:
+        if not state.use_cache:
+            state.examples = [Example(e.source + [int(t)], e.slot + 1, [], e.injection)
+                              for e, t in zip(state.examples, tokens.tolist())]
+            return self._forward(self.layout(state.examples), 1)[:, -1]
+        layout = state.layout
+        B = tokens.shape[0]
+        state.position = state.position + 1
+        layout.mask = torch.cat([layout.mask, layout.mask.new_ones(B, 1)], dim=1)
+        embeds = self.embed(tokens[:, None].to(self.device))  # (B, 1, D)
+        q_pos = state.position[:, None]  # (B, 1)
+        mask = layout.mask
+        if state.four_d:
+            state.k_positions = torch.cat([state.k_positions, q_pos], dim=1)
+            state.k_valid = torch.cat([state.k_valid, state.k_valid.new_ones(B, 1)], dim=1)
+            mask = self._attention_masks(layout, q_pos, state.k_positions, state.k_valid,
+                                         torch.ones_like(q_pos, dtype=torch.bool), embeds)
+        logits, state.cache = self._run(layout, state.cache, 1, True, inputs_embeds=embeds, positions=q_pos, mask=mask)
+        return logits[:, -1]
+
+    # --- prompts ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def kv_of_embeddings(self, embeds: torch.Tensor, prefix: Injection | None = None) -> torch.Tensor:
+        """(L, 2, H_kv, K + P, hd): the keys/values of virtual tokens (P, D) run after `prefix` (K slots, if any).
+
+        With causal attention, what a token stores depends only on what came before it, never on what
+        follows, so these keys/values can stand for the tokens in front of any text.
+        """
+        kv = None if prefix is None else prefix.kv
+        inj = Injection(embeds=embeds, kv=kv, kv_positions=0 if prefix is None else prefix.kv_positions)
+        layout = self.layout([Example([], 0, [], inj)])
+        cache = self._decoding_cache(layout.prefix)
+        self._run(layout, cache, 1, True, mask=self._full_mask(layout))
+        return torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
+                            for i in self.prefix_layers])
+
+    def compile(self, injection: Injection) -> Injection:
+        """The prompt as a pure KV prefix: its virtual tokens' keys/values computed once.
+
+        Outputs equal the uncompiled prompt's (the text sees the same keys, values and positions), but
+        a request no longer pays for the virtual tokens in prefill. Models with recurrent layers keep
+        the prompt as it is: a state after the virtual tokens is not a key/value prefix.
+        """
+        if injection.embeds is None or not self.compiles:
+            return injection
+        kv = self.kv_of_embeddings(injection.embeds, injection if injection.kv is not None else None)
+        return Injection(kv=kv, kv_positions=injection.num_positions)
+
+
+class _Decoding:
+    """The state of one decode loop."""
+
+    def __init__(self, examples: list[Example], layout: Layout, use_cache: bool):
+        self.examples, self.layout, self.use_cache = examples, layout, use_cache
+        self.cache = None
+        self.position = None
+        self.k_positions = self.k_valid = None
+        self.four_d = False
