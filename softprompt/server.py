@@ -557,10 +557,10 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         if len(inputs) * body.n > config.max_prompts:
             raise ApiError(400, f"{len(inputs)} inputs x n={body.n} rows; this server allows {config.max_prompts}.",
                            "too_many_inputs", param="n")
-        ids = [encode(entry, x, max_new) for x in inputs]
+        examples = [encode(entry, x, max_new) for x in inputs]
         queue, send = channel()
         sampling = Sampling(body.temperature, body.top_p, body.top_k)
-        jobs = [Job(entry, ids[i], i * body.n + k, send, max_new_tokens=max_new, sampling=sampling)
+        jobs = [Job(entry, examples[i], i * body.n + k, send, max_new_tokens=max_new, sampling=sampling)
                 for i in range(len(inputs)) for k in range(body.n)]
         submit(jobs)
         completion = Completion(entry, jobs, queue, mt.base.tokenizer, body, chat)
@@ -596,16 +596,16 @@ def create_app(mt: MultiTask, store: Store | None = None, config: ServerConfig |
         inputs = body.input if isinstance(body.input, list) else [body.input]
         if not inputs or len(inputs) > config.max_prompts:
             raise ApiError(400, f"Give 1 to {config.max_prompts} inputs.", "too_many_inputs", param="input")
-        ids = [encode(entry, x) for x in inputs]
+        examples = [encode(entry, x) for x in inputs]
         queue, send = channel()
-        jobs = [Job(entry, x, i, send, classify=True) for i, x in enumerate(ids)]
+        jobs = [Job(entry, x, i, send, classify=True) for i, x in enumerate(examples)]
         submit(jobs)
         results: list[Classification | None] = [None] * len(jobs)
         async for index, kind, value in events(jobs, queue):
             if kind == "error":
                 raise value
             results[index] = value
-        tokens = sum(map(len, ids))
+        tokens = sum(len(e.source) for e in examples)
         return {"object": "list", "model": entry.name,
                 "data": [{"index": i, "label": r.label, "probs": r.probs} for i, r in enumerate(results)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,7 +1,9 @@
-"""Tiny randomly initialized models (2 layers, width 64) and a byte-level BPE tokenizer, built in code.
+"""Tiny randomly initialized models (2 layers, width 64; `zoo.py`) and a byte-level BPE tokenizer, built in code.
 
-Every contract test runs over both architectures: Llama (rotary positions, grouped-query attention
+Module tests run over two causal architectures: Llama (rotary positions, grouped-query attention
 with 4 query heads and 2 key/value heads) and GPT-2 (learned absolute positions, multi-head).
+The contract suite (`test_contract.py`) runs over the whole zoo: every causal architecture, the
+seq2seq models and the masked LMs.
 """
 
 from __future__ import annotations
@@ -31,30 +33,24 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", "<pad>", "<mask>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    # a mask token for masked LMs; "<mask>" absorbs the space before it, as RoBERTa's does
+    from tokenizers import AddedToken
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                   mask_token=AddedToken("<mask>", lstrip=True, special=True))
 
 
 def build_tiny(arch: str, tokenizer, seed: int = 0):
-    """A frozen `Base` around a tiny random model of the given architecture."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    import softprompt.base
-
-    torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    if arch == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    else:
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    """A frozen `Base` around a tiny random model of `arch` (any name in `zoo.ALL`)."""
     import copy
 
+    import softprompt.base
+    import zoo
+
+    model = zoo.build_model(arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed)
     return softprompt.base.freeze(model, copy.deepcopy(tokenizer), f"tiny-{arch}-seed{seed}")
 
 
@@ -119,3 +115,24 @@ def smollm2():
     import softprompt as sp
 
     return sp.load_base("smollm2")
+
+
+_PARITY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def record_parity(request):
+    """Record a parity measurement (a name and a max |difference|); the run's summary lists them all."""
+
+    def record(name: str, diff: float) -> None:
+        request.config.stash.setdefault(_PARITY, []).append((name, diff))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    found = config.stash.get(_PARITY, [])
+    if found:
+        terminalreporter.section("parity: max |logit difference|")
+        for name, diff in found:
+            terminalreporter.write_line(f"{name:40s} {diff:.1e}")

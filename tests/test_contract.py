@@ -1,22 +1,59 @@
-"""The contract every prompt method keeps, on tiny Llama (GQA, rotary) and GPT-2 (absolute positions).
+"""The contract every prompt method keeps on every architecture of the zoo (`zoo.py`: causal LMs, seq2seq, masked LMs).
 
-1. Only the method's parameters receive gradients.
+1. Gradients reach the prompt only.
 2. The base model's weights are bit-for-bit unchanged by training.
 3. Save -> load gives identical logits.
-4. Greedy generation with the KV cache equals generation without it, under left padding.
+4. Greedy generation with the KV cache equals generation without it, under padding (families that generate).
+5. A row alone equals the same row in a padded batch.
+6. A row of a batch that mixes methods (and no prompt at all) equals the row alone.
+
+KV-prefix methods (prefix, deep) on models whose layers take no keys/values (Mamba, Mamba-2) or
+whose attention takes no cache in transformers (DeBERTa-v2, ModernBERT) are refused with an error
+that names the methods to use instead; that refusal is their contract.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+import zoo
+from conftest import build_tiny
 
 import softprompt as sp
-from softprompt.data import Encoder, collate
-from softprompt.evaluate import target_log_probs
+from softprompt.data import Encoder
+from softprompt.errors import ConfigError
 from softprompt.generate import generate_ids
-from softprompt.inject import assemble, forward
+from softprompt.injection import EMPTY
 from softprompt.methods import METHODS, InitContext, build_method
+from softprompt.train import init_context
+
+NO_KV = {"mamba", "mamba2", "deberta-v2", "modernbert"}  # no layer takes a key/value prefix
+KV_METHODS = {name for name, m in METHODS.items() if "kv" in m.fills}
+TEMPLATE = "Review: {sentence}\nSentiment:{mask}"  # one template for every family: the label word goes at {mask}
+ATOL = 1e-4  # log-probabilities; padded and unpadded rows run through different kernels
+
+
+def refused(arch: str, method: str) -> bool:
+    return arch in NO_KV and method in KV_METHODS
+
+
+@pytest.fixture(scope="module")
+def task(sst2, tmp_path_factory):
+    """SST-2 rows (64 train, 16 dev) under a template with a {mask} slot, which every family reads."""
+    folder = tmp_path_factory.mktemp("sst2-small")
+    for split, n in (("train", 64), ("dev", 16)):
+        rows = sst2.split(split).rows[:n]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = dataclasses.replace(sst2.spec, template=TEMPLATE, splits={"train": "train.jsonl", "dev": "dev.jsonl"})
+    return sp.data.Task(spec, folder)
+
+
+@pytest.fixture(params=zoo.ALL)
+def zoo_arch(request):
+    return request.param
 
 
 @pytest.fixture(params=sorted(METHODS))
@@ -24,79 +61,111 @@ def method_name(request):
     return request.param
 
 
-def make_method(name, base, task, seed=0, **overrides):
-    cls = METHODS[name]
-    config = cls.config_class(num_virtual_tokens=4, **overrides)
+def make_method(name, base, task, seed=0):
+    config = METHODS[name].config_class(num_virtual_tokens=3)
     texts = task.split("train").prompts[:200]
-    return build_method(name, config, InitContext(base, task.spec.verbalizers, texts, seed=seed))
-
-
-def training_batch(base, task, n=4):
-    split = task.split("train")
-    enc = Encoder(task.spec, base.tokenizer)
-    pairs = [enc.training_example(split.prompts[i], split.targets[i], None) for i in range(n)]
-    return collate([p[0] for p in pairs], base.tokenizer.pad_token_id, [p[1] for p in pairs])
-
-
-def perturb(method):
-    """Move the prompt away from its initialization, as training would (zero inits would hide bugs)."""
-    with torch.no_grad():
+    method = build_method(name, config, InitContext(base, task.spec.verbalizers, texts, seed=seed))
+    with torch.no_grad():  # move the prompt away from its initialization, as training would (zeros hide bugs)
         for p in method.parameters():
             p.add_(torch.randn_like(p) * 0.5)
+    return method
 
 
-def test_only_prompt_parameters_get_gradients(base, sst2, method_name):
-    method = make_method(method_name, base, sst2)
-    b = training_batch(base, sst2)
-    inputs = assemble(base, b["input_ids"], b["attention_mask"], method(), labels=b["labels"])
-    logp, mask = target_log_probs(base, inputs)
-    (-logp.sum() / mask.sum()).backward()
+def examples(base, task, n=4, split="train"):
+    """Training examples of different lengths (so that padding is exercised)."""
+    data = task.split(split)
+    enc = Encoder(task.spec, base)
+    rows = sorted(range(len(data)), key=lambda i: len(data.prompts[i]))
+    picked = [rows[k * (len(rows) - 1) // 3] for k in range(4)][:n]
+    out = [enc.training_example(data.prompts[i], data.targets[i]) for i in picked]
+    assert len({len(e.source) for e in out}) > 1
+    return out
+
+
+def with_prompt(rows, injection):
+    return [dataclasses.replace(e, injection=injection) for e in rows]
+
+
+def check_or_refused(arch, method_name, base, task):
+    """The method built on `base`, or None after checking that a refused pair fails with the fix."""
+    if refused(arch, method_name):
+        with pytest.raises(ConfigError, match="method soft"):
+            make_method(method_name, base, task)
+        return None
+    return make_method(method_name, base, task)
+
+
+def test_only_the_prompt_gets_gradients(zoo_arch, method_name, task, tokenizer):
+    base = build_tiny(zoo_arch, tokenizer)
+    method = check_or_refused(zoo_arch, method_name, base, task)
+    if method is None:
+        return
+    base.family.loss(with_prompt(examples(base, task), method())).backward()
     assert all(not p.requires_grad and p.grad is None for p in base.model.parameters())
     grads = [p.grad for p in method.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_base_weights_unchanged_by_training(base, sst2, method_name, tmp_path):
+def test_training_leaves_the_base_weights_bit_identical(zoo_arch, method_name, task, tokenizer, tmp_path):
+    base = build_tiny(zoo_arch, tokenizer)
+    if refused(zoo_arch, method_name):
+        with pytest.raises(ConfigError, match="method soft"):
+            sp.train(base, task, method_name, METHODS[method_name].config_class(num_virtual_tokens=3))
+        return
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    result = sp.train(base, sst2, method_name, METHODS[method_name].config_class(num_virtual_tokens=4),
-                      sp.TrainConfig(steps=3, batch_size=2, lr=1e-1, eval_every=0, final_eval=False, progress=False,
-                                     checkpoint_every=0), run_dir=tmp_path)
+    config = METHODS[method_name].config_class(num_virtual_tokens=3)
+    result = sp.train(base, task, method_name, config,
+                      sp.TrainConfig(steps=2, batch_size=2, lr=1e-1, warmup_steps=0, eval_every=0, final_eval=False,
+                                     progress=False, checkpoint_every=0), run_dir=tmp_path)
     after = base.model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    # ...while the prompt did move
-    init = make_method(method_name, base, sst2).collapse()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    start = build_method(method_name, config, init_context(base, task, seed=0)).collapse()
     moved = result.prompt.injection.tensors()
-    assert any(not torch.equal(moved[k], v) for k, v in init.tensors().items())
+    assert any(not torch.equal(moved[k].cpu(), v.cpu()) for k, v in start.tensors().items())
 
 
-def test_save_load_round_trip_gives_identical_logits(base, sst2, method_name, tmp_path):
-    method = make_method(method_name, base, sst2)
-    perturb(method)
-    prompt = sp.Prompt(injection=method.collapse(), method=method_name, method_config=method.config.to_dict(),
-                       task=sst2.spec.portable(), base=base.fingerprint.to_dict(),
-                       trainable_parameters=method.num_trainable())
-    path = prompt.save(tmp_path / "p.safetensors")
-    loaded = sp.load_prompt(path, base)
-    b = training_batch(base, sst2, n=3)
-    with torch.no_grad():
-        live, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], method()))
-        again, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], loaded.injection))
-    assert torch.equal(live, again)
-    assert loaded.method == method_name and loaded.trainable_parameters == method.num_trainable()
-
-
-def test_cached_generation_equals_uncached_with_left_padding(base, sst2, method_name):
-    method = make_method(method_name, base, sst2)
-    perturb(method)
+@torch.no_grad()
+def test_save_load_padding_and_mixed_batches(zoo_arch, method_name, task, tokenizer, tmp_path):
+    """Contract points 3, 5 and 6 on one model: they share the batch."""
+    base = build_tiny(zoo_arch, tokenizer)
+    method = check_or_refused(zoo_arch, method_name, base, task)
+    if method is None:
+        return
+    family, rows = base.family, examples(base, task)
     injection = method.collapse()
-    enc = Encoder(sst2.spec, base.tokenizer)
-    prompts = [enc.prompt_ids(p) for p in sst2.split("dev").prompts[:4]]
-    assert len({len(p) for p in prompts}) > 1  # rows of different lengths: left padding is exercised
-    cached = generate_ids(base, prompts, injection, max_new_tokens=12, use_cache=True)
-    uncached = generate_ids(base, prompts, injection, max_new_tokens=12, use_cache=False)
-    assert cached == uncached
-    assert all(len(c) > 0 for c in cached)
-    # each row of the batch equals the row generated alone
-    for p, c in zip(prompts, cached):
-        assert generate_ids(base, [p], injection, max_new_tokens=12) == [c]
+    # 3. save -> load
+    prompt = sp.Prompt(injection=injection, method=method_name, method_config=method.config.to_dict(),
+                       task=task.spec.portable(), base=base.fingerprint.to_dict())
+    loaded = sp.load_prompt(prompt.save(tmp_path / "p.safetensors"), base)
+    live, _ = family.target_log_probs(with_prompt(rows, method()))
+    again, _ = family.target_log_probs(with_prompt(rows, loaded.injection))
+    assert torch.equal(live, again)
+    # 5. a row alone equals the row in the padded batch
+    batch, mask = family.target_log_probs(with_prompt(rows, injection))
+    for i, row in enumerate(with_prompt(rows, injection)):
+        alone, alone_mask = family.target_log_probs([row])
+        torch.testing.assert_close(batch[i][mask[i]], alone[0][alone_mask[0]], rtol=0, atol=ATOL)
+    # 6. ... and in a batch that mixes this prompt with other methods' prompts and no prompt at all
+    others = [make_method(m, base, task, seed=1).collapse() for m in sorted(METHODS) if not refused(zoo_arch, m)]
+    mixed = [dataclasses.replace(r, injection=inj) for r, inj in zip(rows * 3, [injection, EMPTY, *others])]
+    batch, mask = family.target_log_probs(mixed)
+    for i, row in enumerate(mixed):
+        alone, alone_mask = family.target_log_probs([row])
+        torch.testing.assert_close(batch[i][mask[i]], alone[0][alone_mask[0]], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("zoo_arch", zoo.CAUSAL + zoo.SEQ2SEQ)
+def test_cached_generation_equals_uncached_under_padding(zoo_arch, method_name, task, tokenizer):
+    base = build_tiny(zoo_arch, tokenizer)
+    method = check_or_refused(zoo_arch, method_name, base, task)
+    if method is None:
+        return
+    injection = method.collapse()
+    enc = Encoder(task.spec, base)
+    prompts = [enc.example(p, injection) for p in task.split("dev").prompts[:3]]
+    assert len({len(e.source) for e in prompts}) > 1  # rows of different lengths: padding is exercised
+    cached = generate_ids(base, prompts, max_new_tokens=8, use_cache=True)
+    assert cached == generate_ids(base, prompts, max_new_tokens=8, use_cache=False)
+    assert any(cached)
+    for row, tokens in zip(prompts, cached):  # each row of the batch equals the row generated alone
+        assert generate_ids(base, [row], max_new_tokens=8) == [tokens]

@@ -85,6 +85,7 @@ class FullFinetune(PromptMethod):
 
     name = "full"
     config_class = FullConfig
+    fills = ()
     default_lr = 3e-5  # AdamW, ~100 steps at batch 8 on a 135M model; not tuned
 
     def __init__(self, config: FullConfig, ctx: InitContext):
@@ -166,6 +167,8 @@ class PeftEmbeddingsMethod(PeftMethod):
     same init and seed, so both tools start from the same tensor.
     """
 
+    fills = ("embeds",)
+
     def __init__(self, config: SoftPromptConfig, ctx: InitContext):
         super().__init__(config, ctx)
         if self.copies_init():
@@ -226,6 +229,7 @@ class PeftPrefix(PeftMethod):
 
     name = "peft-prefix"
     config_class = PeftPrefixConfig
+    fills = ("kv",)
     default_lr = PrefixTuning.default_lr
 
     def peft_config(self, ctx: InitContext):
@@ -278,6 +282,7 @@ class PeftLora(PeftMethod):
 
     name = "peft-lora"
     config_class = LoraOptions
+    fills = ()
     default_lr = 5e-4  # a common LoRA rate for short runs; not tuned
 
     def peft_config(self, ctx: InitContext):

@@ -136,16 +136,18 @@ class Causal(Family):
         if prefix is None:
             return None
         layers = list(DynamicCache(config=self.model.config).layers)
-        for i, (k, v) in zip(self.prefix_layers, prefix):
-            if isinstance(layers[i], LinearAttentionCacheLayerMixin):  # a layer with both a state and keys/values
-                layers[i] = read_only(type(layers[i]))(number_of_states=layers[i].number_of_states)
-            else:
+        for i, layer in enumerate(layers):
+            if isinstance(layer, LinearAttentionCacheLayerMixin):  # a recurrent state (and maybe keys/values too)
+                layers[i] = read_only(type(layer))(number_of_states=layer.number_of_states)
+            elif i in self.prefix_layers:
                 layers[i] = ReadOnlyPrefixLayer()
+        for i, (k, v) in zip(self.prefix_layers, prefix):
             layers[i].set_prefix(k, v)
         return Cache(layers=layers)
 
-    def _decoding_cache(self, prefix) -> DynamicCache:
-        cache = self._new_cache(keep_all=self._windowed and prefix is not None)
+    def _decoding_cache(self, prefix, keep_all: bool = False) -> DynamicCache:
+        """A cache to decode into, holding `prefix`; windowed layers keep every slot when a prefix (or `keep_all`) asks."""
+        cache = self._new_cache(keep_all=keep_all or (self._windowed and prefix is not None))
         for i, (k, v) in zip(self.prefix_layers, prefix or []):
             cache.layers[i].update(k.contiguous(), v.contiguous())
         return cache
@@ -395,7 +397,7 @@ class Causal(Family):
         kv = None if prefix is None else prefix.kv
         inj = Injection(embeds=embeds, kv=kv, kv_positions=0 if prefix is None else prefix.kv_positions)
         layout = self.layout([Example([], 0, [], inj)])
-        cache = self._decoding_cache(layout.prefix)
+        cache = self._decoding_cache(layout.prefix, keep_all=True)  # every token's keys, also past a window
         self._run(layout, cache, 1, True, mask=self._full_mask(layout))
         return torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
                             for i in self.prefix_layers])

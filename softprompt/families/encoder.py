@@ -25,7 +25,6 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..example import MASK, Example
 from ..errors import ConfigError
-from ..injection import Injection
 from .family import Family, KVLayout, ReadOnlyPrefixLayer, by_prefix_length, prefix_of, prompt_first
 
 
@@ -98,10 +97,6 @@ class MaskedLM(Family):
 
     def target_ids(self, text: str, eos: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def source_budget(self, injection: Injection, reserve: int) -> int | None:
-        limit = self.max_positions
-        return None if limit is None else limit - injection.num_positions - reserve
 
     # --- forwards ---------------------------------------------------------------------------------------------------
     def _logits(self, examples: list[Example], n_masks: list[int]) -> tuple[torch.Tensor, list[int]]:

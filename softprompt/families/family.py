@@ -58,10 +58,31 @@ class ReadOnlyPrefixLayer(ReadOnlyPrefix, DynamicLayer):
     pass
 
 
+class StatelessRecurrence:
+    """Mixin for a recurrent (state-space, linear-attention) cache layer in a forward that does not decode.
+
+    Every call starts from no state and keeps none, as a first forward does, so a layer recomputed
+    under gradient checkpointing runs exactly as it ran the first time.
+    """
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs):
+        kernel = conv_kernel_size or conv_states.shape[-1]
+        if conv_states.shape[-1] < kernel:  # what a first call returns: the states, padded to the kernel
+            conv_states = torch.nn.functional.pad(conv_states, (kernel - conv_states.shape[-1], 0))
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+        return recurrent_states
+
+
 @lru_cache(maxsize=None)
 def read_only(layer_class: type) -> type:
-    """The read-only variant of a cache layer class (hybrid layers keep their recurrent-state machinery)."""
-    return type(f"ReadOnly{layer_class.__name__}", (ReadOnlyPrefix, layer_class), {})
+    """The variant of a cache layer class for forwards that do not decode: a read-only prefix, no recurrent state."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    mixins = ((StatelessRecurrence,) if issubclass(layer_class, LinearAttentionCacheLayerMixin) else ()) + \
+        ((ReadOnlyPrefix,) if issubclass(layer_class, DynamicLayer) else ())
+    return type(f"ReadOnly{layer_class.__name__}", (*mixins, layer_class), {})
 
 
 def stack_padded(tensors: list[torch.Tensor | None], dim: int, like: torch.Tensor, shape) -> torch.Tensor:
@@ -273,9 +294,10 @@ class Family:
 
         transformers drops the cache inside checkpointed layers unless the layer declares that it
         only reads it (`_can_checkpoint_with_cache`), which holds here: training forwards use
-        read-only prefix layers. Checkpointing only runs for layers in training mode; that flag is
-        set on the layers alone, not their submodules, so dropout stays off and results are the
-        same with and without checkpointing.
+        read-only cache layers. Checkpointing only runs for layers in training mode, so that flag
+        is set on the layers alone; and since some layers read it for their dropout (BART's), each
+        layer's checkpointing function runs the layer itself in eval mode, first pass and recompute
+        alike: results are the same with and without checkpointing.
         """
         from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -287,6 +309,7 @@ class Family:
         for module in model.modules():
             if isinstance(module, GradientCheckpointingLayer):
                 module._can_checkpoint_with_cache = True
+                module._gradient_checkpointing_func = _checkpoint_in_eval_mode(module)
                 module.training = True
 
     def disable_gradient_checkpointing(self) -> None:
@@ -302,6 +325,23 @@ class Family:
             if isinstance(module, GradientCheckpointingLayer):
                 module.__dict__.pop("_can_checkpoint_with_cache", None)
                 module.training = False
+
+
+def _checkpoint_in_eval_mode(layer):
+    """A layer's `_gradient_checkpointing_func` that runs the layer with `training` off inside the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(function, *args):
+        def in_eval_mode(*inputs):
+            layer.training = False
+            try:
+                return function(*inputs)
+            finally:
+                layer.training = True
+
+        return checkpoint(in_eval_mode, *args, use_reentrant=False)
+
+    return run
 
 
 def group_by(keys: list) -> list[list[int]]:

@@ -92,8 +92,8 @@ class Seq2Seq(Family):
         # output always ends, label words included
         return list(self.tokenizer(text_target=text)["input_ids"])
 
-    def source_budget(self, injection: Injection, reserve: int) -> int | None:
-        limit = self.max_positions
+    def source_budget(self, injection: Injection, reserve: int, limit: int | None = None) -> int | None:
+        limit = limit or self.max_positions
         return None if limit is None else limit - injection.num_embeds  # the target goes to the decoder
 
     # --- forwards ---------------------------------------------------------------------------------------------------
@@ -104,19 +104,31 @@ class Seq2Seq(Family):
         encoder = self.model.get_encoder()
         return encoder(inputs_embeds=embeds, attention_mask=mask), mask
 
-    def _self_cache(self, prefix, decoding: bool) -> Cache | None:
+    @staticmethod
+    def _decoding_cache(prefix) -> EncoderDecoderCache:
+        """A cache to decode into: the prefix in the decoder's self-attention; cross-attention fills on the first step."""
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix or []):
+            cache.update(k.contiguous(), v.contiguous(), i)
+        return EncoderDecoderCache(cache, DynamicCache())
+
+    @staticmethod
+    def _read_only_cache(prefix) -> EncoderDecoderCache | None:
+        """The cache of a forward that does not decode: the prefix read-only, cross-attention recomputed every call.
+
+        transformers marks a cross-attention cache as filled after its first call and then reads it
+        back instead of recomputing it; a layer recomputed under gradient checkpointing would then
+        compute less than it did the first time. Here nothing is ever stored or marked.
+        """
         if prefix is None:
-            return DynamicCache() if decoding else None
-        if decoding:
-            cache = DynamicCache()
-            for i, (k, v) in enumerate(prefix):
-                cache.update(k.contiguous(), v.contiguous(), i)
-            return cache
+            return None
         layers = []
         for k, v in prefix:
             layers.append(ReadOnlyPrefixLayer())
             layers[-1].set_prefix(k, v)
-        return Cache(layers=layers)
+        cache = EncoderDecoderCache(Cache(layers=layers), Cache(layers=[_PassThrough() for _ in prefix]))
+        cache.is_updated = _NeverFilled()
+        return cache
 
     def _decoder_logits(self, examples: list[Example], dec_ids: torch.Tensor, dec_mask: torch.Tensor, encoded=None):
         """Decoder logits (B, T, V) for decoder inputs (B, T) of examples that share one KV-prefix length."""
@@ -126,8 +138,7 @@ class Seq2Seq(Family):
             encoded = self._encode(examples)
         outputs, enc_mask = encoded
         K = rows[0].num_kv
-        self_cache = self._self_cache(prefix, decoding=False)
-        cache = None if self_cache is None else EncoderDecoderCache(self_cache, DynamicCache())
+        cache = self._read_only_cache(prefix)
         mask = torch.cat([dec_mask.new_ones(len(rows), K), dec_mask], dim=1)  # (B, K + T)
         out = self.call(cache, encoder_outputs=outputs, attention_mask=enc_mask, decoder_input_ids=dec_ids,
                         decoder_attention_mask=mask, use_cache=False)
@@ -189,7 +200,7 @@ class Seq2Seq(Family):
             B = len(g.rows)
             if state.use_cache:
                 if g.cache is None:
-                    g.cache = EncoderDecoderCache(self._self_cache(g.prefix, decoding=True), DynamicCache())
+                    g.cache = self._decoding_cache(g.prefix)
                 mask = torch.ones(B, K + g.tokens.shape[1], dtype=torch.long, device=self.device)
                 out = self.call(g.cache, encoder_outputs=g.encoded[0], attention_mask=g.encoded[1],
                                 decoder_input_ids=new, decoder_attention_mask=mask, use_cache=True)
@@ -213,6 +224,23 @@ class Seq2Seq(Family):
         layers = cache.self_attention_cache.layers
         assert all(isinstance(layer, DynamicLayer) for layer in layers)
         return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])
+
+
+class _PassThrough(DynamicLayer):
+    """A cross-attention cache layer that stores nothing: every call uses the encoder keys/values it computed."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+
+class _NeverFilled(dict):
+    """`EncoderDecoderCache.is_updated` that drops writes, so that no layer ever reads a stored cross-attention."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def get(self, key, default=None) -> bool:
+        return False
 
 
 class _Group:

@@ -37,6 +37,7 @@ class DeepPrompt(PromptMethod):
     name = "deep"
     config_class = DeepPromptConfig
     default_lr = 1e-2
+    fills = ("kv",)
 
     def __init__(self, config: DeepPromptConfig, ctx: InitContext):
         super().__init__(config)

@@ -154,6 +154,7 @@ class PromptMethod(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     default_lr: ClassVar[float]  # AdamW learning rate that works for this method at our step budgets
+    fills: ClassVar[tuple[str, ...]]  # what its `Injection` holds: "embeds" (virtual tokens), "kv" (KV prefixes)
 
     def __init__(self, config: MethodConfig):
         super().__init__()

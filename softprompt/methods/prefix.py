@@ -45,6 +45,7 @@ class PrefixTuning(PromptMethod):
     name = "prefix"
     config_class = PrefixConfig
     default_lr = 3e-4
+    fills = ("kv",)
 
     def __init__(self, config: PrefixConfig, ctx: InitContext):
         super().__init__(config)

@@ -40,6 +40,7 @@ class PTuning(PromptMethod):
     name = "ptuning"
     config_class = PTuningConfig
     default_lr = 1e-3
+    fills = ("embeds",)
 
     def __init__(self, config: PTuningConfig, ctx: InitContext):
         super().__init__(config)

@@ -37,6 +37,7 @@ class SoftPrompt(PromptMethod):
     name = "soft"
     config_class = SoftPromptConfig
     default_lr = 3e-2
+    fills = ("embeds",)
 
     def __init__(self, config: SoftPromptConfig, ctx: InitContext):
         super().__init__(config)
