@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, PromptFileError, SoftpromptError
+from .families import Causal, family_class
 
 DEFAULT_MODEL = "smollm2"
 # Aliases for models that ship inside a PyPI package as a GGUF file: alias -> (package, description).
@@ -127,14 +128,15 @@ class Fingerprint:
     model_id: str
     config_hash: str
     embedding_sha256: str
-    family: str = "causal"  # the model family (`softprompt.families`); files older than families were all causal
+    family: str = Causal.name  # the model family (`softprompt.families`); prompt files older than families: causal
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Fingerprint":
-        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")}, family=d.get("family", "causal"))
+        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")},
+                   family=d.get("family", Causal.name))
 
     def check(self, other: "Fingerprint", what: str = "this prompt") -> None:
         """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for."""
@@ -155,8 +157,6 @@ class Base:
     """
 
     def __init__(self, model, tokenizer, name: str):
-        from .families import family_class
-
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -246,8 +246,6 @@ def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtyp
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
-
-    from .families import family_class
 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)

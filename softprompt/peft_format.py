@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .base import Fingerprint
 from .data import TaskSpec
 from .errors import ConfigError, PromptFileError
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -61,7 +62,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 # model family (`Fingerprint.family`) -> PEFT task type
-TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
+TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked_lm": "FEATURE_EXTRACTION"}
 # softprompt method -> PEFT type for prompts of embeddings; every KV prefix is PEFT's PREFIX_TUNING.
 _EMBEDDING_TYPES = {"ptuning": "P_TUNING"}
 _PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
@@ -113,7 +114,7 @@ def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
     if inj.embeds is None and inj.kv is None:
         raise PromptFileError(f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
                               "use its template as plain text.")
-    family = prompt.base.get("family", "causal")
+    family = Fingerprint.from_dict(prompt.base).family
     common = {"task_type": TASK_TYPES[family], "inference_mode": True, "num_transformer_submodules": 1,
               "base_model_name_or_path": base_model_name or hub_model_id(prompt.base.get("model_id", "")) or None,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
@@ -145,7 +146,7 @@ def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None
 
     config = peft_config(prompt, base_model_name)
     inj = prompt.injection
-    tensor = flatten_kv(inj.kv, prompt.base.get("family", "causal")) if inj.kv is not None else inj.embeds
+    tensor = flatten_kv(inj.kv, Fingerprint.from_dict(prompt.base).family) if inj.kv is not None else inj.embeds
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # the header keeps softprompt's metadata, marked so that `Prompt.load` refuses the file (it holds no `embeds`/`kv`)
@@ -217,8 +218,6 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
     records no more than a model name). The template comes from `spec`, else from softprompt
     metadata in the file (an adapter that `export_peft` wrote), else a bare '{text}' template.
     """
-    from .base import Fingerprint
-
     path = Path(path)
     config, tensor, meta = read_peft(path)
     if meta:  # exported by softprompt: it names the model it was trained for

@@ -133,7 +133,7 @@ def test_a_pure_state_space_model_refuses_kv_prefixes_and_takes_soft_prompts(arc
 def test_the_loss_is_the_models_own_cross_entropy(arch, tokenizer):
     base = build_tiny(arch, tokenizer)
     family = base.family
-    text = "the film was great" + (MASK if family.name == "encoder" else "")
+    text = "the film was great" + (MASK if family.name == "masked_lm" else "")
     e = example(base, text, " good bad")
     ours = family.loss([e])
     if family.name == "causal":
@@ -152,7 +152,7 @@ def test_the_loss_is_the_models_own_cross_entropy(arch, tokenizer):
 # --- which family, and what it refuses -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch, family", [("llama", "causal"), ("t5", "seq2seq"), ("bart", "seq2seq"),
-                                          ("bert", "encoder"), ("roberta", "encoder"), ("gemma2", "causal")])
+                                          ("bert", "masked_lm"), ("roberta", "masked_lm"), ("gemma2", "causal")])
 def test_load_base_picks_the_family_from_the_config(arch, family, tokenizer, tmp_path):
     tiny = build_tiny(arch, tokenizer)
     tiny.model.save_pretrained(tmp_path)
@@ -197,8 +197,8 @@ def test_gradient_checkpointing_keeps_the_prompt_and_the_gradients(arch, tokeniz
     kv = torch.randn(lay.num_layers, 2, lay.num_kv_heads, 3, lay.head_dim, requires_grad=True)
     embeds = torch.randn(2, base.hidden_size, requires_grad=True)
     inj = Injection(embeds=embeds, kv=kv, kv_positions=3)
-    rows = [example(base, "the film was great" + (MASK if base.family.name == "encoder" else ""), " good bad", inj),
-            example(base, "bad" + (MASK if base.family.name == "encoder" else ""), " good", inj)]
+    rows = [example(base, "the film was great" + (MASK if base.family.name == "masked_lm" else ""), " good bad", inj),
+            example(base, "bad" + (MASK if base.family.name == "masked_lm" else ""), " good", inj)]
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -210,3 +210,29 @@ def test_gradient_checkpointing_keeps_the_prompt_and_the_gradients(arch, tokeniz
     assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert not any(m.training for m in base.model.modules())  # left as it was found
+
+
+def test_only_the_families_run_the_model_or_name_a_family():
+    """The seam holds: no other module passes a forward's arguments or branches on a family's name.
+
+    (bench/baselines.py runs PEFT's own model, which is what it measures; peft_format.py maps families to PEFT's
+    task types.)
+    """
+    import re
+    from pathlib import Path
+
+    import softprompt
+    from softprompt.families import FAMILIES
+
+    root = Path(softprompt.__file__).parent
+    forward = re.compile(r"inputs_embeds=|past_key_values|decoder_input_ids|position_ids=|transformers\.cache_utils")
+    names = re.compile("|".join(rf"[\"']{f.name}[\"']" for f in FAMILIES))
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("families/"):
+            continue
+        text = path.read_text()
+        if rel != "bench/baselines.py":
+            assert not forward.search(text), f"{rel} runs the model itself: {forward.search(text).group()}"
+        if rel != "peft_format.py":
+            assert not names.search(text), f"{rel} names a family: {names.search(text).group()}"

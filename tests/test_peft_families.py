@@ -30,7 +30,7 @@ def rows(base) -> list[Example]:
     family = base.family
     out = []
     for text in TEXTS:
-        ids, slot = family.source_ids(text + (MASK if family.name == "encoder" else ""))
+        ids, slot = family.source_ids(text + (MASK if family.name == "masked_lm" else ""))
         out.append(Example(ids, slot, family.target_ids(" good fun", eos=False)))
     return out
 
@@ -82,7 +82,7 @@ def check(base, injection, peft_logits, name, record_parity):
 
 
 def task_type(base) -> str:
-    return {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}[base.family.name]
+    return {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "masked_lm": "FEATURE_EXTRACTION"}[base.family.name]
 
 
 PEFT_CONFIGS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .causal import Causal
-from .encoder import MaskedLM
+from .masked_lm import MaskedLM
 from .family import Family, KVLayout
 from .seq2seq import Seq2Seq
 

@@ -29,7 +29,7 @@ from .family import Family, KVLayout, ReadOnlyPrefixLayer, by_prefix_length, pre
 
 
 class MaskedLM(Family):
-    name = "encoder"
+    name = "masked_lm"
     auto_class = "AutoModelForMaskedLM"
     generates = False
 
