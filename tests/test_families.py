@@ -236,3 +236,20 @@ def test_only_the_families_run_the_model_or_name_a_family():
             assert not forward.search(text), f"{rel} runs the model itself: {forward.search(text).group()}"
         if rel != "peft_format.py":
             assert not names.search(text), f"{rel} names a family: {names.search(text).group()}"
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@torch.no_grad()
+def test_seq2seq_class_scores_share_the_encoder_and_equal_the_loss_s_log_likelihoods(arch, tokenizer):
+    base = build_tiny(arch, tokenizer)
+    family = base.family
+    lay = base.kv_layout
+    injections = [EMPTY, Injection(embeds=torch.randn(2, base.hidden_size)),
+                  Injection(kv=kv(base, 3), kv_positions=3)]
+    rows = [example(base, t, injection=i) for t, i in zip(TEXTS, injections)]
+    verb = [family.target_ids(w, eos=False) for w in (" good", " bad fun", " great")]
+    scores = family.class_scores([(r, verb) for r in rows])
+    for r, s in zip(rows, scores):
+        logp, _ = family.target_log_probs([r.with_target(v) for v in verb])
+        torch.testing.assert_close(s, logp.sum(1), rtol=0, atol=1e-5)
+    assert lay.num_layers == base.model.config.num_decoder_layers if arch == "t5" else lay.num_layers > 0

@@ -144,20 +144,37 @@ class Seq2Seq(Family):
                         decoder_attention_mask=mask, use_cache=False)
         return out.logits
 
-    def target_logits(self, examples: list[Example]):
-        def run(group):
-            T = max(len(e.target) for e in group)
-            pad = self.tokenizer.pad_token_id
-            dec = torch.full((len(group), T), pad, dtype=torch.long)
-            targets = torch.full((len(group), T), -100, dtype=torch.long)
-            for i, e in enumerate(group):
-                dec[i, :len(e.target)] = torch.tensor([self.start_id] + e.target[:-1])  # teacher forcing
-                targets[i, :len(e.target)] = torch.tensor(e.target)
-            mask = targets != -100
-            logits = self._decoder_logits(group, dec.to(self.device), mask.long().to(self.device))
-            return logits, targets.to(self.device), mask.to(self.device)
+    def _teacher_forced(self, examples: list[Example], encoded=None):
+        """(logits (B, T, V), targets (B, T), mask (B, T)) of examples sharing one KV-prefix length."""
+        T = max(len(e.target) for e in examples)
+        dec = torch.full((len(examples), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        targets = torch.full((len(examples), T), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            dec[i, :len(e.target)] = torch.tensor([self.start_id] + e.target[:-1])  # teacher forcing
+            targets[i, :len(e.target)] = torch.tensor(e.target)
+        mask = (targets != -100).to(self.device)
+        logits = self._decoder_logits(examples, dec.to(self.device), mask.long(), encoded)
+        return logits, targets.to(self.device), mask
 
-        return by_prefix_length(examples, run)
+    def target_logits(self, examples: list[Example]):
+        return by_prefix_length(examples, self._teacher_forced)
+
+    def class_scores(self, rows: list[tuple[Example, list[list[int]]]]) -> list[torch.Tensor]:
+        """Every class's label word scored by the decoder after one encoder pass per row (the encoder is shared)."""
+        scores: list[torch.Tensor | None] = [None] * len(rows)
+        for g in group_by([e.injection.num_kv for e, _ in rows]):
+            examples = [rows[i][0] for i in g]
+            outputs, enc_mask = self._encode(examples)
+            pairs = [(r, c) for r, i in enumerate(g) for c in range(len(rows[i][1]))]
+            take = torch.tensor([r for r, _ in pairs], device=self.device)
+            encoded = (type(outputs)(last_hidden_state=outputs.last_hidden_state[take]), enc_mask[take])
+            logits, targets, mask = self._teacher_forced([examples[r].with_target(rows[g[r]][1][c]) for r, c in pairs],
+                                                         encoded)
+            logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            per_pair = (logp * mask).sum(1)  # (N,)
+            for r, i in enumerate(g):
+                scores[i] = per_pair[[k for k, (pr, _) in enumerate(pairs) if pr == r]]
+        return scores
 
     def next_token_logits(self, examples: list[Example]) -> torch.Tensor:
         def run(group):
