@@ -15,8 +15,7 @@ from softprompt.bench import load_grid, run_grid, write_report
 from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
 from softprompt.cli import main
-from softprompt.data import collate
-from softprompt.inject import assemble, forward
+from softprompt.example import Example
 from softprompt.train import Trainer, init_context
 
 from conftest import DATA
@@ -230,9 +229,15 @@ def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = method.peft(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(ids):]  # (T, V)
-    batch = collate([ids[:4], ids], base.tokenizer.pad_token_id)
-    ours, _ = forward(base, assemble(base, batch["input_ids"], batch["attention_mask"], method.collapse()))
-    torch.testing.assert_close(ours[1, -len(ids):], ref, rtol=1e-4, atol=1e-4)
+    # logits at every token of each row: positions 0..n-2 are the target logits of a row whose first token is its
+    # source and the rest its target, position n-1 its next-token logits
+    inj, rows = method.collapse(), [ids[:4], ids]
+    with torch.no_grad():
+        head, _, mask = base.family.target_logits([Example(r[:1], 1, r[1:], inj) for r in rows])
+        last = base.family.next_token_logits([Example(r, len(r), [], inj) for r in rows])
+    ours = torch.cat([head, last[:, None]], dim=1)  # (2, T, V), rows ending at the last column
+    assert mask[1].all() and not mask[0].all()  # the short row is padded
+    torch.testing.assert_close(ours[1], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
@@ -242,14 +247,13 @@ def test_peft_loss_is_our_loss_on_the_same_prompt(base, sst2, kind):
     trainer = BenchTrainer(base, sst2, trainable=cls(cls.config_class(**config), init_context(base, sst2, 0)),
                            config=sp.TrainConfig(batch_size=4, progress=False))
     rows = sst2.split("train")
-    pairs = [trainer.enc.training_example(rows.prompts[i], rows.targets[i], None) for i in range(4)]
-    batch = collate([p[0] for p in pairs], base.tokenizer.pad_token_id, [p[1] for p in pairs])
-    assert batch["attention_mask"][:, 0].sum() < 4  # left-padded rows of different lengths
+    batch = [trainer.enc.training_example(rows.prompts[i], rows.targets[i]) for i in range(4)]
+    assert len({e.slot + len(e.target) for e in batch}) > 1  # rows of different lengths (padded)
     torch.testing.assert_close(trainer.loss(batch), Trainer.loss(trainer, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_right_padding_moves_each_row_to_the_start():
-    batch = collate([[5, 6, 7], [8]], pad_id=0, labels=[[-100, 6, 7], [8]])
+    batch = [Example([5], 1, [6, 7]), Example([], 0, [8])]  # prompt tokens, then target tokens
     ids, mask, labels = _right_padded(batch, 0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]

@@ -8,7 +8,7 @@ import softprompt as sp
 from softprompt.data import Encoder, collate
 from softprompt.errors import ConfigError, DataError
 
-from conftest import DATA
+from conftest import DATA, build_tiny
 
 
 @pytest.mark.parametrize("name, n_classes, first_label", [("sst2", 2, "negative"), ("trec", 6, "description"),
@@ -101,22 +101,34 @@ def test_column_mapping_and_jsonl(tmp_path):
     assert split.prompts == ["A / B"] and split.labels == [1] and split.targets == ["yes"]
 
 
-def test_training_example_masks_prompt_and_ends_generation_with_eos(tokenizer, e2e):
-    enc = Encoder(e2e.spec, tokenizer)
-    ids, labels = enc.training_example("Table: x\nText:", "A pub.", None)
-    n_prompt = len(enc.prompt_ids("Table: x\nText:"))
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return build_tiny("llama", tokenizer)
+
+
+def test_training_example_masks_prompt_and_ends_generation_with_eos(llama, e2e):
+    enc = Encoder(e2e.spec, llama)
+    eos = llama.tokenizer.eos_token_id
+    ex = enc.training_example("Table: x\nText:", "A pub.")
+    prompt, slot = llama.family.source_ids("Table: x\nText:")
+    assert ex.source == prompt and ex.slot == slot == len(prompt)  # a causal LM's target follows the prompt
+    assert ex.target == llama.tokenizer(" A pub.", add_special_tokens=False)["input_ids"] + [eos]
+    # the loss covers the target only: the prompt's tokens are labelled -100
+    labels = llama.family.layout([ex], labels=True).labels[0].tolist()
+    n_prompt = len(prompt)
     assert labels[:n_prompt] == [-100] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
+    assert labels[n_prompt:] == ex.target and ex.target[-1] == eos
 
 
-def test_truncation_policy(tokenizer, sst2):
-    enc = Encoder(sst2.spec, tokenizer, truncate="error")
+def test_truncation_policy(llama, sst2):
+    enc = Encoder(sst2.spec, llama, truncate="error", max_length=20)
     long = "word " * 50
     with pytest.raises(sp.SoftpromptError, match="does not fit"):
-        enc.training_example(long, "positive", budget=20)
-    left = Encoder(sst2.spec, tokenizer, truncate="left")
-    ids, labels = left.training_example(long, "positive", budget=20)
-    assert len(ids) == 20 and labels[-1] != -100
+        enc.training_example(long, "positive")
+    left = Encoder(sst2.spec, llama, truncate="left", max_length=20)
+    ex = left.training_example(long, "positive")
+    assert len(ex.source) + len(ex.target) == 20 and ex.target == left.target_ids("positive", eos=False)
+    assert ex.slot == len(ex.source)
 
 
 def test_collate_left_pads():
@@ -135,9 +147,9 @@ def test_chat_mode_wraps_the_template_as_a_user_turn(tokenizer, sst2):
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     spec = TaskSpec.from_dict({**sst2.spec.portable(), "chat": True})
-    enc = Encoder(spec, tok)
+    enc = Encoder(spec, build_tiny("llama", tok))
     text = spec.render({"sentence": "a fine film"})
-    assert tok.decode(enc.prompt_ids(text)) == f"<user>{text}</s><assistant>"
-    ids, labels = enc.training_example(text, "positive", None)
-    target = [t for t in labels if t != -100]
-    assert tok.decode(target) == "positive"  # no " " separator: the assistant turn starts the answer
+    assert tok.decode(enc.example(text).source) == f"<user>{text}</s><assistant>"
+    ex = enc.training_example(text, "positive")
+    assert ex.source == enc.example(text).source
+    assert tok.decode(ex.target) == "positive"  # no " " separator: the assistant turn starts the answer

@@ -20,13 +20,32 @@ import softprompt as sp
 from softprompt.cli import main
 from softprompt.data import Encoder
 from softprompt.errors import ConfigError, DataError, InputTooLongError, PromptFileError, StorageError
+from softprompt.example import Example
 from softprompt.fileio import write_safetensors
 from softprompt.generate import generate_ids
 from softprompt.train import CHECKPOINT, Trainer
 
 from conftest import DATA, build_tiny
-from test_data import BASIC, write_spec
-from test_store import make_prompt
+
+# (BASIC, write_spec as in test_data and make_prompt as in test_store: tests do not import each other)
+BASIC = 'name: t\nsplits: {train: train.tsv, dev: dev.tsv}\ntemplate: "Text: {text}\\nLabel:"\nlabel_column: y\nlabels: {a: yes, b: "no"}\n'
+
+
+def write_spec(tmp_path, body: str, files: dict[str, str | bytes]):
+    for name, content in files.items():
+        p = tmp_path / name
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = tmp_path / "task.yaml"
+    spec.write_text(body)
+    return spec
+
+
+def make_prompt(base, sst2, **kw) -> sp.Prompt:
+    return sp.Prompt(injection=sp.Injection(embeds=torch.randn(5, base.hidden_size)), method="soft",
+                     method_config={"num_virtual_tokens": 5, "init": "random", "init_text": None},
+                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=5 * 64,
+                     base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **kw)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = "the film was great fun and the plot " * 80  # ~600 tokens: over the tiny models' 512 positions
@@ -192,24 +211,25 @@ def test_evaluation_and_generation_of_too_long_inputs_error_or_truncate(llama, t
     from softprompt.evaluate import generate_texts
 
     with pytest.raises(InputTooLongError, match="does not fit"):
-        generate_texts(llama, Encoder(task.spec, llama.tokenizer), [LONG], sp.Injection(), 4)
-    assert len(generate_texts(llama, Encoder(task.spec, llama.tokenizer, "left"), [LONG], sp.Injection(), 4)) == 1
+        generate_texts(llama, Encoder(task.spec, llama), [LONG], sp.Injection(), 4)
+    assert len(generate_texts(llama, Encoder(task.spec, llama, "left"), [LONG], sp.Injection(), 4)) == 1
 
 
 def test_generation_that_would_run_past_the_context_is_refused(llama):
     ids = llama.tokenizer("the film", add_special_tokens=False)["input_ids"]
     with pytest.raises(InputTooLongError, match=r"max_new_tokens need \d+ positions; the model has 512") as e:
-        generate_ids(llama, [ids], sp.Injection(embeds=torch.zeros(8, llama.hidden_size)), max_new_tokens=510)
+        generate_ids(llama, [Example(ids, len(ids), [], sp.Injection(embeds=torch.zeros(8, llama.hidden_size)))],
+                     max_new_tokens=510)
     assert "lower max_tokens" in e.value.fix
 
 
 def test_an_input_without_tokens_is_refused(llama, sst2):
     bare = sp.TaskSpec(name="bare", template="{text}", target_column="y")
     with pytest.raises(DataError, match="An input has no tokens") as e:
-        Encoder(bare, llama.tokenizer).input_ids("", None)
+        Encoder(bare, llama).example("")
     assert e.value.fix == "pass a non-empty input."
     with pytest.raises(ConfigError, match="has no tokens"):
-        generate_ids(llama, [[]], sp.Injection(), 2)
+        generate_ids(llama, [Example([], 0, [], sp.Injection())], 2)
 
 
 # --- configuration ----------------------------------------------------------------------------------------------

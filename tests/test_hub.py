@@ -16,8 +16,15 @@ import torch
 import softprompt as sp
 from softprompt.errors import PromptFileError
 from softprompt.hub import model_card, prompt_files, read_card
+from softprompt.injection import Injection
 
-from test_store import make_prompt
+
+def make_prompt(base, sst2, **kw) -> sp.Prompt:
+    """A soft prompt of 5 random virtual tokens for `base` (as in test_store; tests do not import each other)."""
+    return sp.Prompt(injection=Injection(embeds=torch.randn(5, base.hidden_size)), method="soft",
+                     method_config={"num_virtual_tokens": 5, "init": "random", "init_text": None},
+                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=5 * 64,
+                     base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **kw)
 
 
 def test_every_prompt_folder_gets_a_model_card(base, sst2, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from softprompt.errors import ConfigError
-from softprompt.inject import compile_injection, kv_of_embeddings
+from softprompt.example import Example
+from softprompt.injection import Injection
 from softprompt.methods import (DeepPromptConfig, InitContext, PrefixConfig, PTuningConfig, SoftPromptConfig,
                                 build_method)
 
@@ -83,20 +84,17 @@ def test_ptuning_collapses_to_embeddings(base, sst2, encoder):
 
 @torch.no_grad()
 def test_compiled_soft_prompt_gives_the_same_logits(base, sst2):
-    from softprompt.data import collate
-    from softprompt.inject import Injection, assemble, forward
-
     inj = Injection(embeds=torch.randn(4, base.hidden_size) * 0.5)
-    compiled = compile_injection(base, inj)
+    compiled = base.family.compile(inj)
     assert compiled.embeds is None and compiled.num_kv == 4 and compiled.kv_positions == 4
-    b = collate([base.tokenizer(t)["input_ids"] for t in ["a great film", "bad"]], base.tokenizer.pad_token_id)
-    ref, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], inj))
-    out, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], compiled))
-    real = b["attention_mask"].bool()  # compare the text tokens; pad positions carry no meaning
-    T = real.shape[1]
-    torch.testing.assert_close(out[:, -T:][real], ref[:, -T:][real], rtol=0, atol=1e-4)
+    # logits at every text token: each row's first token as the source, the rest (and one more) as its target
+    seqs = [base.tokenizer(t)["input_ids"] + [base.tokenizer.eos_token_id] for t in ["a great film", "bad"]]
+    ref, _, real = base.family.target_logits([Example(s[:1], 1, s[1:], inj) for s in seqs])
+    out, _, _ = base.family.target_logits([Example(s[:1], 1, s[1:], compiled) for s in seqs])
+    assert int(real.sum()) == sum(len(s) - 1 for s in seqs)  # compare the text tokens; pads carry no meaning
+    torch.testing.assert_close(out[real], ref[real], rtol=0, atol=1e-4)
     # and the KV of a sequence does not depend on what follows it (causality)
-    longer = kv_of_embeddings(base, torch.cat([inj.embeds, torch.randn(2, base.hidden_size)]))
+    longer = base.family.kv_of_embeddings(torch.cat([inj.embeds, torch.randn(2, base.hidden_size)]))
     torch.testing.assert_close(longer[:, :, :, :4], compiled.kv, rtol=0, atol=1e-5)
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import softprompt as sp
-from softprompt.data import Encoder, TaskSpec, collate
+from softprompt.data import Encoder, TaskSpec
 from softprompt.errors import PromptFileError
 from softprompt.evaluate import class_log_likelihoods
 from softprompt.generate import generate_ids
-from softprompt.inject import EMPTY, assemble, forward
+from softprompt.injection import EMPTY
 from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups, render_request
 from softprompt.store import Store
@@ -78,20 +80,16 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
     assert len({e.injection.num_positions for e, _ in rows}) > 3  # really different prompt lengths
 
     # next-token logits of the whole mixed batch vs each row alone with its uncompiled prompt file
-    b = collate([ids for _, ids in rows], base.tokenizer.pad_token_id)
     with torch.no_grad():
-        mixed, _ = forward(base, assemble(base, b["input_ids"], b["attention_mask"], [e.injection for e, _ in rows]),
-                           logits_to_keep=1)
-        for (t, _), (_, ids), row in zip(reqs, rows, mixed[:, -1]):
-            one = collate([ids], base.tokenizer.pad_token_id)
-            alone, _ = forward(base, assemble(base, one["input_ids"], one["attention_mask"], prompts[t].injection),
-                               logits_to_keep=1)
-            torch.testing.assert_close(row, alone[0, -1], rtol=0, atol=1e-4)
+        mixed = base.family.next_token_logits([ex for _, ex in rows])
+        for (t, _), (_, ex), row in zip(reqs, rows, mixed):
+            alone = base.family.next_token_logits([dataclasses.replace(ex, injection=prompts[t].injection)])
+            torch.testing.assert_close(row, alone[0], rtol=0, atol=1e-4)
 
     # greedy tokens of one mixed decode loop vs each task generating alone
     together = mt.generate_ids(reqs, max_new_tokens=8)
-    for (t, _), (_, ids), toks in zip(reqs, rows, together):
-        assert generate_ids(base, [ids], prompts[t].injection, 8) == [toks]
+    for (t, _), (_, ex), toks in zip(reqs, rows, together):
+        assert generate_ids(base, [dataclasses.replace(ex, injection=prompts[t].injection)], 8) == [toks]
     assert sum(map(len, together)) > 0
 
     # class scores of a mixed batch of classification tasks (in one forward pass, and grouped by length as the
@@ -99,10 +97,10 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
     cls_reqs = [(t, v) for t, v in reqs if prompts[t].spec.is_classification]
     results = mt.classify(cls_reqs)
     cls_rows = [mt.encode(t, v) for t, v in cls_reqs]
-    one_pass = class_scores(base, [(ids, e.injection, e.encoder.verbalizer_ids) for e, ids in cls_rows], None)
+    one_pass = class_scores(base, [(ex, e.encoder.verbalizer_ids) for e, ex in cls_rows], None)
     for (t, v), res, once in zip(cls_reqs, results, one_pass):
         spec = prompts[t].spec
-        ref = class_log_likelihoods(base, Encoder(spec, base.tokenizer), [render_request(spec, v)],
+        ref = class_log_likelihoods(base, Encoder(spec, base), [render_request(spec, v)],
                                     prompts[t].injection)[0]
         torch.testing.assert_close(torch.tensor(res.log_likelihoods), ref, rtol=0, atol=1e-4)
         torch.testing.assert_close(once, ref, rtol=0, atol=1e-4)

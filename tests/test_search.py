@@ -10,17 +10,25 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.data import Encoder, collate
+from softprompt.cli import main
+from softprompt.data import Encoder
 from softprompt.errors import ConfigError
-from softprompt.evaluate import class_log_likelihoods, classify, evaluate, target_log_likelihood
+from softprompt.evaluate import class_log_likelihoods, classify, evaluate
+from softprompt.example import Example
 from softprompt.explain import explain, nearest_tokens
-from softprompt.inject import EMPTY, Injection, assemble
+from softprompt.injection import Injection
 from softprompt.search import (AutoPromptConfig, Candidates, _split_rows, autoprompt, best_verbalizers,
                                bootstrap_ci, fill, hard_prompt, score_templates, search_split, slotted,
                                trigger_gradient, trigger_losses, trigger_vocabulary)
 
 from conftest import DATA
-from test_cli import run
+
+
+def run(capsys, *argv):  # as in test_cli (tests do not import each other)
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 TINY_AUTOPROMPT = dict(num_triggers=2, iterations=2, num_candidates=3, grad_rows=4, eval_rows=4, verify_candidates=2,
                        verify_rows=4, search_size=16)
@@ -142,7 +150,7 @@ def test_kv_prefixed_trigger_scores_equal_scoring_the_text(base, sst2, template)
     tok = base.tokenizer
     triggers = tok(" good film", add_special_tokens=False)["input_ids"]
     data, rows = _rows(base, sst2, template)
-    enc = Encoder(sst2.spec, tok)
+    enc = Encoder(sst2.spec, base)
     spec = fill(sst2.spec, template, tok.decode(triggers))
     texts = [spec.render(r) for r in data.rows]
     assert all(tok(t)["input_ids"] == tok(t.split(" good film")[0])["input_ids"] + triggers
@@ -158,7 +166,7 @@ def test_trigger_gradient_predicts_the_loss_change(base, sst2, single):
     tok = base.tokenizer
     spec = dataclasses.replace(sst2.spec, labels={"0": "boring", "1": "film"} if single else {"0": "awful boring",
                                                                                              "1": "positive"})
-    verb = Encoder(spec, tok).verbalizer_ids
+    verb = Encoder(spec, base).verbalizer_ids
     assert (max(map(len, verb)) == 1) == single
     triggers = tok(" good film", add_special_tokens=False)["input_ids"]
     data = search_split(sst2, 6)
@@ -167,10 +175,9 @@ def test_trigger_gradient_predicts_the_loss_change(base, sst2, single):
     assert grad.shape == (2, base.hidden_size)
 
     def loss(T):  # every (row, class) pair scored as a sequence, independently of the code under test
-        seqs = [r.post + v for r in rows for v in verb]
-        b = collate(seqs, tok.pad_token_id, [[-100] * len(r.post) + v for r in rows for v in verb])
-        inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows for _ in verb]
-        scores = target_log_likelihood(base, assemble(base, b["input_ids"], b["attention_mask"], inj, b["labels"]))
+        inj = [Injection(embeds=T, kv=r.prefix.kv, kv_positions=r.prefix.kv_positions) for r in rows]
+        examples = [Example(r.post, len(r.post), v, i) for r, i in zip(rows, inj) for v in verb]
+        scores = base.family.target_log_probs(examples)[0].sum(1)  # log p(label word) of every (row, class)
         return float(torch.nn.functional.cross_entropy(scores.view(len(rows), -1), torch.tensor(data.labels)))
 
     with torch.no_grad():
@@ -207,7 +214,7 @@ def test_autoprompt_keeps_the_visited_trigger_best_on_held_out_rows(base, sst2):
     assert all(x["accuracy"] in {k / 8 for k in range(9)} for x in a.selection)
     # held-out rows are the search split's first rows: they agree with scoring those rows directly
     data = search_split(sst2, 24, 1)
-    verb = Encoder(sst2.spec, base.tokenizer).verbalizer_ids
+    verb = Encoder(sst2.spec, base).verbalizer_ids
     rows = _split_rows(base, sst2.spec, slotted(sst2.spec.template), data.subset(range(8)), data.subset(range(8)).labels)
     ce = trigger_losses(base, rows, verb, [base.tokenizer(best["trigger"], add_special_tokens=False)["input_ids"]])
     assert float(ce[0]) == pytest.approx(best["loss"], abs=1e-5)

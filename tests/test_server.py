@@ -17,18 +17,40 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
+import softprompt as sp
 from softprompt.cli import main
+from softprompt.data import TaskSpec
+from softprompt.injection import EMPTY
+from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask
 from softprompt.serve import ServerConfig
 from softprompt.server import Batcher, Job, TextStream, create_app
 from softprompt.store import Store
 
 from conftest import build_tiny
-from test_multitask import make_prompt, spec_like
 
 KEY = "test-key-123"
+
+
+# spec_like and make_prompt as in test_multitask (tests do not import each other)
+def spec_like(task_spec: TaskSpec, **changes) -> TaskSpec:
+    return TaskSpec.from_dict(task_spec.portable() | changes)
+
+
+def make_prompt(base, spec: TaskSpec, method: str | None, P: int = 0, seed: int = 0) -> sp.Prompt:
+    """A prompt of `method` with P virtual tokens, moved away from its init; method None: a template alone."""
+    if method is None:
+        return sp.Prompt(EMPTY, "hard", {}, spec.portable(), base.fingerprint.to_dict())
+    config = METHODS[method].config_class(num_virtual_tokens=P, init="vocab")
+    m = build_method(method, config, InitContext(base, spec.verbalizers, None, seed=seed))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return sp.Prompt(m.collapse(), method, config.to_dict(), spec.portable(), base.fingerprint.to_dict(),
+                     trainable_parameters=m.num_trainable())
 
 
 class Live:

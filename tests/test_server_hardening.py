@@ -7,24 +7,126 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import socket
+import threading
+import time
+
 import httpx
 import pytest
+import torch
+import uvicorn
 
+import softprompt as sp
 from softprompt.cli import main
 from softprompt.data import TaskSpec
+from softprompt.injection import EMPTY
+from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask
 from softprompt.serve import ServerConfig
 from softprompt.server import create_app
 from softprompt.store import Store
 
-from test_multitask import make_prompt
-from test_server import KEY, Gate, Live, auth, llama, registry, store, wait_for  # noqa: F401 (fixtures)
+from conftest import build_tiny
+
+# --- as in test_server and test_multitask (tests do not import each other) ----------------------------------------
+
+KEY = "test-key-123"
+
+
+def spec_like(task_spec: TaskSpec, **changes) -> TaskSpec:
+    return TaskSpec.from_dict(task_spec.portable() | changes)
+
+
+def make_prompt(base, spec: TaskSpec, method: str | None, P: int = 0, seed: int = 0) -> sp.Prompt:
+    """A prompt of `method` with P virtual tokens, moved away from its init; method None: a template alone."""
+    if method is None:
+        return sp.Prompt(EMPTY, "hard", {}, spec.portable(), base.fingerprint.to_dict())
+    config = METHODS[method].config_class(num_virtual_tokens=P, init="vocab")
+    m = build_method(method, config, InitContext(base, spec.verbalizers, None, seed=seed))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return sp.Prompt(m.collapse(), method, config.to_dict(), spec.portable(), base.fingerprint.to_dict(),
+                     trainable_parameters=m.num_trainable())
+
+
+class Live:
+    """uvicorn serving `app` in a thread on a free loopback port (`config`: more uvicorn.Config options)."""
+
+    def __init__(self, app, **config):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def store(llama, sst2, e2e, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("store"))
+    store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
+    store.save("sst2-hard", make_prompt(llama, spec_like(sst2.spec, template="Is it good? {sentence}\nAnswer:"), None))
+    store.save("e2e-prefix", make_prompt(llama, e2e.spec, "prefix", 5, seed=1))
+    store.save("e2e-soft", make_prompt(llama, e2e.spec, "soft", 4, seed=2))
+    return store
+
+
+def registry(base, store):
+    mt = MultiTask(base)
+    mt.sync(store)
+    return mt
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+class Gate:
+    """Holds the batcher's decode loop until released, to fill the queue deterministically."""
+
+    def __init__(self, mt):
+        self.event = threading.Event()
+        inner = mt.decode_rows
+
+        def held(*args, **kwargs):
+            self.event.wait(timeout=30)
+            return inner(*args, **kwargs)
+
+        mt.decode_rows = held
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+# -------------------------------------------------------------------------------------------------------------------
+
 
 LONG = "the film was great fun and the plot " * 80  # ~600 tokens: over the tiny model's 512 positions
 
 
 @pytest.fixture(scope="module")
-def fuzz_store(llama, store, tmp_path_factory):  # noqa: F811
+def fuzz_store(llama, store, tmp_path_factory):
     """The shared store plus a task with a bare "{text}" template, whose empty input renders to no tokens."""
     root = Store(tmp_path_factory.mktemp("fuzz-store"))
     for name in store.names():
@@ -34,7 +136,7 @@ def fuzz_store(llama, store, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def server(llama, fuzz_store):  # noqa: F811
+def server(llama, fuzz_store):
     config = ServerConfig(max_tokens=8, max_request_bytes=8192, max_prompts=4, max_wait_ms=1)
     with Live(create_app(registry(llama, fuzz_store), fuzz_store, config, api_key=KEY)) as live:
         yield live
@@ -100,7 +202,7 @@ def test_a_deeply_nested_body_is_a_400(server):
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
 
 
-def test_the_truncation_policy_applies_to_requests(llama, fuzz_store):  # noqa: F811
+def test_the_truncation_policy_applies_to_requests(llama, fuzz_store):
     mt = MultiTask(llama, truncate="left")
     mt.sync(fuzz_store)
     with Live(create_app(mt, fuzz_store, ServerConfig(max_tokens=8, max_request_bytes=8192))) as live:
@@ -109,7 +211,7 @@ def test_the_truncation_policy_applies_to_requests(llama, fuzz_store):  # noqa: 
         assert r.json()["usage"]["prompt_tokens"] <= 512 - 3 - 1  # the context less the 3 virtual tokens and a class
 
 
-def test_a_burst_beyond_the_queue_gets_429s_never_a_5xx(llama, store):  # noqa: F811
+def test_a_burst_beyond_the_queue_gets_429s_never_a_5xx(llama, store):
     mt = registry(llama, store)
     gate = Gate(mt)
     app = create_app(mt, store, ServerConfig(max_batch_size=4, max_queue=4, max_wait_ms=0, max_tokens=4))
@@ -123,7 +225,7 @@ def test_a_burst_beyond_the_queue_gets_429s_never_a_5xx(llama, store):  # noqa: 
         assert httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code == 200
 
 
-def test_connections_beyond_the_limit_get_503(llama, store):  # noqa: F811
+def test_connections_beyond_the_limit_get_503(llama, store):
     mt = registry(llama, store)
     gate = Gate(mt)
     body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2, "temperature": 0}
@@ -138,7 +240,7 @@ def test_connections_beyond_the_limit_get_503(llama, store):  # noqa: F811
         assert [f.result().status_code for f in held] == [200, 200]
 
 
-def test_serve_binds_to_loopback_by_default_with_its_limits(store, model_dir, monkeypatch, capsys):  # noqa: F811
+def test_serve_binds_to_loopback_by_default_with_its_limits(store, model_dir, monkeypatch, capsys):
     import uvicorn
 
     calls = []
@@ -171,7 +273,7 @@ def test_api_keys_are_compared_in_constant_time(server, monkeypatch):
     assert compared[0] == (hashlib.sha256(KEY.encode()).digest(),) * 2
 
 
-def test_request_bodies_are_logged_only_when_asked(llama, store, caplog):  # noqa: F811
+def test_request_bodies_are_logged_only_when_asked(llama, store, caplog):
     secret = "name[Secret Restaurant 4711]"
     app = create_app(registry(llama, store), store, ServerConfig(log_bodies=True))
     with Live(app) as live, caplog.at_level(logging.INFO):

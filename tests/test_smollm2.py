@@ -8,7 +8,7 @@ import torch
 import softprompt as sp
 from softprompt.data import Encoder
 from softprompt.generate import generate_ids
-from softprompt.inject import Injection
+from softprompt.injection import Injection
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,6 @@ def test_zero_shot_template_is_well_above_chance(smollm2, sst2):
 def test_cached_generation_equals_uncached_with_a_soft_prompt(smollm2, sst2):
     torch.manual_seed(0)
     inj = Injection(embeds=smollm2.embedding_matrix[torch.randint(5000, (8,))].clone())
-    enc = Encoder(sst2.spec, smollm2.tokenizer)
-    prompts = [enc.prompt_ids(p) for p in sst2.split("dev").prompts[:3]]
-    assert generate_ids(smollm2, prompts, inj, 10) == generate_ids(smollm2, prompts, inj, 10, use_cache=False)
+    enc = Encoder(sst2.spec, smollm2)
+    prompts = [enc.example(p, inj, 10) for p in sst2.split("dev").prompts[:3]]
+    assert generate_ids(smollm2, prompts, 10) == generate_ids(smollm2, prompts, 10, use_cache=False)

@@ -11,7 +11,7 @@ import torch
 
 import softprompt as sp
 from softprompt.errors import ConfigError, PromptFileError, StorageError
-from softprompt.inject import Injection
+from softprompt.injection import Injection
 from softprompt.store import Store, info
 
 from conftest import build_tiny

@@ -86,12 +86,12 @@ def _count_attention_calls(base):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_gradient_checkpointing_gives_the_same_training(base, sst2, tmp_path, name):
+    n_layers = base.kv_layout.num_layers  # reads the layout off one forward, once per model: before counting
     calls = _count_attention_calls(base)
     plain = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0), run_dir=tmp_path / "a")
     plain_calls, calls["n"] = calls["n"], 0
     ckpt = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0, gradient_checkpointing=True),
                     run_dir=tmp_path / "b")
-    n_layers = base.kv_layout.num_layers
     assert calls["n"] - plain_calls == 3 * n_layers  # each training forward's layers were recomputed in backward
     for k, v in plain.method.state_dict().items():
         torch.testing.assert_close(ckpt.method.state_dict()[k], v, rtol=1e-5, atol=1e-6)

@@ -49,7 +49,10 @@ HEAD_DIM = HIDDEN // HEADS
 INTERMEDIATE = 128
 LAYERS = 2
 MAX_POS = 512
-WINDOW = 4          # sliding window (tokens)
+WINDOW = 4          # sliding window (tokens) of models that mix sliding and full layers
+# Models whose every layer slides see only 2 x (window - 1) tokens back through 2 layers; a window of 4 would leave a
+# prompt in front of a 10-token input without any effect on the label word (gradient exactly 0, correctly so).
+ALL_SLIDING_WINDOW = 12
 CHUNK = 4           # Llama 4 attention chunk (tokens)
 EXPERTS, TOP_K, EXPERT_WIDTH = 4, 2, 32
 
@@ -134,7 +137,7 @@ def config_for(arch: str, vocab_size: int, eos_token_id: int, pad_token_id: int)
     if arch == "llama":
         return T.LlamaConfig(**_decoder(v, e, p, tie_word_embeddings=True))
     if arch == "mistral":
-        return T.MistralConfig(**_decoder(v, e, p, sliding_window=WINDOW))
+        return T.MistralConfig(**_decoder(v, e, p, sliding_window=ALL_SLIDING_WINDOW))
     if arch == "qwen2":
         # layers >= max_window_layers slide: layer 0 full, layer 1 sliding
         return T.Qwen2Config(**_decoder(v, e, p, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1))
@@ -233,7 +236,7 @@ def config_for(arch: str, vocab_size: int, eos_token_id: int, pad_token_id: int)
                               head_dim=2 * HIDDEN // 4, expand=2, n_groups=1, state_size=8, conv_kernel=2,
                               chunk_size=8, time_step_rank=8, **_ids(e, p))
     if arch == "starcoder2":
-        return T.Starcoder2Config(**_decoder(v, e, p, sliding_window=WINDOW))
+        return T.Starcoder2Config(**_decoder(v, e, p, sliding_window=ALL_SLIDING_WINDOW))
     if arch == "phi":
         return T.PhiConfig(**_decoder(v, e, p, num_key_value_heads=HEADS,
                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,

@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from ..errors import ConfigError, InputTooLongError
 from ..example import MASK, Example
 from ..injection import Injection
-from .family import Family, KVLayout, ReadOnlyPrefixLayer, read_only, stack_padded
+from .family import Family, KVLayout, ReadOnlyPrefixLayer, group_by, read_only, stack_padded
 
 WINDOWED = ("sliding_attention", "chunked_attention")
 RECURRENT = ("linear_attention", "conv")  # cache layer types that keep a recurrent state (with "hybrid": also keys)
@@ -350,23 +350,36 @@ class Causal(Family):
 
     def start_decoding(self, examples: list[Example], use_cache: bool = True):
         examples = [Example(e.source[:e.slot], e.slot, [], e.injection) for e in examples]
+        lengths = [e.slot + e.injection.num_embeds for e in examples]
+        if use_cache and self.recurrent and len(set(lengths)) > 1:
+            # transformers' recurrent cache layers keep the pads of a left-padded prefill in their state, and the
+            # steps after it drift from the row alone: rows of one length need no pads, so each length decodes apart
+            groups = group_by(lengths)
+            parts = [self.start_decoding([examples[i] for i in g], use_cache) for g in groups]
+            logits = parts[0][1].new_empty(len(examples), parts[0][1].shape[-1])
+            for g, (_, part) in zip(groups, parts):
+                logits[g] = part
+            return _Groups(groups, [state for state, _ in parts]), logits
         layout = self.layout(examples)
         state = _Decoding(examples, layout, use_cache)
         if use_cache:
             state.cache = self._decoding_cache(layout.prefix)
-            K = layout.slot_positions.shape[1]
             state.k_positions = torch.cat([layout.slot_positions, layout.positions], dim=1)  # (B, K + S)
             state.k_valid = layout.mask.bool()
-            mask = self._full_mask(layout)
-            logits, state.cache = self._run(layout, state.cache, 1, True, mask=mask)
+            logits, state.cache = self._run(layout, state.cache, 1, True, mask=self._full_mask(layout))
             state.position = layout.positions[:, -1]  # (B,)
             state.four_d = layout.prefix is not None and self._windowed
-            del K
         else:
             logits = self._forward(layout, 1)
         return state, logits[:, -1]
 
-    def continue_decoding(self, state: _Decoding, tokens: torch.Tensor) -> torch.Tensor:
+    def continue_decoding(self, state, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(state, _Groups):
+            parts = [self.continue_decoding(sub, tokens[g]) for g, sub in zip(state.groups, state.states)]
+            logits = parts[0].new_empty(tokens.shape[0], parts[0].shape[-1])
+            for g, part in zip(state.groups, parts):
+                logits[g] = part
+            return logits
         if not state.use_cache:
             state.examples = [Example(e.source + [int(t)], e.slot + 1, [], e.injection)
                               for e, t in zip(state.examples, tokens.tolist())]
@@ -413,6 +426,13 @@ class Causal(Family):
             return injection
         kv = self.kv_of_embeddings(injection.embeds, injection if injection.kv is not None else None)
         return Injection(kv=kv, kv_positions=injection.num_positions)
+
+
+class _Groups:
+    """Decode states of groups of rows (`groups`: row indices) that decode apart."""
+
+    def __init__(self, groups: list[list[int]], states: list):
+        self.groups, self.states = groups, states
 
 
 class _Decoding:
