@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from ..errors import ConfigError, InputTooLongError
 from ..example import MASK, Example
 from ..injection import Injection
-from .family import Family, KVLayout, ReadOnlyPrefixLayer, group_by, read_only, stack_padded
+from .family import Family, ReadOnlyPrefixLayer, group_by, read_only, stack_padded
 
 WINDOWED = ("sliding_attention", "chunked_attention")
 RECURRENT = ("linear_attention", "conv")  # cache layer types that keep a recurrent state (with "hybrid": also keys)
@@ -104,18 +104,12 @@ class Causal(Family):
     def compiles(self) -> bool:  # a recurrent layer's state after the virtual tokens is no key/value prefix
         return not self.recurrent
 
-    def _kv_layout(self) -> KVLayout:
-        layers, shapes = self._probe
-        if not layers:
-            raise ConfigError(f"This {self.config.model_type} model has no attention layers, so KV-prefix methods (prefix, "
-                              "deep) have nothing to put keys and values into.",
-                              "use a method that prepends virtual tokens: --method soft or --method ptuning.")
-        if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
-            raise ConfigError(f"The attention layers of this {self.config.model_type} model store keys and values of "
-                              f"different shapes {sorted(set(shapes))} (heads, key dim, value dim).",
-                              "use a method that prepends virtual tokens: --method soft or --method ptuning.")
-        heads, head_dim, _ = shapes[0]
-        return KVLayout(len(layers), heads, head_dim)
+    def _prefix_shapes(self) -> list[tuple[int, int, int]]:
+        return self._probe[1]
+
+    def _no_prefix_layers(self) -> str:
+        return (f"This {self.config.model_type} model has no attention layers, so KV-prefix methods (prefix, deep) "
+                "have nothing to put keys and values into.")
 
     @cached_property
     def _windowed(self) -> bool:

@@ -178,8 +178,22 @@ class Family:
         """Shape of the KV prefix a method makes for this model. Raises where the model takes none."""
         return self._kv_layout()
 
-    def _kv_layout(self) -> KVLayout:  # pragma: no cover - abstract
+    def _kv_layout(self) -> KVLayout:
+        shapes = self._prefix_shapes()
+        fix = "use a method that prepends virtual tokens: --method soft or --method ptuning."
+        if not shapes:
+            raise ConfigError(self._no_prefix_layers(), fix)
+        if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
+            raise ConfigError(f"The attention layers of this {self.config.model_type} model store keys and values of "
+                              f"different shapes {sorted(set(shapes))} (heads, key dim, value dim).", fix)
+        return KVLayout(len(shapes), shapes[0][0], shapes[0][1])
+
+    def _prefix_shapes(self) -> list[tuple[int, int, int]]:  # pragma: no cover - abstract
+        """(H_kv, key dim, value dim) of every layer that takes a KV prefix, read off the model."""
         raise NotImplementedError
+
+    def _no_prefix_layers(self) -> str:
+        return f"This {self.config.model_type} model has no layer that takes a key/value prefix."
 
     def check_injection(self, injection: Injection, what: str = "This prompt") -> None:
         """Refuse an injection that does not fit this model, with the fix."""

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..example import MASK, Example
 from ..errors import ConfigError
-from .family import Family, KVLayout, ReadOnlyPrefixLayer, by_prefix_length, prefix_of, prompt_first
+from .family import Family, ReadOnlyPrefixLayer, by_prefix_length, prefix_of, prompt_first
 
 
 class MaskedLM(Family):
@@ -54,8 +54,7 @@ class MaskedLM(Family):
                               "use the tokenizer the model was trained with.")
         return self.tokenizer.mask_token_id
 
-    @cached_property
-    def _probe(self) -> list[tuple[int, int, int]]:
+    def _prefix_shapes(self) -> list[tuple[int, int, int]]:
         """(H_kv, key dim, value dim) of every self-attention layer that takes a cache, read off one forward."""
         cache = DynamicCache()
         ids = torch.tensor([[self.mask_id, self.mask_id]], device=self.device)
@@ -64,15 +63,9 @@ class MaskedLM(Family):
         return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in cache.layers
                 if isinstance(getattr(layer, "keys", None), torch.Tensor)]
 
-    def _kv_layout(self) -> KVLayout:
-        shapes = self._probe
-        if not shapes:
-            raise ConfigError(f"This {self.config.model_type} encoder's attention takes no key/value cache, so KV-prefix "
-                              "methods (prefix, deep) cannot reach it.", "use --method soft or --method ptuning.")
-        if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
-            raise ConfigError(f"The layers of this {self.config.model_type} encoder store keys and values of different "
-                              f"shapes {sorted(set(shapes))}.", "use --method soft or --method ptuning.")
-        return KVLayout(len(shapes), shapes[0][0], shapes[0][1])
+    def _no_prefix_layers(self) -> str:
+        return (f"This {self.config.model_type} encoder's attention takes no key/value cache, so KV-prefix methods "
+                "(prefix, deep) cannot reach it.")
 
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderD
 from ..example import MASK, Example
 from ..errors import ConfigError, InputTooLongError
 from ..injection import Injection
-from .family import Family, KVLayout, ReadOnlyPrefixLayer, by_prefix_length, group_by, prefix_of, \
+from .family import Family, ReadOnlyPrefixLayer, by_prefix_length, group_by, prefix_of, \
     prompt_first
 
 
@@ -58,7 +58,7 @@ class Seq2Seq(Family):
 
     @cached_property
     def _probe(self) -> list[tuple[int, int, int]]:
-        """(H_kv, key dim, value dim) of every decoder self-attention layer, read off one decoder step."""
+        """Shapes of every decoder self-attention layer's keys/values, read off one decoder step."""
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         ids = torch.tensor([[self.start_id]], device=self.device)
         with torch.no_grad():
@@ -66,12 +66,8 @@ class Seq2Seq(Family):
         layers = cache.self_attention_cache.layers
         return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in layers]
 
-    def _kv_layout(self) -> KVLayout:
-        shapes = self._probe
-        if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
-            raise ConfigError(f"The decoder layers of this {self.config.model_type} model store keys and values of "
-                              f"different shapes {sorted(set(shapes))}.", "use --method soft or --method ptuning.")
-        return KVLayout(len(shapes), shapes[0][0], shapes[0][1])
+    def _prefix_shapes(self) -> list[tuple[int, int, int]]:
+        return self._probe
 
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:
