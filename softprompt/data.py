@@ -123,6 +123,28 @@ class TaskSpec:
         """The template filled with one row's fields."""
         return self.template.format(**{f: row[self.column(f)] for f in self.template_fields}, **{MASK_FIELD: MASK})
 
+    def render_input(self, value: str | dict) -> str:
+        """The template filled from one user input: an object of fields, a JSON object, or a plain string for a
+        one-field template (what `softprompt generate` and the server take)."""
+        fields = self.template_fields
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"Input is not valid JSON: {e}", "pass a JSON object of the template's fields.") from e
+        if isinstance(value, str):
+            if len(fields) != 1:
+                raise ConfigError(f"The template has fields {fields}; a plain string can only fill one.",
+                                  'pass a JSON object, e.g. \'{"premise": "...", "hypothesis": "..."}\'.')
+            value = {self.column(fields[0]): value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"An input must be a string or an object of template fields, got {type(value).__name__}.",
+                              f"pass a string, or an object with the fields {fields}.")
+        missing = [f for f in fields if self.column(f) not in value]
+        if missing:
+            raise ConfigError(f"Input lacks the template field(s) {missing}.", f"give all of {fields}.")
+        return self.render(value)
+
     def portable(self) -> dict:
         """The spec without data locations: what a prompt file stores to format requests later."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}

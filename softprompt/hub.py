@@ -116,13 +116,6 @@ def write_model_card(directory: str | Path, name: str | None = None) -> Path | N
     return atomic_write_text(path, text) if text else None
 
 
-def read_card(directory: str | Path) -> dict:
-    """The YAML front matter of a directory's model card."""
-    from huggingface_hub import ModelCard
-
-    return ModelCard.load(Path(directory) / CARD).data.to_dict()
-
-
 # --- hub -------------------------------------------------------------------------------------------------------------
 
 def local_dir(path_or_repo: str | Path, patterns: list[str] | None = None, revision: str | None = None) -> Path:
@@ -181,7 +174,7 @@ def push_to_hub(source: Prompt | str | Path, repo_id: str, filename: str | None 
         folder = Path(tmp)
         name = repo_id.split("/")[-1]
         if isinstance(source, Prompt):
-            source.save(folder / (filename or f"{source.task.get('name', 'prompt')}-{source.method}{SUFFIX}"), card=False)
+            source.save(folder / (filename or f"{source.task.get('name', 'prompt')}-{source.method}{SUFFIX}"))
         elif Path(source).is_file():
             Prompt.load(source)  # refuse anything that is not a readable prompt file before uploading
             shutil.copy2(source, folder / (filename or Path(source).name))
@@ -208,30 +201,3 @@ def pull(repo_id: str, out: str | Path, revision: str | None = None) -> Path:
     except Exception as e:
         raise PromptFileError(f"Could not download hub repo '{repo_id}': {type(e).__name__}: {e}",
                               "check the repo id, your network and HF_TOKEN.") from e
-
-
-# --- command line ----------------------------------------------------------------------------------------------------
-
-def cmd_push(ns) -> None:
-    print(push_to_hub(ns.source, ns.repo_id, private=ns.private, commit_message=ns.message))
-
-
-def cmd_pull(ns) -> None:
-    out = pull(ns.repo_id, ns.out or ns.repo_id.split("/")[-1], ns.revision)
-    print(f"downloaded {sorted(prompt_files(out))} to {out}")
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("push", help="upload prompt files and their model card to a Hugging Face Hub repo")
-    p.add_argument("source", help="prompt file or folder of prompt files")
-    p.add_argument("repo_id", help="hub repo, e.g. user/sst2-prompts (created if missing; token from HF_TOKEN or "
-                                   "`hf auth login`)")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
-    p.add_argument("--message", default=None, help="commit message")
-    p.set_defaults(handler=cmd_push)
-
-    q = sub.add_parser("pull", help="download a hub repo's prompt files")
-    q.add_argument("repo_id", help="hub repo id")
-    q.add_argument("--out", default=None, help="folder to download to (default: the repo name)")
-    q.add_argument("--revision", default=None, help="branch, tag or commit")
-    q.set_defaults(handler=cmd_pull)

@@ -18,11 +18,9 @@ ones, and refuses a file that does not load or does not fit the base model (its 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -43,18 +41,6 @@ class UnknownTaskError(ConfigError):
         self.name, self.known = name, known
         why = f"its prompt file was refused: {refused}" if refused else "no such task is loaded"
         super().__init__(f"Unknown task '{name}' ({why}).", f"use one of {known}.")
-
-
-def render_request(spec: TaskSpec, value: str | dict) -> str:
-    """The template filled from one request input: a dict of fields, or a string (see `cli.render_input`)."""
-    from .cli import render_input
-
-    if isinstance(value, dict):
-        return render_input(spec, json.dumps(value))
-    if not isinstance(value, str):
-        raise ConfigError(f"An input must be a string or an object of template fields, got {type(value).__name__}.",
-                          f"pass a string, or an object with the fields {spec.template_fields}.")
-    return render_input(spec, value)
 
 
 @dataclass(frozen=True)
@@ -78,7 +64,7 @@ class Entry:
         if reserve is None:
             spec = self.spec
             reserve = max(map(len, self.encoder.verbalizer_ids)) if spec.is_classification else spec.max_new_tokens
-        return self.encoder.example(render_request(self.spec, value), self.injection, reserve)
+        return self.encoder.example(self.spec.render_input(value), self.injection, reserve)
 
     def describe(self) -> dict:
         """What `/v1/models` shows of the task."""
@@ -259,9 +245,3 @@ class MultiTask:
                  sampling: Sampling | list[Sampling] = GREEDY) -> list[str]:
         return [self.base.tokenizer.decode(ids, skip_special_tokens=True)
                 for ids in self.generate_ids(requests, max_new_tokens, sampling)]
-
-
-def load_store(base, root: str | Path, compile: bool = True, truncate: str = "error") -> tuple[MultiTask, dict]:
-    """A `MultiTask` holding every loadable prompt of a store directory, and the `sync` report (refusals)."""
-    mt = MultiTask(base, compile, truncate)
-    return mt, mt.sync(Store(root))

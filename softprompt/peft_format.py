@@ -52,7 +52,7 @@ from safetensors.torch import save as st_save
 
 from .base import Fingerprint
 from .data import TaskSpec
-from .errors import ConfigError, PromptFileError
+from .errors import PromptFileError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .injection import Injection
 from .methods import METHODS
@@ -136,14 +136,12 @@ def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
 
 
 def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None = None) -> list[str]:
-    """Write `out_dir/adapter_config.json` and `adapter_model.safetensors` (plus a model card) for PEFT.
+    """Write `out_dir/adapter_config.json` and `adapter_model.safetensors` for PEFT.
 
     `peft.PeftModel.from_pretrained(model, out_dir)` loads the result. The safetensors header also
     keeps softprompt's metadata (template, labels, metrics), so `import_peft` restores the prompt
     file exactly. Returns notes on where PEFT will run the prompt differently (see the module doc).
     """
-    from .hub import write_model_card
-
     config = peft_config(prompt, base_model_name)
     inj = prompt.injection
     tensor = flatten_kv(inj.kv, Fingerprint.from_dict(prompt.base).family) if inj.kv is not None else inj.embeds
@@ -155,7 +153,6 @@ def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None
                    metadata={"format": "pt", "softprompt": json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(out / WEIGHTS, data)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_model_card(out)
     notes = []
     if inj.kv is not None and inj.kv_positions != inj.num_kv:
         notes.append(f"PEFT starts the text at position {inj.num_kv} (after the prefix); this prompt was trained with "
@@ -275,54 +272,3 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
                   metrics=meta.get("metrics", {}) if meta else {},
                   train={"imported_from": {"format": "peft", "peft_type": kind, "path": str(path),
                                            "base_model_name_or_path": config.get("base_model_name_or_path")}})
-
-
-# --- command line ----------------------------------------------------------------------------------------------------
-
-def cmd_export(ns) -> None:
-    from .store import load_prompt
-
-    if ns.format != "peft":
-        raise ConfigError(f"Unknown export format '{ns.format}'.", "use --format peft.")
-    prompt = load_prompt(ns.file)
-    for note in export_peft(prompt, ns.out_dir, ns.base_model_name):
-        print(f"note: {note}")
-    print(f"wrote {Path(ns.out_dir) / CONFIG} and {WEIGHTS} (PEFT {peft_config(prompt)['peft_type']})")
-
-
-def cmd_import(ns) -> None:
-    from .cli import _load_base
-    from .data import load_task
-    from .hub import local_dir
-
-    base = _load_base(ns)
-    spec = load_task(ns.task, ns.data_dir).spec if ns.task else None
-    prompt = import_peft(local_dir(ns.peft_dir, [CONFIG, WEIGHTS]), base, spec)
-    path = prompt.save(ns.out)
-    print(f"saved {path} ({prompt.method}, {prompt.num_parameters:,} parameters) for {base.name}")
-
-
-def add_commands(sub) -> None:
-    from .cli import add_model_options
-
-    e = sub.add_parser("export", help="write a prompt file in another library's format (PEFT)",
-                       description="Write a prompt file as a PEFT prompt-learning adapter (adapter_config.json + "
-                                   "adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.")
-    e.add_argument("--format", default="peft", choices=["peft"], help="target format")
-    e.add_argument("file", help="prompt file (.safetensors)")
-    e.add_argument("out_dir", help="folder to write the adapter to")
-    e.add_argument("--base-model-name", default=None,
-                   help="base_model_name_or_path to record (default: the model id in the prompt's fingerprint)")
-    e.set_defaults(handler=cmd_export)
-
-    i = sub.add_parser("import", help="turn a PEFT prompt-learning adapter into a prompt file",
-                       description="Read a PEFT prompt tuning, P-tuning or prefix tuning adapter (a local folder or a "
-                                   "hub repo) and save it as a softprompt prompt file for --model.")
-    i.add_argument("peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub "
-                                    "repo id")
-    add_model_options(i)
-    i.add_argument("--out", required=True, help="prompt file to write")
-    i.add_argument("--task", default=None, help="task (built-in name or spec file) whose template the prompt uses "
-                                                "(default: the adapter's softprompt metadata, else '{text}')")
-    i.add_argument("--data-dir", default=None, help="data folder of --task (only its template is used)")
-    i.set_defaults(handler=cmd_import)

@@ -63,16 +63,12 @@ class Prompt:
                 "train": self.train, "library_version": self.library_version,
                 "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def save(self, path: str | Path, card: bool = True) -> Path:
-        """Write atomically (temporary file, then rename), and with `card` refresh the folder's model card."""
+    def save(self, path: str | Path) -> Path:
+        """Write the tensors and metadata atomically (temporary file, then rename). Model cards are `hub`'s."""
         path = Path(path)
         if path.suffix != SUFFIX:
             path = path.with_name(path.name + SUFFIX)
         write_safetensors(path, {k: v.float() for k, v in self.injection.tensors().items()}, self.meta())
-        if card:
-            from .hub import write_model_card
-
-            write_model_card(path.parent)
         return path
 
     @classmethod

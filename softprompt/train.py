@@ -140,6 +140,34 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def _data_parallel(acc):
+    """`acc`, after refusing launches that would shard the prompt instead of the base model."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ConfigError(
+            f"softprompt trains only the prompt, which {acc.distributed_type.value} would shard, while the frozen base "
+            "model stays whole on every process; this training loop runs data-parallel (DDP) only.",
+            "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
+            "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
+    return acc
+
+
+def _optimizer(c: "TrainConfig", params: list):
+    """AdamW or Adafactor over `params`, and the learning-rate schedule of `c`."""
+    from transformers import get_scheduler
+
+    if c.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    else:
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                              weight_decay=c.weight_decay)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[c.scheduler]
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.steps)
+
+
 def init_context(base, task: Task, seed: int, examples=None) -> InitContext:
     """What a method initializes from: the model, the task's verbalizers and its training text (capped), seeded.
 
@@ -149,62 +177,61 @@ def init_context(base, task: Task, seed: int, examples=None) -> InitContext:
     return InitContext(base, task.spec.verbalizers, examples.texts(5000), seed=seed)
 
 
+def is_main_process() -> bool:
+    """Whether this process writes files and prints: the only one, or the first of an `accelerate launch`/`torchrun`."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 class Trainer:
-    """Trains one method on one task. Use `train()` unless you need the pieces."""
+    """Trains one method on one task. Use `train()` unless you need the pieces.
+
+    eval_seed: the seed of the fixed evaluation subset (default: the training seed; the benchmark fixes it).
+    """
 
     def __init__(self, base, task: Task, method: str = "soft", method_config: MethodConfig | dict | None = None,
                  config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
-                 accelerator=None, trainable: PromptMethod | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType
-
+                 accelerator=None, trainable: PromptMethod | None = None, eval_seed: int | None = None):
         self.base, self.task, self.config = base, task, config or TrainConfig()
-        self.acc = accelerator or Accelerator(cpu=base.device.type == "cpu")
-        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise ConfigError(
-                f"softprompt trains only the prompt, which {self.acc.distributed_type.value} would shard, while the "
-                "frozen base model stays whole on every process; this training loop runs data-parallel (DDP) only.",
-                "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
-                "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=base.device.type == "cpu")
+        self.acc = _data_parallel(accelerator)
         self.run_dir = Path(run_dir) if run_dir else None
-        spec = task.spec
-        self.enc = Encoder(spec, base, self.config.truncate, self.config.max_length)
         c = self.config
+        self.enc = Encoder(task.spec, base, c.truncate, c.max_length)
         self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
         if trainable is None:
             trainable = build_method(method, method_config, init_context(base, task, c.seed, self.examples))
-        self.method = trainable
-        self.method_name = trainable.name
+        self.method, self.method_name = trainable, trainable.name
         self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable
         if c.lr is None:
             self.config = c = dataclasses.replace(c, lr=type(trainable).default_lr)
-        params = [p for p in trainable.parameters() if p.requires_grad]
-        if c.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            from transformers.optimization import Adafactor
-
-            self.optimizer = Adafactor(params, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                                       weight_decay=c.weight_decay)
-        from transformers import get_scheduler
-
-        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[c.scheduler]
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.steps)
+        self.optimizer, self.scheduler = _optimizer(c, [p for p in trainable.parameters() if p.requires_grad])
         self.limit = c.max_length or base.max_positions
         if c.max_length and base.max_positions and c.max_length > base.max_positions:
             raise ConfigError(f"max_length {c.max_length} exceeds the model's context of {base.max_positions} positions.",
                               f"pass --max-length {base.max_positions} or less.")
-        self.step = 0
-        self.history: list[dict] = []
+        self.step, self.history = 0, []
         self.best: Injection | None = None
         self.best_metric = -math.inf
-        self.metric_name = primary_metric(spec)
+        self.metric_name = primary_metric(task.spec)
         self.has_eval = task.has_split(c.eval_split)
+        self.eval_seed = c.seed if eval_seed is None else eval_seed
         self.identity = {"task": task.name, "method": self.method_name, "method_config": trainable.config.to_dict(),
                          "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
                          "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY}}
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
+        self._check_same_step()
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def _check_same_step(self) -> None:
         if self.acc.num_processes > 1:
             steps = self.acc.gather(torch.tensor([self.step], device=self.acc.device))
             if len(set(steps.tolist())) > 1:
@@ -228,11 +255,11 @@ class Trainer:
     def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
         c = self.config
         return evaluate(self.base, self.task, injection, split=c.eval_split, limit=limit, batch_size=c.eval_batch_size,
-                        truncate=c.truncate, seed=c.seed)
+                        truncate=c.truncate, seed=self.eval_seed)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.run_dir and self.acc.is_main_process:
+        if self.run_dir and self.is_main:
             path = self.run_dir / "metrics.jsonl"
             try:
                 with open(path, "a") as f:
@@ -247,63 +274,78 @@ class Trainer:
         if metrics[self.metric_name] > self.best_metric:
             self.best_metric, self.best = metrics[self.metric_name], current
 
-    def run(self) -> TrainResult:
-        c, acc = self.config, self.acc
+    def _start(self) -> None:
+        """Before the first step: the prompt's shape, the run folder, checkpointing."""
+        c = self.config
         self.method.train()
         self._shape = self.method.collapse()  # what the examples are fitted around
         if self.limit is not None and self._shape.num_positions >= self.limit:
-            raise ConfigError(f"The prompt takes {self._shape.num_positions} positions, which leaves no room for text in the "
-                              f"context of {self.limit} positions (the model's, or --max-length).",
+            raise ConfigError(f"The prompt takes {self._shape.num_positions} positions, which leaves no room for text "
+                              f"in the context of {self.limit} positions (the model's, or --max-length).",
                               "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).")
-        if self.run_dir and acc.is_main_process:
+        if self.run_dir and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if c.gradient_checkpointing:
             self.base.family.enable_gradient_checkpointing()
+
+    def _step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's mean loss (over all processes)."""
+        c, acc = self.config, self.acc
+        total = 0.0
+        for micro in range(c.grad_accum):
+            batch = self.micro_batch(self.step, micro)
+            sync = micro == c.grad_accum - 1
+            with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
+                loss = self.loss(batch) / c.grad_accum
+                acc.backward(loss)
+            total += loss.item()
+        if acc.num_processes > 1:
+            # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
+            total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
+        if not math.isfinite(total):
+            raise TrainingError(f"The loss became {total} at step {self.step + 1}; the last good checkpoint is kept"
+                                f"{' in ' + str(self.run_dir) if self.run_dir else ''}.",
+                                "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).")
+        if c.max_grad_norm:
+            acc.clip_grad_norm_(self.method.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def _after_step(self, window: list[float], elapsed: float, bar, ema: float) -> list[float]:
+        """Log, evaluate and checkpoint as the options say; returns the losses still to log."""
+        c = self.config
+        if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
+            # the mean since the last record: single-batch losses are too noisy to read a curve from
+            self._log({"step": self.step, "loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
+                       "elapsed": elapsed})
+            window = []
+        if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
+            self._eval_and_keep_best()
+            bar.set_postfix(loss=f"{ema:.3f}", **{self.metric_name: f"{self.best_metric:.3f}"})
+        else:
+            bar.set_postfix(loss=f"{ema:.3f}")
+        bar.update(1)
+        if self.run_dir and c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
+            self._save_checkpoint()
+        return window
+
+    def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
+        c = self.config
+        self._start()
         bar = tqdm(total=c.steps, initial=self.step, desc=f"train {self.task.name}/{self.method_name}",
-                   disable=not (c.progress and acc.is_main_process), dynamic_ncols=True)
+                   disable=not (c.progress and self.is_main), dynamic_ncols=True)
         t0, start_step, ema, window = time.perf_counter(), self.step, None, []
         try:
             while self.step < c.steps:
-                total = 0.0
-                for micro in range(c.grad_accum):
-                    batch = self.micro_batch(self.step, micro)
-                    sync = micro == c.grad_accum - 1
-                    with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
-                        loss = self.loss(batch) / c.grad_accum
-                        acc.backward(loss)
-                    total += loss.item()
-                if acc.num_processes > 1:
-                    # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
-                    total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
-                if not math.isfinite(total):
-                    where = f"step {self.step + 1}"
-                    raise TrainingError(f"The loss became {total} at {where}; the last good checkpoint is kept"
-                                        f"{' in ' + str(self.run_dir) if self.run_dir else ''}.",
-                                        "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).")
-                if c.max_grad_norm:
-                    acc.clip_grad_norm_(self.method.parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+                total = self._step()
                 ema = total if ema is None else 0.9 * ema + 0.1 * total
-                window.append(total)
-                if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
-                    # the mean since the last record: single-batch losses are too noisy to read a curve from
-                    self._log({"step": self.step, "loss": sum(window) / len(window),
-                               "lr": self.scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - t0})
-                    window = []
-                if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
-                    self._eval_and_keep_best()
-                    bar.set_postfix(loss=f"{ema:.3f}", **{self.metric_name: f"{self.best_metric:.3f}"})
-                else:
-                    bar.set_postfix(loss=f"{ema:.3f}")
-                bar.update(1)
-                if self.run_dir and c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
-                    self._save_checkpoint()
+                window = self._after_step(window + [total], time.perf_counter() - t0, bar, ema)
         finally:
             bar.close()
             if c.gradient_checkpointing:
@@ -311,6 +353,13 @@ class Trainer:
             self.method.eval()
         train_seconds = time.perf_counter() - t0
         steps_done = self.step - start_step
+        return TrainResult(self._finish(), self.method, self.history, self.run_dir,
+                           train_seconds / steps_done if steps_done else float("nan"),
+                           peak_memory_bytes(self.base.device), train_seconds)
+
+    def _finish(self) -> Prompt:
+        """The best prompt with its final evaluations; the curves written."""
+        c = self.config
         if self.best is None:
             self.best = self.method.collapse()
         prompt = self._prompt()
@@ -318,13 +367,11 @@ class Trainer:
             if c.zero_shot:
                 prompt.metrics["zero_shot"] = self.evaluate(None, c.final_eval_limit)
             prompt.metrics[c.eval_split] = self.evaluate(self.best, c.final_eval_limit)
-        if self.run_dir and acc.is_main_process:
+        if self.run_dir and self.is_main:
             from .plots import plot_history
 
             plot_history(self.history, self.run_dir / "curves.png", title=f"{self.task.name} / {self.method_name}")
-        return TrainResult(prompt, self.method, self.history, self.run_dir,
-                           train_seconds / steps_done if steps_done else float("nan"),
-                           peak_memory_bytes(self.base.device), train_seconds)
+        return prompt
 
     def _prompt(self) -> Prompt:
         c = self.config
@@ -337,7 +384,7 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        if not self.acc.is_main_process:
+        if not self.is_main:
             self.acc.wait_for_everyone()
             return
         rng = {"torch": torch.get_rng_state()}

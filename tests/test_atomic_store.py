@@ -62,7 +62,7 @@ def llama(tokenizer):
 
 
 def test_concurrent_writers_and_readers_never_see_a_torn_file(llama, sst2, tmp_path):
-    sources = [str(version(llama, sst2, i).save(tmp_path / "versions" / f"v{i}", card=False)) for i in range(len(SIZES))]
+    sources = [str(version(llama, sst2, i).save(tmp_path / "versions" / f"v{i}")) for i in range(len(SIZES))]
     store = Store(tmp_path / "store")
     store.save(TASK, sp.load_prompt(sources[0]))
     stop = tmp_path / "stop"

@@ -14,7 +14,7 @@ import softprompt as sp
 from softprompt.bench import load_grid, run_grid, write_report
 from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.example import Example
 from softprompt.train import Trainer, init_context
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from softprompt.cli import main
+from softprompt.commands import main
 
 from conftest import DATA
 
@@ -24,6 +24,7 @@ def test_train_info_eval_generate(model_dir, tmp_path, capsys):
                          "--final-eval-limit", 8, "--no-progress", "--out", out_file, "--run-dir", tmp_path / "run")
     assert code == 0, err
     assert "zero-shot" in out and out_file.exists()
+    assert "library_name: softprompt" in (tmp_path / "README.md").read_text()  # the command writes the model card
 
     code, out, _ = run(capsys, "info", out_file, "--json")
     d = json.loads(out)
@@ -92,3 +93,29 @@ def test_config_file_with_unknown_key(tmp_path, capsys):
     cfg.write_text("stepz: 3\n")
     code, _, err = run(capsys, "train", "--config", cfg, "--task", "sst2")
     assert code == 2 and "stepz" in err
+
+
+def _options(parser, path=()) -> dict[str, dict[str, list[str]]]:
+    """Every command's option strings and positionals, by command path ("search templates", ...)."""
+    import argparse
+
+    out = {" ".join(path) or "softprompt": {
+        "options": sorted(s for a in parser._actions for s in a.option_strings),
+        "positionals": [a.dest for a in parser._actions
+                        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]}}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out |= _options(sub, (*path, name))
+    return out
+
+
+def test_every_command_keeps_its_options():
+    """The option sets of every command, against the snapshot taken before the commands moved into their package."""
+    from pathlib import Path
+
+    from softprompt.commands import build_parser
+
+    before = json.loads((Path(__file__).parent / "data" / "cli_options.json").read_text())
+    assert _options(build_parser()) == before
+

@@ -10,10 +10,10 @@ from conftest import DATA, build_tiny
 from fastapi.testclient import TestClient
 
 import softprompt as sp
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.multitask import MultiTask
-from softprompt.serve import ServerConfig
-from softprompt.server import create_app
+from softprompt.serving import ServerConfig
+from softprompt.serving import create_app
 from softprompt.store import Store
 
 FAST = ["--steps", "2", "--batch-size", "2", "--eval-limit", "4", "--final-eval-limit", "8", "--no-progress"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.methods import InitContext
 from softprompt.train import Trainer
 

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.data import Encoder
-from softprompt.errors import ConfigError, DataError, InputTooLongError, PromptFileError, StorageError
+from softprompt.errors import ConfigError, DataError, InputTooLongError, StorageError
 from softprompt.example import Example
-from softprompt.fileio import write_safetensors
 from softprompt.generate import generate_ids
 from softprompt.train import CHECKPOINT, Trainer
 

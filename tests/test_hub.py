@@ -8,6 +8,7 @@ card included.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -15,8 +16,15 @@ import torch
 
 import softprompt as sp
 from softprompt.errors import PromptFileError
-from softprompt.hub import model_card, prompt_files, read_card
+from softprompt.hub import model_card, prompt_files, write_model_card
 from softprompt.injection import Injection
+
+
+def card_meta(directory) -> dict:
+    """The YAML front matter of a directory's model card."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(Path(directory) / "README.md").data.to_dict()
 
 
 def make_prompt(base, sst2, **kw) -> sp.Prompt:
@@ -30,8 +38,8 @@ def make_prompt(base, sst2, **kw) -> sp.Prompt:
 def test_every_prompt_folder_gets_a_model_card(base, sst2, tmp_path):
     p = make_prompt(base, sst2, metrics={"dev": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8},
                                          "zero_shot": {"accuracy": 0.5}})
-    p.save(tmp_path / "sst2")
-    meta = read_card(tmp_path)
+    write_model_card(p.save(tmp_path / "sst2").parent)  # what every command that saves a prompt does
+    meta = card_meta(tmp_path)
     assert meta["library_name"] == "softprompt" and meta["base_model"] == base.name
     [entry] = meta["prompts"]
     assert entry["file"] == "sst2.safetensors" and entry["method"] == "soft" and entry["task"] == "sst2"
@@ -39,8 +47,8 @@ def test_every_prompt_folder_gets_a_model_card(base, sst2, tmp_path):
     [result] = meta["model-index"][0]["results"][:1]
     assert result["dataset"]["split"] == "dev" and result["metrics"][0]["value"] in (0.75, 0.7)
 
-    make_prompt(base, sst2).save(tmp_path / "other")  # a second prompt: the card lists both
-    assert [e["file"] for e in read_card(tmp_path)["prompts"]] == ["other.safetensors", "sst2.safetensors"]
+    write_model_card(make_prompt(base, sst2).save(tmp_path / "other").parent)  # a second prompt: the card lists both
+    assert [e["file"] for e in card_meta(tmp_path)["prompts"]] == ["other.safetensors", "sst2.safetensors"]
 
 
 def test_a_readme_written_by_someone_else_is_kept(base, sst2, tmp_path):
@@ -106,7 +114,7 @@ def test_push_then_from_pretrained_through_the_hub(base, sst2, tmp_path, fake_hu
     assert url.endswith("/commit/0") and calls[0] == ("create_repo", "me/sst2-prompt", True)
     assert "*.safetensors" in calls[1][2] and not any(".bin" in x or ".pt" in x for x in calls[1][2])
     assert sorted(f.name for f in repos["me/sst2-prompt"].iterdir()) == ["README.md", "sst2-soft.safetensors"]
-    assert read_card(repos["me/sst2-prompt"])["prompts"][0]["metrics"] == {"dev": {"accuracy": 0.9}}
+    assert card_meta(repos["me/sst2-prompt"])["prompts"][0]["metrics"] == {"dev": {"accuracy": 0.9}}
 
     q = sp.from_pretrained("me/sst2-prompt", base)
     assert torch.equal(q.injection.embeds, p.injection.embeds) and q.metrics == p.metrics
@@ -115,7 +123,7 @@ def test_push_then_from_pretrained_through_the_hub(base, sst2, tmp_path, fake_hu
 
 
 def test_cli_push_and_pull(base, sst2, tmp_path, fake_hub, capsys):
-    from softprompt.cli import main
+    from softprompt.commands import main
 
     path = make_prompt(base, sst2).save(tmp_path / "local" / "sst2")
     assert main(["push", str(path), "me/p"]) == 0

@@ -14,7 +14,7 @@ from softprompt.evaluate import class_log_likelihoods
 from softprompt.generate import generate_ids
 from softprompt.injection import EMPTY
 from softprompt.methods import METHODS, InitContext, build_method
-from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups, render_request
+from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups
 from softprompt.store import Store
 
 from conftest import build_tiny
@@ -100,7 +100,7 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
     one_pass = class_scores(base, [(ex, e.encoder.verbalizer_ids) for e, ex in cls_rows], None)
     for (t, v), res, once in zip(cls_reqs, results, one_pass):
         spec = prompts[t].spec
-        ref = class_log_likelihoods(base, Encoder(spec, base), [render_request(spec, v)],
+        ref = class_log_likelihoods(base, Encoder(spec, base), [spec.render_input(v)],
                                     prompts[t].injection)[0]
         torch.testing.assert_close(torch.tensor(res.log_likelihoods), ref, rtol=0, atol=1e-4)
         torch.testing.assert_close(once, ref, rtol=0, atol=1e-4)

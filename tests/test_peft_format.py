@@ -17,6 +17,7 @@ import softprompt as sp
 from softprompt.errors import PromptFileError
 from softprompt.example import Example
 from softprompt.methods import METHODS, InitContext, build_method
+from softprompt.hub import write_model_card
 from softprompt.peft_format import export_peft, import_peft, read_peft
 
 from conftest import DATA
@@ -155,6 +156,8 @@ def test_export_then_import_restores_the_prompt(base, sst2, tmp_path, method):
         assert torch.equal(back.injection.tensors()[k], v)
     assert back.injection.kv_positions == prompt.injection.kv_positions
     assert (back.method, back.method_config, back.task) == (prompt.method, prompt.method_config, prompt.task)
+    assert not (tmp_path / "README.md").exists()  # the library writes no card: `softprompt export` does
+    write_model_card(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card
 
@@ -182,7 +185,7 @@ def test_imports_are_checked(base, sst2, tokenizer, tmp_path):
 
 
 def test_cli_export_and_import(model_dir, tmp_path, capsys):
-    from softprompt.cli import main
+    from softprompt.commands import main
 
     base = sp.load_base(model_dir, device="cpu")
     sst2 = sp.load_task("sst2", str(DATA))

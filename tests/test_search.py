@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.data import Encoder
 from softprompt.errors import ConfigError
 from softprompt.evaluate import class_log_likelihoods, classify, evaluate

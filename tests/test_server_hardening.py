@@ -17,13 +17,13 @@ import torch
 import uvicorn
 
 import softprompt as sp
-from softprompt.cli import main
+from softprompt.commands import main
 from softprompt.data import TaskSpec
 from softprompt.injection import EMPTY
 from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask
-from softprompt.serve import ServerConfig
-from softprompt.server import create_app
+from softprompt.serving import ServerConfig
+from softprompt.serving import create_app
 from softprompt.store import Store
 
 from conftest import build_tiny

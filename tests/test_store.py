@@ -105,7 +105,7 @@ def test_failed_write_keeps_previous_file(base, sst2, tmp_path, monkeypatch):
         make_prompt(base, sst2).save(path)
     assert "free disk space" in e.value.fix
     assert path.read_bytes() == before
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["README.md", path.name]  # no temp file left behind
+    assert sorted(f.name for f in tmp_path.iterdir()) == [path.name]  # no temp file left behind
 
 
 def test_store_names_cannot_escape(tmp_path):

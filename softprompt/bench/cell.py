@@ -80,7 +80,7 @@ def record_path(results: Path, cell: Cell) -> Path:
 class BenchTrainer(Trainer):
     """The one training loop, instrumented for the benchmark.
 
-    - evaluates on the fixed dev subset (not one drawn with the training seed);
+    - evaluates on the fixed dev subset (`eval_seed=DEV_SEED`, not the training seed);
     - keeps the time spent evaluating out of the training time (wall and CPU seconds per step; CPU
       seconds, summed over threads, say more than wall time on a machine shared with other jobs);
     - counts the text tokens trained on (tokens per second);
@@ -98,11 +98,6 @@ class BenchTrainer(Trainer):
 
     def loss(self, batch: list) -> torch.Tensor:
         return self.method.loss(batch) if isinstance(self.method, PeftMethod) else super().loss(batch)
-
-    def evaluate(self, injection, limit):
-        c = self.config
-        return evaluate(self.base, self.task, injection, split=c.eval_split, limit=limit, batch_size=c.eval_batch_size,
-                        truncate=c.truncate, seed=DEV_SEED)
 
     def _eval_and_keep_best(self) -> None:
         t, cpu = time.perf_counter(), time.process_time()
@@ -200,7 +195,7 @@ def run_cell(cell: Cell, results: str | Path, isolated: bool = False, task=None)
         options = {**cell.train, "steps": cell.steps, "lr": cell.lr, "seed": cell.seed, "eval_limit": cell.dev_limit,
                    "final_eval": False, "checkpoint_every": 0, "progress": False}
         trainable = build_trainable(cell, base, task)
-        trainer = BenchTrainer(base, task, config=TrainConfig(**options), trainable=trainable)
+        trainer = BenchTrainer(base, task, config=TrainConfig(**options), trainable=trainable, eval_seed=DEV_SEED)
         trainer.run()
         # the run's history, as `softprompt train` writes it (without its curves: the report draws them)
         atomic_write_text(results / "runs" / cell.id / "metrics.jsonl",

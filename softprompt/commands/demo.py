@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .base import load_base
-from .data import load_task
-from .evaluate import evaluate
-from .methods import SoftPromptConfig
-from .store import info
-from .train import TrainConfig, train
+from ..base import load_base
+from ..data import load_task
+from ..evaluate import evaluate
+from ..methods import SoftPromptConfig
+from ..store import info
+from ..train import TrainConfig, train
+from .options import save_prompt
 
 
 def run_demo(model: str = "smollm2", device: str | None = None, dtype: str | None = "auto", steps: int = 150,
@@ -48,7 +49,7 @@ def run_demo(model: str = "smollm2", device: str | None = None, dtype: str | Non
     tuned = evaluate(base, task, result.prompt, split="dev", progress=True)
     times["tuned eval"] = time.perf_counter() - t
     result.prompt.metrics.update({"zero_shot": zero_shot, "dev": tuned})
-    path = result.prompt.save(out)
+    path = save_prompt(result.prompt, out)
     d = info(result.prompt)
     file_bytes = path.stat().st_size
 

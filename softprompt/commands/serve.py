@@ -1,52 +1,24 @@
-"""The `softprompt serve` and `softprompt store list|show|rm` commands (registered through `cli.EXTENSIONS`).
-
-The server itself lives in `server.py`; this module stays light so that the CLI starts fast.
-"""
+"""`softprompt serve` and `softprompt store list|show|rm`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
-from .errors import ConfigError, SoftpromptError
+from ..errors import ConfigError, SoftpromptError
+from ..serving.config import ServerConfig
+from .options import add_dataclass_options, add_model_options, add_truncate_option, console, fmt_bytes, load_base, pick
 
 DEFAULT_STORE = "prompts"  # where `softprompt train` writes by default
 
 
-@dataclass
-class ServerConfig:
-    """Limits and batching of `softprompt serve` (every field is a command-line option)."""
-
-    max_batch_size: int = field(default=32, metadata={"help": "most rows (requests x n) in one mixed-task batch"})
-    max_wait_ms: float = field(default=10.0, metadata={"help": "how long the first queued request waits for "
-                                                                "others to join its batch"})
-    max_queue: int = field(default=256, metadata={"help": "most rows waiting; beyond it requests get 429"})
-    max_tokens: int = field(default=512, metadata={"help": "largest max_tokens a request may ask for"})
-    max_request_bytes: int = field(default=256_000, metadata={"help": "largest request body (413 beyond)"})
-    max_prompts: int = field(default=32, metadata={"help": "most inputs (x n) in one request"})
-    max_connections: int = field(default=1024, metadata={"help": "most open connections and requests in flight; "
-                                                                  "beyond it uvicorn answers 503"})
-    reload_interval: float = field(default=1.0, metadata={"help": "seconds between scans of the store for new, "
-                                                                   "changed or removed prompt files"})
-    log_bodies: bool = field(default=False, metadata={"help": "log request bodies (off: only task, sizes, status)"})
-
-    def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
-                                  f"pass --{name.replace('_', '-')} 1 or more.")
-        if self.max_wait_ms < 0 or self.reload_interval <= 0:
-            raise ConfigError("max_wait_ms must be >= 0 and reload_interval > 0.", "fix --max-wait-ms / "
-                              "--reload-interval.")
-
-
 def _store_row(store, name: str, base=None) -> dict:
     """One line of `store list`: the file's metadata, and whether it loads (onto `base`, when given)."""
-    from .store import Prompt, info
+    from ..store import Prompt, info
 
     path = store.path(name)
     row = {"name": name, "bytes": path.stat().st_size}
@@ -63,36 +35,33 @@ def _store_row(store, name: str, base=None) -> dict:
 
 
 def cmd_store_list(ns) -> None:
-    from .cli import _load_base
-    from .store import Store
+    from ..store import Store
 
     store = Store(ns.store)
-    base = _load_base(ns) if ns.verify else None
+    base = load_base(ns) if ns.verify else None
     rows = [_store_row(store, name, base) for name in store.names()]
     if ns.json:
         print(json.dumps(rows, indent=2))
         return
     from rich.table import Table
 
-    from .cli import _console, _fmt_bytes
-
     t = Table(title=f"{store.root} ({len(rows)} prompt files" + (f", checked against {base.name})" if base else ")"))
     for col in ("task", "method", "tokens", "kind", "size", "base model", "status"):
         t.add_column(col)
     for r in rows:
         if r["status"] == "refused":
-            t.add_row(r["name"], "", "", "", _fmt_bytes(r["bytes"]), "", f"[red]refused[/]: {r['reason']}")
+            t.add_row(r["name"], "", "", "", fmt_bytes(r["bytes"]), "", f"[red]refused[/]: {r['reason']}")
         else:
-            t.add_row(r["name"], r["method"], str(r["virtual_tokens"]), r["kind"], _fmt_bytes(r["bytes"]),
+            t.add_row(r["name"], r["method"], str(r["virtual_tokens"]), r["kind"], fmt_bytes(r["bytes"]),
                       str(r["base_model"]), r["status"])
-    _console().print(t)
+    console().print(t)
 
 
 def cmd_store_show(ns) -> None:
     from types import SimpleNamespace
 
-    from .cli import cmd_info
-    from .store import Store
+    from ..store import Store
+    from .train import cmd_info
 
     store = Store(ns.store)
     path = store.path(ns.name)
@@ -102,7 +71,7 @@ def cmd_store_show(ns) -> None:
 
 
 def cmd_store_rm(ns) -> None:
-    from .store import Store
+    from ..store import Store
 
     store = Store(ns.store)
     for name in ns.names:
@@ -111,17 +80,14 @@ def cmd_store_rm(ns) -> None:
 
 
 def cmd_serve(ns) -> None:
-    import dataclasses
-
     import uvicorn
 
-    from .cli import _load_base, _pick
-    from .multitask import MultiTask
-    from .server import create_app
-    from .store import Store
+    from ..multitask import MultiTask
+    from ..serving import create_app
+    from ..store import Store
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(**_pick(ns, [f.name for f in dataclasses.fields(ServerConfig)]))
+    config = ServerConfig(**pick(ns, [f.name for f in dataclasses.fields(ServerConfig)]))
     store = Store(ns.store)
     if not store.root.is_dir():
         raise ConfigError(f"Store directory {store.root} does not exist.",
@@ -131,7 +97,7 @@ def cmd_serve(ns) -> None:
         raise ConfigError(f"--api-key-env names ${ns.api_key_env}, which is not set.", f"export {ns.api_key_env}=...")
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"softprompt: warning: serving on {ns.host} without an API key (set --api-key-env)", file=sys.stderr)
-    base = _load_base(ns)
+    base = load_base(ns)
     mt = MultiTask(base, compile=not ns.no_compile, truncate=ns.truncate)
     report = mt.sync(store)
     print(f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"
@@ -142,8 +108,6 @@ def cmd_serve(ns) -> None:
 
 
 def add_commands(sub) -> None:
-    from .cli import add_dataclass_options, add_model_options
-
     s = sub.add_parser("store", help="list, show or remove the prompt files of a store directory")
     ssub = s.add_subparsers(dest="store_command", metavar="ACTION", required=True)
 
@@ -175,7 +139,7 @@ def add_commands(sub) -> None:
                         "(not a flag: flags show in the process list)")
     v.add_argument("--no-compile", action="store_true",
                    help="keep soft prompts as input embeddings instead of compiling them to KV prefixes")
-    v.add_argument("--truncate", default="error", choices=["error", "left", "right"], help="over-long input policy")
+    add_truncate_option(v)
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="uvicorn's one line per request (method, path, status; never bodies)")

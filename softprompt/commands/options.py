@@ -1,0 +1,179 @@
+"""What every command shares: options generated from config dataclasses, config files, the base model, output.
+
+Options of methods, of the training loop and of the server come from their config dataclasses (a
+field's help becomes its --help text), so the command line is the API. Any option can also come
+from a YAML or JSON file given with --config; flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+from ..errors import ConfigError
+
+TRUNCATE_HELP = "over-long input policy"
+
+# --- options from dataclasses --------------------------------------------------------------------------------------
+
+def _add_field(group, f: dataclasses.Field, hint, default, help_text: str) -> None:
+    """One --option for a dataclass field; `X | None` fields also accept 'none'."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    typ = next(a for a in args if a is not type(None)) if optional else hint
+    flag = "--" + f.name.replace("_", "-")
+    if typ is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+    else:
+        group.add_argument(flag, dest=f.name, type=_optional(typ) if optional else typ, default=default,
+                           help=help_text, metavar=f.name.upper())
+
+
+def _optional(typ):
+    def conv(text: str):
+        return None if text.lower() in ("none", "null", "") else typ(text)
+
+    conv.__name__ = typ.__name__
+    return conv
+
+
+def add_dataclass_options(parser, cls, group_title: str) -> list[str]:
+    """Add one --option per field of `cls`, with the field's help and default."""
+    group = parser.add_argument_group(group_title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        _add_field(group, f, hints[f.name], default, f"{f.metadata.get('help', '')} (default: {default})")
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def pick(ns: argparse.Namespace, names) -> dict:
+    return {n: getattr(ns, n) for n in names if hasattr(ns, n)}
+
+
+# --- method options: the union of every method's fields, validated against the chosen one --------------------------
+
+def add_method_options(parser) -> list[str]:
+    """--method plus every method's options; unset ones stay absent so each method keeps its own defaults."""
+    from ..methods import METHODS
+
+    group = parser.add_argument_group("method", "options of the prompt method (each applies to the methods named)")
+    group.add_argument("--method", default="soft", choices=sorted(METHODS), help="prompt method (default: soft)")
+    # field name -> {help text -> [methods]}: a shared option may mean slightly different things per method
+    helps: dict[str, dict[str, list[str]]] = {}
+    first: dict[str, tuple] = {}
+    for name, cls in sorted(METHODS.items()):
+        hints = typing.get_type_hints(cls.config_class)
+        for f in dataclasses.fields(cls.config_class):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            text = f"{f.metadata.get('help', '')} (default {default})"
+            helps.setdefault(f.name, {}).setdefault(text, []).append(name)
+            first.setdefault(f.name, (f, hints[f.name]))
+    for fname, by_help in helps.items():
+        f, hint = first[fname]
+        parts = [f"[{'all methods' if len(ms) == len(METHODS) else ', '.join(ms)}] {text}" for text, ms in by_help.items()]
+        _add_field(group, f, hint, argparse.SUPPRESS, "; ".join(parts))
+    return list(helps)
+
+
+def method_config_from(ns: argparse.Namespace, names: list[str]):
+    from ..methods import get_method
+
+    cls = get_method(ns.method).config_class
+    valid = {f.name for f in dataclasses.fields(cls)}
+    given = pick(ns, names)
+    wrong = sorted(set(given) - valid)
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise ConfigError(f"Option(s) {flags} do not apply to method '{ns.method}'.",
+                          "drop them, or choose a method they belong to (see `softprompt train --help`).")
+    return cls(**given)
+
+
+# --- config files ----------------------------------------------------------------------------------------------------
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Read --config FILE (YAML or JSON) and make its keys the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    from ..fileio import read_mapping
+
+    path = Path(known.config)
+    values = read_mapping(path, "Config file", "map option names to values: write `steps: 150` style lines.")
+    dests = {a.dest for a in parser._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise ConfigError(f"Config file {path} has unknown option(s) {unknown}.",
+                          "use the long option names from --help (with - or _).")
+    parser.set_defaults(**values)
+
+
+# --- shared option groups --------------------------------------------------------------------------------------------
+
+def add_model_options(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="smollm2",
+                   help="base model: 'smollm2' (embedded default), a local Hugging Face directory, or a hub id")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto (float32 on CPU, bf16 on CUDA)")
+
+
+def add_task_options(parser):
+    from ..data import builtin_tasks
+
+    g = parser.add_argument_group("task")
+    # not `required=True`: argparse would demand the flag even when a --config file gives it
+    g.add_argument("--task", help=f"built-in task ({', '.join(builtin_tasks())}) or a YAML/JSON task spec file")
+    g.add_argument("--data-dir", default=None, help="folder with the task's data files (default: $SOFTPROMPT_DATA, "
+                   "./shared/data or ../shared/data for built-in tasks; the spec's folder otherwise)")
+
+
+def load_base(ns):
+    from ..base import load_base as load
+
+    return load(ns.model, device=ns.device, dtype=ns.dtype)
+
+
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def fmt_metrics(m: dict | None) -> str:
+    if not m:
+        return "-"
+    from ..evaluate import scalar_metrics
+
+    return ", ".join(f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}"
+                     for k, v in scalar_metrics(m).items())
+
+
+def add_truncate_option(parser) -> None:
+    from ..data import TRUNCATIONS
+
+    parser.add_argument("--truncate", default="error", choices=list(TRUNCATIONS), help=TRUNCATE_HELP)
+
+
+def save_prompt(prompt, path) -> Path:
+    """Write a prompt file, then refresh the model card of its folder (the library writes no cards itself)."""
+    from ..hub import write_model_card
+
+    path = prompt.save(path)
+    write_model_card(path.parent)
+    return path

@@ -1,0 +1,104 @@
+"""What the server reads and answers: OpenAI-shaped request bodies and errors, and the OpenAPI schema."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+    """An error response: {"error": {"message", "type", "code", "param"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
+        self.headers = headers
+
+    def payload(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+class _Request(BaseModel):
+    # OpenAI clients send fields we do not use (user, seed, logit_bias, stream_options, ...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+
+
+class SampledRequest(_Request):
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)  # an extension (vLLM has it too)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class CompletionRequest(SampledRequest):
+    prompt: str | list[str]
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: {"type": "text", "text": ...}; other types (images, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(SampledRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+
+
+Fields = dict[str, str | int | float | bool]  # an input given as the template's fields: flat, never nested
+
+
+class ClassifyRequest(_Request):
+    input: str | Fields | list[str | Fields]
+
+
+REQUESTS = (CompletionRequest, ChatRequest, ClassifyRequest)
+
+
+def request_body(schema: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its body itself (`read`: a size limit, errors in OpenAI's
+    shape) instead of through FastAPI's parameters, which would leave it out of the schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes plus the request models: what /openapi.json serves and fuzzers start from."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    from .._version import __version__
+
+    schema = get_openapi(title=app.title, version=__version__, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in REQUESTS], ref_template="#/components/schemas/{model}")
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    return schema

@@ -1,0 +1,169 @@
+"""Text out: token ids to text deltas with stop strings, and one completion request's events to OpenAI's JSON or
+server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import aclosing
+
+from ..multitask import Entry
+from .batcher import Job
+from .schemas import ApiError, SampledRequest
+
+log = logging.getLogger("softprompt.serve")
+
+
+class TextStream:
+    """Token ids in, text deltas out: holds back incomplete characters and anything that may start a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], lstrip: bool = False):
+        self.tokenizer, self.stops, self.lstrip = tokenizer, stops, lstrip
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return text.lstrip() if self.lstrip else text
+
+    def push(self, token: int) -> str:
+        """The new text that is safe to send after `token`; sets `stopped` when a stop string appeared."""
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return ""
+        for s in self.stops:
+            at = text.find(s, max(0, len(self.sent) - len(s)))
+            if at >= 0:
+                self.stopped = True
+                return self._emit(text[:at])
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[:len(text) - hold])
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._emit(self._text())
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.sent):  # the tokenizer re-spaced earlier text; never resend it
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+def channel() -> tuple[asyncio.Queue, object]:
+    """A queue for a request's events and a thread-safe function with which the worker fills it."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def send(event) -> None:
+        if not loop.is_closed():  # the server is shutting down: nobody is listening any more
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    return queue, send
+
+
+async def events(jobs: list[Job], queue: asyncio.Queue):
+    """Yield the jobs' events until each has ended; when the consumer stops early, release the jobs."""
+    open_jobs = len(jobs)
+    try:
+        while open_jobs:
+            event = await queue.get()
+            if event[1] in ("done", "result", "error"):
+                open_jobs -= 1
+            yield event
+    finally:
+        for job in jobs:
+            job.finished = True
+
+
+class Completion:
+    """The choices of one /v1/completions or /v1/chat/completions request, in OpenAI's format."""
+
+    def __init__(self, entry: Entry, jobs: list[Job], queue: asyncio.Queue, tokenizer, body: SampledRequest, chat: bool):
+        self.entry, self.jobs, self.queue, self.chat, self.stream = entry, jobs, queue, chat, body.stream
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.texts = [TextStream(tokenizer, body.stops(), lstrip=chat) for _ in jobs]
+        self.finish: list[str | None] = [None] * len(jobs)
+        self.t0 = time.perf_counter()
+
+    def choice(self, index: int, text: str | None, finish: str | None = None) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if not self.stream:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def envelope(self, choices: list[dict], usage: bool = False) -> dict:
+        kind = "chat.completion.chunk" if self.chat and self.stream else "chat.completion" if self.chat else \
+            "text_completion"
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.entry.name, "choices": choices}
+        if usage:
+            prompt, done = sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts)
+            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        return out
+
+    async def deltas(self):
+        """(choice index, new text, finish reason or None) until every choice has finished."""
+        async with aclosing(events(self.jobs, self.queue)) as stream:
+            async for index, kind, value in stream:
+                if self.finish[index] is not None:  # ended early by a stop string; the worker's "done" comes later
+                    continue
+                if kind == "error":
+                    raise value
+                text = self.texts[index]
+                if kind == "token":
+                    delta = text.push(value)
+                    if text.stopped:
+                        self.jobs[index].finished = True  # the worker may drop this row
+                        self.finish[index] = "stop"
+                else:
+                    delta, self.finish[index] = text.flush(), value
+                yield index, delta, self.finish[index]
+                if all(f is not None for f in self.finish):
+                    return
+
+    async def response(self) -> dict:
+        out = [""] * len(self.jobs)
+        async for index, delta, _ in self.deltas():
+            out[index] += delta
+        self.log("ok")
+        return self.envelope([self.choice(i, out[i], self.finish[i]) for i in range(len(self.jobs))], usage=True)
+
+    async def sse(self):
+        """Server-sent events as OpenAI streams them, ending with `data: [DONE]`."""
+        status = "cancelled"  # unless we get to the end: the client went away
+        try:
+            if self.chat:  # OpenAI opens each chat choice with the assistant's role
+                opening = [{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None} for j in self.jobs]
+                yield _sse(self.envelope(opening))
+            async for index, delta, finish in self.deltas():
+                if delta:
+                    yield _sse(self.envelope([self.choice(index, delta)]))
+                if finish is not None:
+                    yield _sse(self.envelope([self.choice(index, None if self.chat else "", finish)]))
+            status = "ok"
+            yield "data: [DONE]\n\n"
+        except ApiError as e:  # headers are sent already: report it in the stream
+            status = "error"
+            yield _sse(e.payload())
+        finally:
+            for job in self.jobs:
+                job.finished = True
+            self.log(status)
+
+    def log(self, status: str) -> None:
+        log.info("%s %s task=%s rows=%d prompt_tokens=%d completion_tokens=%d %s %.0f ms", self.id,
+                 "chat" if self.chat else "completions", self.entry.name, len(self.jobs),
+                 sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts), status,
+                 1000 * (time.perf_counter() - self.t0))
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
