@@ -136,12 +136,16 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
 def classify(base, task: Task, spec: TaskSpec, data: Split, injection: Injection = EMPTY, batch_size: int = 32,
              truncate: str = "error", progress: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Class scores (N, C) of `data` (rows of `task`) rendered with `spec`, and the gold classes in `spec`'s order."""
-    # gold labels are indices into the task's label map; map them to the spec's class order
-    order = {name: i for i, name in enumerate(spec.class_names)}
-    gold = [order[task.spec.class_names[y]] for y in data.labels]
+    gold = gold_classes(task, spec, data)
     enc = Encoder(spec, base, truncate)
     scores = class_log_likelihoods(base, enc, [spec.render(r) for r in data.rows], injection, batch_size, progress)
     return scores, gold
+
+
+def gold_classes(task: Task, spec: TaskSpec, data: Split) -> list[int]:
+    """The gold class of every row of `data` (indices into `task`'s label map) as an index into `spec`'s classes."""
+    order = {name: i for i, name in enumerate(spec.class_names)}
+    return [order[task.spec.class_names[y]] for y in data.labels]
 
 
 def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection | list[Injection], max_new_tokens: int,

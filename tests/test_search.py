@@ -17,9 +17,10 @@ from softprompt.evaluate import class_log_likelihoods, classify, evaluate
 from softprompt.example import Example
 from softprompt.explain import explain, nearest_tokens
 from softprompt.injection import Injection
-from softprompt.search import (AutoPromptConfig, Candidates, _split_rows, autoprompt, best_verbalizers,
-                               bootstrap_ci, fill, hard_prompt, score_templates, search_split, slotted,
-                               trigger_gradient, trigger_losses, trigger_vocabulary)
+from softprompt.search import (AutoPromptConfig, Candidates, autoprompt, best_verbalizers, bootstrap_ci, fill,
+                               hard_prompt, score_templates, search_split, slotted, trigger_gradient, trigger_losses,
+                               trigger_vocabulary)
+from softprompt.search.autoprompt import _split_rows
 
 from conftest import DATA
 
