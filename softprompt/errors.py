@@ -49,3 +49,30 @@ def check_keys(cls, d: dict, what: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"Unknown {what} key(s) {unknown}.", f"use only {sorted(known)}.")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_at_least(obj, minimum: int, *names: str) -> None:
+    """Refuse an option of `obj` below `minimum` (None means unset and passes), naming the flag to fix."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}.", f"pass {_flag(name)} {minimum} or more.")
+
+
+def check_positive(obj, *names: str) -> None:
+    """Refuse an option of `obj` that is not > 0 (None passes), naming the flag to fix."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}.", f"pass {_flag(name)} above 0.")
+
+
+def check_choice(obj, name: str, allowed, what: str | None = None) -> None:
+    """Refuse an enum-like option of `obj` outside `allowed`, naming the flag and the choices."""
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"Unknown {what or name} '{value}'.", f"pass {_flag(name)} with one of {list(allowed)}.")

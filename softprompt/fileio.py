@@ -24,6 +24,7 @@ from .errors import ConfigError, PromptFileError, StorageError
 # Magic bytes of formats people pass by mistake. Pickles run code when loaded; we only name them.
 _FOREIGN = {b"\x80": "a Python pickle (torch.save / .bin / .pt)", b"PK\x03\x04": "a zip archive (torch.save)",
             b"GGUF": "a GGUF model file"}
+_MAX_HEADER = 100_000_000  # bytes; a longer "header" is a file of another kind
 
 
 def storage_error(e: OSError, path: Path, doing: str) -> StorageError:
@@ -89,6 +90,29 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: 
     return atomic_write_bytes(path, st_save(tensors, metadata={"softprompt": json.dumps(meta, sort_keys=True)}))
 
 
+def header_metadata(data: bytes) -> str | None:
+    """The softprompt metadata (a JSON string) in the header of safetensors bytes, or None; ValueError if no header.
+
+    A safetensors file is its header's length (8 bytes, little-endian), the JSON header, then the tensors.
+    """
+    n = int.from_bytes(data[:8], "little")
+    if not 2 <= n <= min(_MAX_HEADER, len(data) - 8):
+        raise ValueError("no safetensors header")
+    header = json.loads(data[8:8 + n])
+    return header.get("__metadata__", {}).get("softprompt") if isinstance(header, dict) else None
+
+
+def peek_metadata(path: str | Path) -> dict | None:
+    """softprompt metadata from a safetensors file's header alone (the tensors are not read), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            meta = header_metadata(head + f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)))
+        return json.loads(meta) if meta else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a file written by `write_safetensors`, with a clear error for anything else."""
     path = Path(path)
@@ -109,8 +133,7 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
                                   "a PEFT adapter with `softprompt import`.")
     try:
         tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta_raw = json.loads(data[8:8 + header_len]).get("__metadata__", {}).get("softprompt")
+        meta_raw = header_metadata(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path} is truncated or corrupted ({e}).",
                               "restore it from a backup or re-run the training that wrote it.") from e

@@ -10,13 +10,12 @@ softprompt did not write is left alone). `push_to_hub` uploads prompt files with
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, PromptFileError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, peek_metadata
 from .store import SUFFIX, Prompt
 
 CARD = "README.md"
@@ -24,23 +23,10 @@ _MARK = "<!-- softprompt model card: rewritten when prompt files are saved here 
 _PATTERNS = ["*.safetensors", "*.json", CARD]  # what a prompt repo holds; never pickles
 
 
-def _header_meta(path: Path) -> dict | None:
-    """softprompt metadata from a safetensors header (the tensors are not read), or None."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                return None
-            meta = json.loads(f.read(n)).get("__metadata__", {}).get("softprompt")
-        return json.loads(meta) if meta else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
 def prompt_files(directory: str | Path) -> dict[str, dict]:
     """{file name: softprompt metadata} of the prompt files (and exported PEFT adapters) in a directory."""
     d = Path(directory)
-    found = {p.name: _header_meta(p) for p in sorted(d.glob(f"*{SUFFIX}")) if not p.name.startswith(".")}
+    found = {p.name: peek_metadata(p) for p in sorted(d.glob(f"*{SUFFIX}")) if not p.name.startswith(".")}
     return {k: v for k, v in found.items() if v is not None}
 
 

@@ -53,7 +53,7 @@ from safetensors.torch import save as st_save
 from .base import Fingerprint
 from .data import TaskSpec
 from .errors import PromptFileError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, header_metadata
 from .injection import Injection
 from .methods import METHODS
 from .store import Prompt
@@ -180,13 +180,12 @@ def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
     data = (path / WEIGHTS).read_bytes()
     try:
         tensors = st_load(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        meta = header_metadata(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path / WEIGHTS} is truncated or corrupted ({e}).", "re-save the adapter.") from e
     if "prompt_embeddings" not in tensors:
         raise PromptFileError(f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",
                               "pass a prompt-learning adapter (prompt tuning, P-tuning or prefix tuning).")
-    meta = header.get("__metadata__", {}).get("softprompt")
     return config, tensors["prompt_embeddings"].float(), json.loads(meta) if meta else None
 
 
@@ -259,16 +258,11 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
                                   f"(hidden size {base.hidden_size}).", "import it against the model it was trained for.")
         injection = Injection(embeds=tensor[:P])  # PEFT puts the first P in front of the input (the rest: unused)
     method, method_config = (meta["method"], meta["method_config"]) if meta else _method_of(config)
-    if spec is not None:
-        task = spec.portable()
-    elif meta:
-        task = meta["task"]
-    else:
-        task = TaskSpec(name=path.resolve().name, template="{text}", target_column="target").portable()
-    return Prompt(injection=injection, method=method, method_config=method_config, task=task,
-                  base=base.fingerprint.to_dict(),
-                  trainable_parameters=meta["parameters"]["training"] if meta else tensor.numel(),
-                  base_parameters=base.num_parameters(), base_bytes=base.num_bytes(),
-                  metrics=meta.get("metrics", {}) if meta else {},
-                  train={"imported_from": {"format": "peft", "peft_type": kind, "path": str(path),
-                                           "base_model_name_or_path": config.get("base_model_name_or_path")}})
+    # the spec given, else the one saved with the adapter, else a plain text-to-target task named after the folder
+    task = spec or (meta["task"] if meta else TaskSpec(name=path.resolve().name, template="{text}",
+                                                       target_column="target"))
+    return Prompt.for_base(base, injection, method, method_config, task,
+                           trainable_parameters=meta["parameters"]["training"] if meta else tensor.numel(),
+                           metrics=meta.get("metrics", {}) if meta else {},
+                           train={"imported_from": {"format": "peft", "peft_type": kind, "path": str(path),
+                                                    "base_model_name_or_path": config.get("base_model_name_or_path")}})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from .fileio import atomic_write_bytes
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path | None:
@@ -29,9 +32,13 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path
         ax_eval.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    path = save_png(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
     return path
+
+
+def save_png(fig, path: str | Path, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a picture)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buf.getvalue())

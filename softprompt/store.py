@@ -41,6 +41,14 @@ class Prompt:
     library_version: str = __version__
     created: str = ""
 
+    @classmethod
+    def for_base(cls, base, injection: Injection, method: str, method_config: dict, task: TaskSpec | dict,
+                 **fields) -> "Prompt":
+        """A prompt made for `base`: the model's fingerprint, parameter count and size come from `base`."""
+        return cls(injection=injection, method=method, method_config=method_config,
+                   task=task.portable() if isinstance(task, TaskSpec) else task, base=base.fingerprint.to_dict(),
+                   base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **fields)
+
     @property
     def spec(self) -> TaskSpec:
         return TaskSpec.from_dict(self.task)

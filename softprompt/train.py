@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Encoder, Task
-from .errors import ConfigError, PromptFileError, TrainingError
+from .data import TRUNCATIONS, Encoder, Task
+from .errors import ConfigError, PromptFileError, TrainingError, check_at_least, check_choice, check_positive
 from .evaluate import evaluate, primary_metric
 from .example import Example
 from .fileio import atomic_write_text, read_safetensors, storage_error, write_safetensors
@@ -75,22 +75,12 @@ class TrainConfig:
     progress: bool = _opt("show a progress bar", default=True)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.", f"pass --{name.replace('_', '-')} 1 or more.")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.", "pass --lr, e.g. 3e-2 for soft prompts.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"Unknown optimizer '{self.optimizer}'.", f"pass --optimizer with one of {list(OPTIMIZERS)}.")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"Unknown scheduler '{self.scheduler}'.", f"pass --scheduler with one of {list(SCHEDULERS)}.")
-        if self.truncate not in ("error", "left", "right"):
-            raise ConfigError(f"Unknown truncation policy '{self.truncate}'.", "pass --truncate error, left or right.")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"max_length must be >= 1, got {self.max_length}.", "pass --max-length 1 or more, or none.")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "log_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0.", f"pass --{name.replace('_', '-')} 0 or more.")
+        check_at_least(self, 1, "steps", "batch_size", "grad_accum", "max_length", "eval_batch_size")
+        check_at_least(self, 0, "eval_every", "checkpoint_every", "warmup_steps", "log_every")
+        check_positive(self, "lr")
+        check_choice(self, "optimizer", OPTIMIZERS)
+        check_choice(self, "scheduler", SCHEDULERS)
+        check_choice(self, "truncate", TRUNCATIONS, "truncation policy")
 
     # Options that change what is trained; a checkpoint only resumes a run that agrees on all of them.
     IDENTITY = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "optimizer", "scheduler", "warmup_steps",
@@ -375,12 +365,11 @@ class Trainer:
 
     def _prompt(self) -> Prompt:
         c = self.config
-        return Prompt(injection=self.best, method=self.method_name, method_config=self.method.config.to_dict(),
-                      task=self.task.spec.portable(), base=self.base.fingerprint.to_dict(),
-                      trainable_parameters=self.method.num_trainable(), base_parameters=self.base.num_parameters(),
-                      base_bytes=self.base.num_bytes(),
-                      metrics={"best_during_training": {self.metric_name: self.best_metric}} if self.has_eval else {},
-                      train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step})
+        return Prompt.for_base(self.base, self.best, self.method_name, self.method.config.to_dict(), self.task.spec,
+                               trainable_parameters=self.method.num_trainable(),
+                               metrics={"best_during_training": {self.metric_name: self.best_metric}}
+                               if self.has_eval else {},
+                               train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step})
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:

@@ -119,7 +119,7 @@ CLI_CASES = {
     "unknown-optimizer": (lambda t, m, *_: ["train", "--task", "sst2", "--optimizer", "sgd"],
                           "Unknown optimizer 'sgd'", "pass --optimizer with one of"),
     "unknown-truncation-policy": (lambda t, m, *_: ["train", "--task", "sst2", "--truncate", "middle"],
-                                  "Unknown truncation policy 'middle'", "pass --truncate error, left or right"),
+                                  "Unknown truncation policy 'middle'", "pass --truncate with one of"),
     "unknown-dtype": (lambda t, m, *_: ["eval", "--task", spec(t), "--model", m, "--dtype", "float7"],
                       "Unknown dtype 'float7'", "'auto'"),
     # prompt files

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..data import Task, TaskSpec
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least
 from ..example import Example
 from ..injection import EMPTY, Injection
 from ..methods import InitContext, MethodConfig, PrefixTuning, PromptMethod, PTuning, PTuningConfig, SoftPrompt
@@ -273,8 +273,7 @@ class LoraOptions(Options):
                                                                                "per-architecture choice, q/v proj)"})
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"LoRA r must be >= 1, got {self.r}.", "set r: 8 (or another positive rank).")
+        check_at_least(self, 1, "r")
 
 
 class PeftLora(PeftMethod):

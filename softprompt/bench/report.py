@@ -292,28 +292,33 @@ def _colors(groups: dict, cmap) -> dict[str, tuple]:
 
 
 def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
+    """The report's figures, one PNG each (PLOTS): metric vs parameters, curves, cost, and softprompt vs PEFT."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots import save_png
+
     if not groups:
         return
-    n = len(tasks)
     colors = _colors(groups, plt.get_cmap("tab20"))
-
-    def save(fig, name):
+    figures = [_plot_metric_vs_params(plt, groups, tasks, colors), _plot_curves(plt, results, groups, tasks, colors),
+               _plot_cost(plt, groups, tasks, colors), _plot_vs_peft(plt, groups, tasks)]
+    for fig, name in zip(figures, PLOTS):
+        if fig is None:
+            continue
         for ax in fig.axes:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=90)
+        save_png(fig, out / name, dpi=90)
         plt.close(fig)
-        tmp.replace(out / name)
 
-    # metric against trainable parameters (log x); the hard prompt (0 parameters) is a dashed line
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+
+def _plot_metric_vs_params(plt, groups: dict, tasks: list[str], colors: dict):
+    """Metric against trainable parameters (log x); the hard prompt (0 parameters) is a dashed line."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for (t, m), g in groups.items():
             if t != task:
@@ -327,34 +332,43 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
                         else "o", color=colors[m], label=m, capsize=3)
         ax.set(xscale="log", xlabel="trainable parameters (training)", title=task,
                ylabel=_metric_of(groups, task))
-    save(fig, PLOTS[0])
+    return fig
 
-    # dev metric (top) and training loss (bottom) against steps, mean over seeds
-    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 7), squeeze=False)
+
+def _curve(runs: list[list[dict]], key: str, g: Group) -> dict[int, list[float]]:
+    """{step: values over seeds} of the eval metric (scaled, with the zero-shot score at step 0) or the loss."""
+    pts = defaultdict(list)
+    for run in runs:
+        for rec in run:
+            if key in rec:
+                pts[rec["step"]].append(rec[key][g.metric] * _scale(g.metric) if key == "eval" else rec[key])
+    if key == "eval":
+        pts[0] = [g.first("zero_shot", g.metric) * _scale(g.metric)]
+    return pts
+
+
+def _plot_curves(plt, results: Path, groups: dict, tasks: list[str], colors: dict):
+    """Dev metric (top) and training loss (bottom) against steps, mean over seeds."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
         for (t, m), g in groups.items():
             if t != task or not g.records[0]["steps"]:
                 continue
             runs = _history(results, g)
-            zero = g.first("zero_shot", g.metric) * _scale(g.metric)
             for row, key in ((0, "eval"), (1, "loss")):
-                pts = defaultdict(list)
-                for run in runs:
-                    for rec in run:
-                        if key in rec:
-                            pts[rec["step"]].append(rec[key][g.metric] * _scale(g.metric) if key == "eval" else rec[key])
-                if row == 0:
-                    pts[0] = [zero]
+                pts = _curve(runs, key, g)
                 if pts:
                     steps = sorted(pts)
                     axes[row][col].plot(steps, [statistics.fmean(pts[s]) for s in steps], ls="--" if g.tool == "peft"
                                         else "-", marker="o" if row == 0 else None, color=colors[m], label=m)
         axes[0][col].set(title=task, xlabel="step", ylabel="dev " + _metric_of(groups, task))
         axes[1][col].set(xlabel="step", ylabel="train loss (mean since the last record)")
-    save(fig, PLOTS[1])
+    return fig
 
-    # seconds per step and peak memory per method
-    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 8), squeeze=False)
+
+def _plot_cost(plt, groups: dict, tasks: list[str], colors: dict):
+    """Seconds per step and peak memory per method."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 8), squeeze=False)
     for col, task in enumerate(tasks):
         gs = [g for (t, _), g in groups.items() if t == task and g.mean("seconds_per_step") is not None]
         names = [g.method for g in gs]
@@ -365,26 +379,28 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
         for ax in axes[:, col]:
             ax.invert_yaxis()
             ax.tick_params(axis="y", labelsize=7)
-    save(fig, PLOTS[2])
+    return fig
 
-    # softprompt against PEFT, side by side for each paired method
+
+def _plot_vs_peft(plt, groups: dict, tasks: list[str]):
+    """softprompt against PEFT, side by side for each paired method; None without pairs."""
     ps = pairs(groups)
-    if ps:
-        fig, axes = plt.subplots(3, n, figsize=(4.6 * n, 9), squeeze=False)
-        for col, task in enumerate(tasks):
-            tp = [(o, p) for o, p in ps if o.task == task]
-            x = range(len(tp))
-            for row, (label, get) in enumerate((("dev " + (tp[0][0].metric if tp else ""), lambda g: g.mean()),
-                                               ("seconds per step", lambda g: g.mean("seconds_per_step")),
-                                               ("peak memory (GiB)", lambda g: g.mean("peak_memory_bytes") / 2**30))):
-                ax = axes[row][col]
-                ax.bar([i - 0.2 for i in x], [get(o) for o, _ in tp], 0.4, label="softprompt", color="C0")
-                ax.bar([i + 0.2 for i in x], [get(p) for _, p in tp], 0.4, label="PEFT", color="C1")
-                if row == 0:
-                    ax.errorbar([i - 0.2 for i in x], [o.mean() for o, _ in tp], yerr=[o.spread / 2 for o, _ in tp],
-                                fmt="none", color="k", capsize=3)
-                    ax.errorbar([i + 0.2 for i in x], [p.mean() for _, p in tp], yerr=[p.spread / 2 for _, p in tp],
-                                fmt="none", color="k", capsize=3)
-                ax.set_xticks(list(x), [o.method for o, _ in tp], rotation=30, fontsize=7)
-                ax.set(ylabel=label, title=task if row == 0 else None)
-        save(fig, PLOTS[3])
+    if not ps:
+        return None
+    fig, axes = plt.subplots(3, len(tasks), figsize=(4.6 * len(tasks), 9), squeeze=False)
+    for col, task in enumerate(tasks):
+        tp = [(o, p) for o, p in ps if o.task == task]
+        x = range(len(tp))
+        for row, (label, get) in enumerate((("dev " + (tp[0][0].metric if tp else ""), lambda g: g.mean()),
+                                           ("seconds per step", lambda g: g.mean("seconds_per_step")),
+                                           ("peak memory (GiB)", lambda g: g.mean("peak_memory_bytes") / 2**30))):
+            ax = axes[row][col]
+            ax.bar([i - 0.2 for i in x], [get(o) for o, _ in tp], 0.4, label="softprompt", color="C0")
+            ax.bar([i + 0.2 for i in x], [get(p) for _, p in tp], 0.4, label="PEFT", color="C1")
+            if row == 0:
+                for shift, side in ((-0.2, 0), (0.2, 1)):
+                    ax.errorbar([i + shift for i in x], [pair[side].mean() for pair in tp],
+                                yerr=[pair[side].spread / 2 for pair in tp], fmt="none", color="k", capsize=3)
+            ax.set_xticks(list(x), [o.method for o, _ in tp], rotation=30, fontsize=7)
+            ax.set(ylabel=label, title=task if row == 0 else None)
+    return fig

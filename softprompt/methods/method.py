@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, check_keys
+from ..errors import ConfigError, check_choice, check_keys
 from ..injection import Injection
 
 
@@ -38,10 +38,7 @@ class MethodConfig:
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         """Validate an enum-like option, naming the flag to fix."""
-        value = getattr(self, name)
-        if value not in allowed:
-            raise ConfigError(f"Unknown {name} '{value}' for {type(self).__name__}.",
-                              f"pass --{name.replace('_', '-')} with one of {list(allowed)}.")
+        check_choice(self, name, allowed)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import check_at_least
 from ..injection import Injection
 from .deep import DeepPromptConfig
 from .method import InitContext, PromptMethod
@@ -37,8 +37,7 @@ class PrefixConfig(DeepPromptConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prefix_hidden < 1:
-            raise ConfigError(f"prefix_hidden must be >= 1, got {self.prefix_hidden}.", "pass --prefix-hidden 512.")
+        check_at_least(self, 1, "prefix_hidden")
 
 
 class PrefixTuning(PromptMethod):

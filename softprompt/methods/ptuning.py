@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import check_at_least
 from ..injection import Injection
 from .method import InitContext, PromptMethod
 from .soft import SoftPromptConfig
@@ -31,8 +31,7 @@ class PTuningConfig(SoftPromptConfig):
     def __post_init__(self):
         super().__post_init__()
         self.choice("encoder", ("lstm", "mlp"))
-        if self.encoder_hidden is not None and self.encoder_hidden < 1:
-            raise ConfigError(f"encoder_hidden must be >= 1, got {self.encoder_hidden}.", "pass --encoder-hidden 512.")
+        check_at_least(self, 1, "encoder_hidden")
 
 
 class PTuning(PromptMethod):

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Encoder, Split, Task, TaskSpec, frequent_token_ids
-from ..errors import ConfigError
+from ..errors import ConfigError, check_at_least, check_choice
 from ..evaluate import gold_classes
 from ..example import Example
 from ..injection import EMPTY, Injection
@@ -75,19 +75,15 @@ class AutoPromptConfig:
                                                    "positions)"})
 
     def __post_init__(self):
-        for name in ("num_triggers", "iterations", "restarts", "num_candidates", "grad_rows", "eval_rows", "verify_candidates",
-                     "verify_rows", "search_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
-                                  f"pass --{name.replace('_', '-')} 1 or more.")
+        check_at_least(self, 1, "num_triggers", "iterations", "restarts", "num_candidates", "grad_rows", "eval_rows",
+                       "verify_candidates", "verify_rows", "search_size")
         if not 0 <= self.select_rows < self.search_size:
             raise ConfigError(f"select_rows must be >= 0 and leave search rows, got {self.select_rows} of "
                               f"search_size {self.search_size}.", "lower --select-rows or raise --search-size.")
         if self.restarts > 1 and not self.select_rows:
             raise ConfigError(f"{self.restarts} restarts need held-out rows to choose between their triggers.",
                               "pass --select-rows (e.g. 256) or --restarts 1.")
-        if self.vocab not in VOCABULARIES:
-            raise ConfigError(f"Unknown trigger vocabulary '{self.vocab}'.", f"pass --vocab with one of {VOCABULARIES}.")
+        check_choice(self, "vocab", VOCABULARIES, "trigger vocabulary")
 
 
 @dataclass

@@ -71,9 +71,7 @@ def dev_split(task: Task, split: str = "dev", limit: int | None = None, seed: in
 
 def hard_prompt(base, spec: TaskSpec, search: dict, metrics: dict) -> Prompt:
     """A prompt file of method `hard`: no tensors, the found template and label words in its task spec."""
-    return Prompt(injection=EMPTY, method="hard", method_config={"num_virtual_tokens": 0, **search},
-                  task=spec.portable(), base=base.fingerprint.to_dict(), base_parameters=base.num_parameters(),
-                  base_bytes=base.num_bytes(), metrics=metrics)
+    return Prompt.for_base(base, EMPTY, "hard", {"num_virtual_tokens": 0, **search}, spec, metrics=metrics)
 
 
 def with_template(spec: TaskSpec, template: str, words: list[str] | None = None) -> TaskSpec:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import check_at_least, check_positive
 
 
 @dataclass
@@ -25,10 +25,7 @@ class ServerConfig:
     log_bodies: bool = field(default=False, metadata={"help": "log request bodies (off: only task, sizes, status)"})
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.",
-                                  f"pass --{name.replace('_', '-')} 1 or more.")
-        if self.max_wait_ms < 0 or self.reload_interval <= 0:
-            raise ConfigError("max_wait_ms must be >= 0 and reload_interval > 0.", "fix --max-wait-ms / "
-                              "--reload-interval.")
+        check_at_least(self, 1, "max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts",
+                       "max_connections")
+        check_at_least(self, 0, "max_wait_ms")
+        check_positive(self, "reload_interval")

@@ -1,4 +1,4 @@
-"""Tasks: data files -> templated examples -> token batches.
+"""Task specs and their data: files (CSV, TSV, JSON lines, hub datasets) -> rendered splits.
 
 A task is a spec (YAML or JSON) naming data files per split, a template with named fields and
 either a label map (raw label value -> verbalizer word; classification) or a target column
@@ -12,23 +12,19 @@ path covers local files and the hub.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import string
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 
-import torch
 import yaml
 
-from .errors import ConfigError, DataError, InputTooLongError, check_keys
-from .example import MASK, Example
-from .injection import EMPTY, Injection
+from ..errors import ConfigError, DataError, check_keys
+from ..example import MASK
+from .streams import ShuffledExamples, StreamedExamples
 
-BUILTIN_DIR = Path(__file__).parent / "tasks"
-TRUNCATIONS = ("error", "left", "right")  # what to do with an input over the limit
+BUILTIN_DIR = Path(__file__).parents[1] / "tasks"
 # The label word's place in a template: `{mask}`, rendered as `example.MASK`.
 MASK_FIELD = "mask"
 
@@ -304,94 +300,6 @@ class Task:
         return Split(rows, prompts, [str(r[spec.target_column]) for r in rows], None)
 
 
-class ShuffledExamples:
-    """Example j of a seeded stream over an in-memory split: a fresh permutation every epoch."""
-
-    def __init__(self, split: Split, seed: int):
-        self.split, self.seed = split, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def get(self, j: int) -> tuple[str, str]:
-        """(prompt, target) of the j-th example."""
-        n = len(self.split)
-        epoch, pos = divmod(j, n)
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(n, generator=g)}
-        i = int(self._perms[epoch][pos])
-        return self.split.prompts[i], self.split.targets[i]
-
-    def texts(self, n: int) -> list[str]:
-        """Up to n prompts and n targets (for initializations that look at the task's words)."""
-        return self.split.prompts[:n] + self.split.targets[:n]
-
-
-class StreamedExamples:
-    """Example j of a seeded stream over a split read lazily with `datasets` streaming.
-
-    Rows pass through a shuffle buffer (`shuffle_buffer` rows, reseeded every epoch), so nothing
-    but the buffer is held in memory. Access is forward-only: asking for an earlier example than
-    the last restarts the stream and skips ahead (which a resumed run does once). Every process
-    of a distributed run reads the whole stream and keeps its own micro-batches, so the order of
-    examples is the same for any number of processes.
-    """
-
-    def __init__(self, task: Task, split: str, seed: int):
-        self.task, self.name, self.seed = task, split, seed
-        self._ds = task._dataset(split, streaming=True).shuffle(seed=seed, buffer_size=task.spec.shuffle_buffer)
-        self._it, self._next, self._epoch = None, 0, -1  # iterator over the current epoch; index of its next row
-        self._epoch_start = 0  # stream index of the current epoch's first row
-
-    def _rows(self, epoch: int):
-        self._ds.set_epoch(epoch)
-        for n, row in enumerate(self._ds):
-            if n == 0:
-                self.task.check_columns(self.name, row)
-            yield row
-
-    def _advance(self) -> dict:
-        while True:
-            if self._it is None:
-                self._epoch += 1
-                self._epoch_start = self._next
-                self._it = self._rows(self._epoch)
-            try:
-                row = next(self._it)
-            except StopIteration:
-                if self._next == self._epoch_start:
-                    self.task.check_columns(self.name, None)  # an empty split: raises
-                self._it = None
-                continue
-            except DataError:
-                raise
-            except Exception as e:  # parse errors surface while streaming, in the types of the format's reader
-                raise DataError(f"Could not read split '{self.name}' of task '{self.task.name}' while streaming: "
-                                f"{type(e).__name__}: {e}", "check the data file (or hub dataset) it names.") from e
-            self._next += 1
-            return row
-
-    def _pair(self, n: int, row: dict) -> tuple[str, str]:
-        spec = self.task.spec
-        if spec.is_classification:
-            return spec.render(row), list(spec.labels.values())[self.task.label_index(self.name, n, row)]
-        return spec.render(row), str(row[spec.target_column])
-
-    def get(self, j: int) -> tuple[str, str]:
-        """(prompt, target) of the j-th example; rows before it are skipped without rendering."""
-        if j < self._next:
-            self._it, self._next, self._epoch = None, 0, -1
-        while self._next < j:
-            self._advance()
-        return self._pair(j, self._advance())
-
-    def texts(self, n: int) -> list[str]:
-        """Prompts and targets of the split's first n rows (in file order, as `ShuffledExamples.texts`)."""
-        rows = list(itertools.islice(self.task._dataset(self.name, streaming=True), n))
-        self.task.check_columns(self.name, rows[0] if rows else None)
-        pairs = [self._pair(i, r) for i, r in enumerate(rows)]
-        return [p for p, _ in pairs] + [t for _, t in pairs]
-
-
 def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
     """A built-in task by name (sst2, trec, rte, cb, e2e_nlg) or a YAML/JSON spec file."""
     p = Path(name_or_path)
@@ -414,97 +322,3 @@ def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
         raise ConfigError(f"Task spec {p} must be a mapping of keys to values.", "see tasks/*.yaml for examples.")
     task = Task(TaskSpec.from_dict(d), Path(data_dir) if data_dir else p.resolve().parent)
     return task
-
-
-# --- tokens -------------------------------------------------------------------------------------------------------
-
-
-class Encoder:
-    """Turns a task's texts into `Example`s for one base model, through its family's conventions.
-
-    The family decides the special tokens and where the label word goes; the loss and the scores
-    cover target tokens only. Prompt and target are tokenized separately, the same way in
-    training, scoring and serving, so the boundary never shifts.
-    """
-
-    def __init__(self, spec: TaskSpec, base, truncate: str = "error", max_length: int | None = None):
-        if truncate not in TRUNCATIONS:
-            raise ConfigError(f"Unknown truncation policy '{truncate}'.", f"use one of {', '.join(TRUNCATIONS)}.")
-        base.family.check_spec(spec)
-        self.spec, self.family, self.truncate, self.max_length = spec, base.family, truncate, max_length
-
-    @property
-    def _prefix(self) -> str:
-        # In chat mode the assistant turn starts on its own; no separator before the target.
-        return "" if self.spec.chat else self.spec.target_prefix
-
-    def target_ids(self, text: str, eos: bool) -> list[int]:
-        return self.family.target_ids(self._prefix + text, eos)
-
-    @cached_property
-    def verbalizer_ids(self) -> list[list[int]]:
-        ids = [self.target_ids(w, eos=False) for w in self.spec.labels.values()]
-        empty = [w for w, v in zip(self.spec.labels.values(), ids) if not v]
-        if empty:
-            raise ConfigError(f"Task '{self.spec.name}': the label word(s) {empty} have no tokens.",
-                              "give every class a non-empty word in `labels`.")
-        return ids
-
-    def fit(self, ids: list[int], slot: int, budget: int | None) -> tuple[list[int], int]:
-        """Apply the truncation policy so that the source has at most `budget` tokens; cuts stay before the slot."""
-        if budget is None or len(ids) <= budget:
-            return ids, slot
-        cut = len(ids) - budget
-        if self.truncate == "error" or budget <= 0 or cut > slot:
-            raise InputTooLongError(
-                f"An input of {len(ids)} tokens does not fit the {budget} tokens left by the context, the "
-                "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
-        if self.truncate == "left":
-            return ids[cut:], slot - cut
-        return ids[:slot - cut] + ids[slot:], slot - cut
-
-    def example(self, text: str, injection: Injection = EMPTY, reserve: int = 0, target: list[int] | None = None) \
-            -> Example:
-        """A rendered prompt as an `Example` to score or continue: fitted to what the context leaves after the prompt's
-        positions and `reserve` tokens (the target or new tokens); never empty, since the next token is read at the
-        slot."""
-        ids, slot = self.family.source_ids(text, self.spec.chat)
-        budget = self.family.source_budget(injection, reserve, self.max_length)
-        ids, slot = self.fit(ids, slot, budget)
-        if not ids and injection.num_embeds == 0:
-            raise DataError("An input has no tokens (an empty text, and a template that adds none).",
-                            "pass a non-empty input.")
-        return Example(ids, slot, list(target or []), injection)
-
-    def training_example(self, prompt: str, target: str, injection: Injection = EMPTY) -> Example:
-        """The example to train on: the target's tokens (generation targets end with EOS, to learn to stop)."""
-        tgt = self.target_ids(target, eos=not self.spec.is_classification)
-        return self.example(prompt, injection, len(tgt), tgt)
-
-
-def collate(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> dict:
-    """Left-pad a list of token sequences: input_ids, attention_mask (and labels) of shape (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
-    out = {"input_ids": ids, "attention_mask": mask}
-    if labels is not None:
-        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for i, l in enumerate(labels):
-            if l:
-                lab[i, T - len(l):] = torch.tensor(l)
-        out["labels"] = lab
-    return out
-
-
-def frequent_token_ids(tokenizer, texts: list[str], top: int = 5000) -> torch.Tensor:
-    """Token ids ranked by frequency in `texts` (special tokens excluded), at most `top` of them."""
-    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
-    counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(tokenizer))
-    counts[tokenizer.all_special_ids] = 0
-    ranked = counts.argsort(descending=True, stable=True)
-    return ranked[: min(top, int((counts > 0).sum()))]
