@@ -43,8 +43,12 @@ def compare(grid, task, ours_cell, peft_cell, steps: int) -> dict:
     trainers = []
     for cell in (ours_cell, peft_cell):  # ours first: PEFT's prompt methods wrap the model without changing it
         trainable = build_trainable(cell, base, task)
-        t = BenchTrainer(base, task, config=sp.TrainConfig(steps=steps + 1, batch_size=cell.train["batch_size"],
-                                                            progress=False), trainable=trainable)
+        t = BenchTrainer(
+            base,
+            task,
+            config=sp.TrainConfig(steps=steps + 1, batch_size=cell.train["batch_size"], progress=False),
+            trainable=trainable,
+        )
         t._num_positions = trainable.collapse().num_positions  # what run() sets before its first batch
         trainers.append(t)
     times: list[list[tuple[float, float]]] = [[], []]
@@ -55,13 +59,23 @@ def compare(grid, task, ours_cell, peft_cell, steps: int) -> dict:
             if step:
                 times[i].append(sample)
     ratio = [[a[k] / b[k] for a, b in zip(*times)] for k in (0, 1)]
-    return {"task": task.name, "softprompt": ours_cell.method, "peft": peft_cell.method, "peft_kind": peft_cell.kind,
-            "steps": steps,
-            "seconds_per_step": {"softprompt": statistics.median(t[0] for t in times[0]),
-                                 "peft": statistics.median(t[0] for t in times[1])},
-            "cpu_seconds_per_step": {"softprompt": statistics.median(t[1] for t in times[0]),
-                                     "peft": statistics.median(t[1] for t in times[1])},
-            "ratio_wall": statistics.median(ratio[0]), "ratio_cpu": statistics.median(ratio[1])}
+    return {
+        "task": task.name,
+        "softprompt": ours_cell.method,
+        "peft": peft_cell.method,
+        "peft_kind": peft_cell.kind,
+        "steps": steps,
+        "seconds_per_step": {
+            "softprompt": statistics.median(t[0] for t in times[0]),
+            "peft": statistics.median(t[0] for t in times[1]),
+        },
+        "cpu_seconds_per_step": {
+            "softprompt": statistics.median(t[1] for t in times[0]),
+            "peft": statistics.median(t[1] for t in times[1]),
+        },
+        "ratio_wall": statistics.median(ratio[0]),
+        "ratio_cpu": statistics.median(ratio[1]),
+    }
 
 
 def main() -> None:
@@ -85,8 +99,9 @@ def main() -> None:
             row = compare(grid, task, cells[(t, cell.pair)], cell, a.steps)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    atomic_write_text(a.out, json.dumps({"model": grid.model, "threads": torch.get_num_threads(), "pairs": rows},
-                                        indent=1))
+    atomic_write_text(
+        a.out, json.dumps({"model": grid.model, "threads": torch.get_num_threads(), "pairs": rows}, indent=1)
+    )
     print(f"wrote {a.out}")
 
 

@@ -1,10 +1,10 @@
 """Soak test of `softprompt serve` on the embedded SmolLM2-135M (issue 8): a steady open-loop load for minutes.
 
-    PYTHONPATH=. python benchmarks/soak.py                       # 10 minutes at 2.5 requests/s; writes benchmarks/results/
-    PYTHONPATH=. python benchmarks/soak.py --minutes 1 --out /tmp # a smoke run
+    PYTHONPATH=. python benchmarks/soak.py                        # 10 minutes at 2.5 requests/s; writes results/
+    PYTHONPATH=. python benchmarks/soak.py --minutes 1 --out /tmp  # a smoke run
 
 The server runs in a subprocess on 127.0.0.1 with the 8 tasks of every method that the load test of the
-serving issue uses (`benchmarks/multitask.py` (c): soft, prefix, deep, P-tuning and a template alone;
+serving issue uses (`benchmarks/many_tasks.py` (c): soft, prefix, deep, P-tuning and a template alone;
 classification through /v1/classify, generation through /v1/completions and streamed chat, 16 new
 tokens). Requests arrive open-loop, as a seeded Poisson process at `--rate` per second, below the
 3.5 requests/s that the closed-loop load test reached with 64 clients: a server that keeps up holds
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import multitask as bench  # noqa: E402  (benchmarks/multitask.py: the store, request mix and server of the load test)
+import many_tasks as bench  # noqa: E402  (benchmarks/many_tasks.py: the store, request mix and server of the load test)
 
 import softprompt as sp  # noqa: E402
 
@@ -63,8 +63,15 @@ async def soak(url: str, pid: int, plan, rate: float, seconds: float, seed: int,
         async def monitor() -> None:
             while True:
                 health = (await client.get("/health")).json()
-                samples.append({"t": round(time.perf_counter() - t0, 1), "rss_bytes": rss_bytes(pid),
-                                "load1": os.getloadavg()[0], "queued": health["queued"], "running": health["running"]})
+                samples.append(
+                    {
+                        "t": round(time.perf_counter() - t0, 1),
+                        "rss_bytes": rss_bytes(pid),
+                        "load1": os.getloadavg()[0],
+                        "queued": health["queued"],
+                        "running": health["running"],
+                    }
+                )
                 try:
                     await asyncio.wait_for(done.wait(), sample_every)
                     return
@@ -87,7 +94,9 @@ async def soak(url: str, pid: int, plan, rate: float, seconds: float, seed: int,
 
 
 def quantile(xs: list[float], q: int) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+    return (
+        statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+    )
 
 
 def summarize(run: dict, rate: float, seconds: float) -> dict:
@@ -96,64 +105,88 @@ def summarize(run: dict, rate: float, seconds: float) -> dict:
     for m in range(max(1, math.ceil(seconds / 60))):
         lat = [lat for at, lat, _ in records if m * 60 <= at < (m + 1) * 60]
         inside = [s for s in samples if m * 60 <= s["t"] < (m + 1) * 60] or samples[-1:]
-        minutes.append({"minute": m + 1, "requests": len(lat),
-                        "failures": sum(1 for at, _, f in records if m * 60 <= at < (m + 1) * 60 and f),
-                        "p50_s": round(quantile(lat, 50), 3), "p99_s": round(quantile(lat, 99), 3),
-                        "rss_mb_end": round(inside[-1]["rss_bytes"] / 2**20, 1),
-                        "load1_mean": round(statistics.mean(s["load1"] for s in inside), 2),
-                        "queued_max": max(s["queued"] for s in inside)})
+        minutes.append(
+            {
+                "minute": m + 1,
+                "requests": len(lat),
+                "failures": sum(1 for at, _, f in records if m * 60 <= at < (m + 1) * 60 and f),
+                "p50_s": round(quantile(lat, 50), 3),
+                "p99_s": round(quantile(lat, 99), 3),
+                "rss_mb_end": round(inside[-1]["rss_bytes"] / 2**20, 1),
+                "load1_mean": round(statistics.mean(s["load1"] for s in inside), 2),
+                "queued_max": max(s["queued"] for s in inside),
+            }
+        )
     latencies = [lat for _, lat, _ in records]
     failures = [f for _, _, f in records if f]
     warm = next((s for s in samples if s["t"] >= 60), samples[0])  # after the first minute: allocator warmed up
     end = samples[-1]
     health = run["health"]
     return {
-        "rate_per_s": rate, "seconds": seconds, "requests": len(records), "failures": len(failures),
+        "rate_per_s": rate,
+        "seconds": seconds,
+        "requests": len(records),
+        "failures": len(failures),
         "failure_examples": sorted(set(failures))[:5],
         "achieved_rate_per_s": round(len(records) / seconds, 2),
-        "latency_p50_s": round(quantile(latencies, 50), 3), "latency_p99_s": round(quantile(latencies, 99), 3),
+        "latency_p50_s": round(quantile(latencies, 50), 3),
+        "latency_p99_s": round(quantile(latencies, 99), 3),
         "latency_max_s": round(max(latencies), 3),
-        "p99_first_minute_s": minutes[0]["p99_s"], "p99_last_minute_s": minutes[-1]["p99_s"],
+        "p99_first_minute_s": minutes[0]["p99_s"],
+        "p99_last_minute_s": minutes[-1]["p99_s"],
         "p99_drift": round(minutes[-1]["p99_s"] / minutes[0]["p99_s"], 3),
-        "rss_mb_start": round(samples[0]["rss_bytes"] / 2**20, 1), "rss_mb_after_first_minute": round(
-            warm["rss_bytes"] / 2**20, 1), "rss_mb_end": round(end["rss_bytes"] / 2**20, 1),
+        "rss_mb_start": round(samples[0]["rss_bytes"] / 2**20, 1),
+        "rss_mb_after_first_minute": round(warm["rss_bytes"] / 2**20, 1),
+        "rss_mb_end": round(end["rss_bytes"] / 2**20, 1),
         "rss_mb_max": round(max(s["rss_bytes"] for s in samples) / 2**20, 1),
         "rss_growth_after_first_minute_pct": round(100 * (end["rss_bytes"] / warm["rss_bytes"] - 1), 2),
         "load1_mean": round(statistics.mean(s["load1"] for s in samples), 2),
         "load1_max": round(max(s["load1"] for s in samples), 2),
-        "server_batches": health["batches"], "mean_batch_rows": round(health["rows"] / max(health["batches"], 1), 1),
-        "largest_batch": health["largest_batch"], "generated_tokens": health["tokens"],
-        "wall_s": round(run["wall_s"], 1), "per_minute": minutes, "samples": samples,
+        "server_batches": health["batches"],
+        "mean_batch_rows": round(health["rows"] / max(health["batches"], 1), 1),
+        "largest_batch": health["largest_batch"],
+        "generated_tokens": health["tokens"],
+        "wall_s": round(run["wall_s"], 1),
+        "per_minute": minutes,
+        "samples": samples,
     }
 
 
 def markdown(r: dict) -> str:
     s = r["soak"]
     lines = [
-        "# Server soak test (issue 8)", "",
+        "# Server soak test (issue 8)",
+        "",
         f"{r['model']}, {r['device']} float32, torch {r['torch']}, transformers {r['transformers']}; {r['machine']}. "
         f"Run with `PYTHONPATH=. python benchmarks/soak.py`; raw numbers (and RSS samples every "
-        f"{r['sample_every_s']} s) in `soak.json`. Measured {r['date']}.", "",
+        f"{r['sample_every_s']} s) in `soak.json`. Measured {r['date']}.",
+        "",
         f"`softprompt serve` with {r['tasks']} tasks ({', '.join(r['methods'])}), batcher max {r['max_batch_size']} "
         f"rows / {r['max_wait_ms']} ms wait, {r['threads']} torch thread. Requests arrive open-loop as a Poisson "
         f"process at {s['rate_per_s']} per second for {s['seconds'] / 60:.0f} minutes (seed {r['seed']}), the load "
         f"test's mix: {r['mix']} (generation: 16 new tokens, greedy). Latency counts from each request's scheduled "
-        "arrival. The machine is shared with other jobs: the load average (2 cores) is in the table.", "",
+        "arrival. The machine is shared with other jobs: the load average (2 cores) is in the table.",
+        "",
         "| requests | failed (goal 0) | p50 | p99 | max | p99 first minute | p99 last minute | p99 drift | "
         "RSS after minute 1 | RSS at end | RSS growth (goal < 5%) | load average (mean / max) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {s['requests']} | {s['failures']} | {s['latency_p50_s']} s | {s['latency_p99_s']} s | {s['latency_max_s']} s "
-        f"| {s['p99_first_minute_s']} s | {s['p99_last_minute_s']} s | {s['p99_drift']}x | "
+        f"| {s['requests']} | {s['failures']} | {s['latency_p50_s']} s | {s['latency_p99_s']} s "
+        f"| {s['latency_max_s']} s | {s['p99_first_minute_s']} s | {s['p99_last_minute_s']} s | {s['p99_drift']}x | "
         f"{s['rss_mb_after_first_minute']} MiB | {s['rss_mb_end']} MiB | {s['rss_growth_after_first_minute_pct']}% | "
-        f"{s['load1_mean']} / {s['load1_max']} |", "",
+        f"{s['load1_mean']} / {s['load1_max']} |",
+        "",
         f"RSS right after start-up: {s['rss_mb_start']} MiB; largest sample: {s['rss_mb_max']} MiB. The server ran "
         f"{s['server_batches']} batches (mean {s['mean_batch_rows']} rows, largest {s['largest_batch']}) and generated "
-        f"{s['generated_tokens']} tokens." + (f" Failures: {s['failure_examples']}." if s["failures"] else ""), "",
+        f"{s['generated_tokens']} tokens." + (f" Failures: {s['failure_examples']}." if s["failures"] else ""),
+        "",
         "| minute | requests | failed | p50 | p99 | RSS at end | most rows queued | load average |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {m['minute']} | {m['requests']} | {m['failures']} | {m['p50_s']} s | {m['p99_s']} s | "
-              f"{m['rss_mb_end']} MiB | {m['queued_max']} | {m['load1_mean']} |" for m in s["per_minute"]]
+    lines += [
+        f"| {m['minute']} | {m['requests']} | {m['failures']} | {m['p50_s']} s | {m['p99_s']} s | "
+        f"{m['rss_mb_end']} MiB | {m['queued_max']} | {m['load1_mean']} |"
+        for m in s["per_minute"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -173,11 +206,18 @@ def main() -> None:
     import transformers
 
     base = sp.load_base("smollm2")
-    results = {"model": base.name, "device": str(base.device), "torch": torch.__version__,
-               "transformers": transformers.__version__,
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
-               "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "seed": args.seed,
-               "sample_every_s": args.sample_every}
+    results = {
+        "model": base.name,
+        "device": str(base.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "seed": args.seed,
+        "sample_every_s": args.sample_every,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         store = bench.make_store(base, bench.SERVER_TASKS, Path(tmp) / "store")
         del base

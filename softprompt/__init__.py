@@ -1,12 +1,12 @@
 """softprompt: prompt-based parameter-efficient finetuning of frozen language models.
 
-    import softprompt as sp
-    base = sp.load_base("smollm2")                      # frozen model + tokenizer
-    task = sp.load_task("sst2")                         # data, template, verbalizers
-    result = sp.train(base, task, "soft", sp.SoftPromptConfig(num_virtual_tokens=20))
-    result.prompt.save("sst2.safetensors")              # one small file per task
-    prompt = sp.load_prompt("sst2.safetensors", base)   # refuses prompts made for another model
-    sp.evaluate(base, task, prompt)
+import softprompt as sp
+base = sp.load_base("smollm2")                      # frozen model + tokenizer
+task = sp.load_task("sst2")                         # data, template, verbalizers
+result = sp.train(base, task, "soft", sp.SoftPromptConfig(num_virtual_tokens=20))
+result.prompt.save("sst2.safetensors")              # one small file per task
+prompt = sp.load_prompt("sst2.safetensors", base)   # refuses prompts made for another model
+sp.evaluate(base, task, prompt)
 """
 
 import os
@@ -25,7 +25,29 @@ from .methods import METHODS, MethodConfig, PromptMethod, SoftPromptConfig  # no
 from .store import Prompt, Store, load_prompt  # noqa: E402
 from .train import TrainConfig, TrainResult, train  # noqa: E402
 
-__all__ = ["Base", "Fingerprint", "Injection", "METHODS", "MethodConfig", "Prompt", "PromptMethod", "Sampling",
-           "SoftPromptConfig", "SoftpromptError", "Store", "Task", "TaskSpec", "TrainConfig", "TrainResult",
-           "__version__", "evaluate", "from_pretrained", "generate_ids", "load_base", "load_prompt", "load_task",
-           "push_to_hub", "train"]
+__all__ = [
+    "Base",
+    "Fingerprint",
+    "Injection",
+    "METHODS",
+    "MethodConfig",
+    "Prompt",
+    "PromptMethod",
+    "Sampling",
+    "SoftPromptConfig",
+    "SoftpromptError",
+    "Store",
+    "Task",
+    "TaskSpec",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
+    "evaluate",
+    "from_pretrained",
+    "generate_ids",
+    "load_base",
+    "load_prompt",
+    "load_task",
+    "push_to_hub",
+    "train",
+]

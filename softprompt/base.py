@@ -98,7 +98,7 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # float32 on CPU: bf16 autocast is ~6x slower than float32 on this class of CPU.
+    # float32 on CPU: CPUs without bf16 units emulate it, several times slower than float32.
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -109,8 +109,14 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ConfigError(f"Unknown dtype '{dtype}'.", f"use one of {sorted(table)} or 'auto'.")
     return table[dtype]
@@ -134,11 +140,12 @@ class Fingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Fingerprint":
-        return cls(**{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")},
-                   family=d.get("family", Causal.name))
+    def from_dict(cls, d: dict) -> Fingerprint:
+        return cls(
+            **{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")}, family=d.get("family", Causal.name)
+        )
 
-    def check(self, other: "Fingerprint", what: str = "this prompt") -> None:
+    def check(self, other: Fingerprint, what: str = "this prompt") -> None:
         """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for."""
         if self.config_hash != other.config_hash or self.embedding_sha256 != other.embedding_sha256:
             part = "architecture" if self.config_hash != other.config_hash else "weights"
@@ -234,8 +241,12 @@ class Base:
         return f"Base({self.name!r}, device={self.device}, dtype={self.dtype})"
 
 
-def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
-              attn_implementation: str = "sdpa") -> Base:
+def load_base(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> Base:
     """Load a model of any family, freeze it and return it with its tokenizer as a `Base`.
 
     name_or_path: 'smollm2' (the embedded default), a local Hugging Face directory, or a hub id.
@@ -250,9 +261,11 @@ def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtyp
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     path, display = resolve_model_path(name_or_path)
-    if not name_or_path in EMBEDDED_MODELS and os.path.sep in name_or_path and not Path(path).exists():
-        raise SoftpromptError(f"Model path '{name_or_path}' does not exist.",
-                              f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.")
+    if name_or_path not in EMBEDDED_MODELS and os.path.sep in name_or_path and not Path(path).exists():
+        raise SoftpromptError(
+            f"Model path '{name_or_path}' does not exist.",
+            f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
@@ -264,8 +277,10 @@ def load_base(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtyp
                 raise
             model = auto.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager")
     except OSError as e:
-        raise SoftpromptError(f"Could not load model '{name_or_path}': {e}",
-                              f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.") from e
+        raise SoftpromptError(
+            f"Could not load model '{name_or_path}': {e}",
+            f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.",
+        ) from e
     return freeze(model, tokenizer, display, device)
 
 

@@ -20,12 +20,18 @@ from .injection import EMPTY, Injection, per_row
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so padding is small."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.inference_mode()
-def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: Injection | list[Injection] = EMPTY,
-                          batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+def class_log_likelihoods(
+    base,
+    enc: Encoder,
+    prompts: list[str],
+    injections: Injection | list[Injection] = EMPTY,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
     """(N, C) log-likelihood of each class's label word after (or, for a masked LM, in) each rendered prompt."""
     rows = per_row(injections, len(prompts))
     verb = enc.verbalizer_ids
@@ -34,8 +40,9 @@ def class_log_likelihoods(base, enc: Encoder, prompts: list[str], injections: In
     # multi-token label words turn every prompt into C sequences; keep the sequences per batch the same
     per_batch = batch_size if all(len(v) == 1 for v in verb) else max(1, batch_size // len(verb))
     scores = torch.empty(len(examples), len(verb))
-    for batch in tqdm(length_batches([len(e.source) for e in examples], per_batch), disable=not progress,
-                      desc="scoring", leave=False):
+    for batch in tqdm(
+        length_batches([len(e.source) for e in examples], per_batch), disable=not progress, desc="scoring", leave=False
+    ):
         scores[batch] = torch.stack(base.family.class_scores([(examples[i], verb) for i in batch])).float().cpu()
     return scores
 
@@ -96,17 +103,31 @@ def check_compatible(spec: TaskSpec, task: Task) -> None:
     """Refuse to score a prompt made for task `spec` on `task` unless it can name every class of `task`."""
     kind = {True: "classification", False: "generation"}
     if spec.is_classification != task.spec.is_classification:
-        raise ConfigError(f"The prompt is for {kind[spec.is_classification]} task '{spec.name}', but task "
-                          f"'{task.name}' is {kind[task.spec.is_classification]}.",
-                          "evaluate the prompt on the task it was trained for (see `softprompt info`).")
+        raise ConfigError(
+            f"The prompt is for {kind[spec.is_classification]} task '{spec.name}', but task "
+            f"'{task.name}' is {kind[task.spec.is_classification]}.",
+            "evaluate the prompt on the task it was trained for (see `softprompt info`).",
+        )
     missing = [c for c in task.spec.class_names if c not in spec.class_names]
     if missing:
-        raise ConfigError(f"The prompt's classes {spec.class_names} (task '{spec.name}') lack {missing} of task "
-                          f"'{task.name}'.", "evaluate the prompt on the task it was trained for (see `softprompt info`).")
+        raise ConfigError(
+            f"The prompt's classes {spec.class_names} (task '{spec.name}') lack {missing} of task '{task.name}'.",
+            "evaluate the prompt on the task it was trained for (see `softprompt info`).",
+        )
 
 
-def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | None = None, batch_size: int = 32,
-             truncate: str = "error", spec: TaskSpec | None = None, seed: int = 0, progress: bool = False) -> dict:
+def evaluate(
+    base,
+    task: Task,
+    prompt=None,
+    split: str = "dev",
+    limit: int | None = None,
+    batch_size: int = 32,
+    truncate: str = "error",
+    spec: TaskSpec | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Score a prompt (a `Prompt`, an `Injection`, or None for the plain template) on a task split.
 
     spec: the template and verbalizers to use; default the prompt's own (it was trained with
@@ -133,8 +154,16 @@ def evaluate(base, task: Task, prompt=None, split: str = "dev", limit: int | Non
     return generation_metrics(hyps, list(refs.values()))
 
 
-def classify(base, task: Task, spec: TaskSpec, data: Split, injection: Injection = EMPTY, batch_size: int = 32,
-             truncate: str = "error", progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+def classify(
+    base,
+    task: Task,
+    spec: TaskSpec,
+    data: Split,
+    injection: Injection = EMPTY,
+    batch_size: int = 32,
+    truncate: str = "error",
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
     """Class scores (N, C) of `data` (rows of `task`) rendered with `spec`, and the gold classes in `spec`'s order."""
     gold = gold_classes(task, spec, data)
     enc = Encoder(spec, base, truncate)
@@ -148,15 +177,28 @@ def gold_classes(task: Task, spec: TaskSpec, data: Split) -> list[int]:
     return [order[task.spec.class_names[y]] for y in data.labels]
 
 
-def generate_texts(base, enc: Encoder, prompts: list[str], injection: Injection | list[Injection], max_new_tokens: int,
-                   batch_size: int = 32, progress: bool = False, use_cache: bool = True, sampling: Sampling = GREEDY,
-                   generator: torch.Generator | None = None) -> list[str]:
+def generate_texts(
+    base,
+    enc: Encoder,
+    prompts: list[str],
+    injection: Injection | list[Injection],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = False,
+    use_cache: bool = True,
+    sampling: Sampling = GREEDY,
+    generator: torch.Generator | None = None,
+) -> list[str]:
     """Continuations of rendered prompts (greedy unless `sampling` says otherwise), decoded to text."""
     rows = per_row(injection, len(prompts))
     examples = [enc.example(p, r, max_new_tokens) for p, r in zip(prompts, rows)]
     out = [""] * len(examples)
-    for batch in tqdm(length_batches([len(e.source) for e in examples], batch_size), disable=not progress,
-                      desc="generating", leave=False):
+    for batch in tqdm(
+        length_batches([len(e.source) for e in examples], batch_size),
+        disable=not progress,
+        desc="generating",
+        leave=False,
+    ):
         new = generate_ids(base, [examples[i] for i in batch], max_new_tokens, sampling, use_cache, generator)
         for i, toks in zip(batch, new):
             out[i] = base.tokenizer.decode(toks, skip_special_tokens=True).strip()

@@ -21,7 +21,9 @@ METRICS = ("cosine", "l2")
 
 
 @torch.no_grad()
-def nearest_tokens(embeds: torch.Tensor, matrix: torch.Tensor, k: int = 5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def nearest_tokens(
+    embeds: torch.Tensor, matrix: torch.Tensor, k: int = 5
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """For each of P vectors, the k nearest rows of `matrix` (V, D): {metric: (ids (P, k), values (P, k))}.
 
     cosine: highest similarity first; l2: smallest distance first.
@@ -39,21 +41,39 @@ def projection(base, ids: torch.Tensor) -> Injection:
     return Injection(embeds=base.embed(ids.to(base.device)).detach())
 
 
-def explain(base, prompt: Prompt, task=None, split: str = "dev", limit: int | None = None, k: int = 5,
-            batch_size: int = 32, progress: bool = False) -> dict:
+def explain(
+    base,
+    prompt: Prompt,
+    task=None,
+    split: str = "dev",
+    limit: int | None = None,
+    k: int = 5,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
     """Nearest tokens of every virtual token; with a task, dev scores of the soft prompt and its projections."""
     from .evaluate import evaluate
 
     inj = prompt.injection
     if inj.embeds is None or inj.kv is not None:
-        raise ConfigError(f"A '{prompt.method}' prompt has no input-embedding virtual tokens to read as words "
-                          "(or also carries per-layer key/values).", "pass a soft prompt (or P-tuning) file.")
+        raise ConfigError(
+            f"A '{prompt.method}' prompt has no input-embedding virtual tokens to read as words "
+            "(or also carries per-layer key/values).",
+            "pass a soft prompt (or P-tuning) file.",
+        )
     near = nearest_tokens(inj.embeds.to(base.device), base.embedding_matrix, k)
     tok = base.tokenizer
-    out = {"tokens": [{metric: [(tok.decode([int(i)]), round(float(v), 4)) for i, v in zip(ids[p], vals[p])]
-                       for metric, (ids, vals) in near.items()} for p in range(inj.num_embeds)],
-           "projected": {metric: tok.decode(ids[:, 0].tolist()) for metric, (ids, _) in near.items()},
-           "projected_ids": {metric: ids[:, 0].tolist() for metric, (ids, _) in near.items()}}
+    out = {
+        "tokens": [
+            {
+                metric: [(tok.decode([int(i)]), round(float(v), 4)) for i, v in zip(ids[p], vals[p])]
+                for metric, (ids, vals) in near.items()
+            }
+            for p in range(inj.num_embeds)
+        ],
+        "projected": {metric: tok.decode(ids[:, 0].tolist()) for metric, (ids, _) in near.items()},
+        "projected_ids": {metric: ids[:, 0].tolist() for metric, (ids, _) in near.items()},
+    }
     if task is not None:
         kw = dict(split=split, limit=limit, batch_size=batch_size, spec=prompt.spec, progress=progress)
         out["scores"] = {"soft": evaluate(base, task, inj, **kw)}

@@ -8,6 +8,7 @@ write fails (disk full, permission denied) the previous file is left as it was, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -22,22 +23,33 @@ from safetensors.torch import save as st_save
 from .errors import ConfigError, PromptFileError, StorageError
 
 # Magic bytes of formats people pass by mistake. Pickles run code when loaded; we only name them.
-_FOREIGN = {b"\x80": "a Python pickle (torch.save / .bin / .pt)", b"PK\x03\x04": "a zip archive (torch.save)",
-            b"GGUF": "a GGUF model file"}
+_FOREIGN = {
+    b"\x80": "a Python pickle (torch.save / .bin / .pt)",
+    b"PK\x03\x04": "a zip archive (torch.save)",
+    b"GGUF": "a GGUF model file",
+}
 _MAX_HEADER = 100_000_000  # bytes; a longer "header" is a file of another kind
 
 
 def storage_error(e: OSError, path: Path, doing: str) -> StorageError:
     """A `StorageError` for an OSError while `doing` ("write" or "read") `path`, with the fix for its cause."""
-    denied = f"check the permissions of {path.parent}, or pass another output path." if doing == "write" else \
-        f"check the permissions of {path}."
-    fixes = {errno.ENOSPC: "free disk space (or write elsewhere) and run the command again.",
-             errno.EDQUOT: "free space in your disk quota and run the command again.",
-             errno.EACCES: denied, errno.EPERM: denied,
-             errno.EROFS: "the file system is read-only: pass an output path on a writable one."}
+    denied = (
+        f"check the permissions of {path.parent}, or pass another output path."
+        if doing == "write"
+        else f"check the permissions of {path}."
+    )
+    fixes = {
+        errno.ENOSPC: "free disk space (or write elsewhere) and run the command again.",
+        errno.EDQUOT: "free space in your disk quota and run the command again.",
+        errno.EACCES: denied,
+        errno.EPERM: denied,
+        errno.EROFS: "the file system is read-only: pass an output path on a writable one.",
+    }
     kept = " The previous version is unchanged." if doing == "write" and path.exists() else ""
-    return StorageError(f"Could not {doing} {path}: {e.strerror or e}.{kept}",
-                        fixes.get(e.errno, "check the path, the disk and the permissions, and run the command again."))
+    return StorageError(
+        f"Could not {doing} {path}: {e.strerror or e}.{kept}",
+        fixes.get(e.errno, "check the path, the disk and the permissions, and run the command again."),
+    )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -52,10 +64,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            try:
+            with contextlib.suppress(FileNotFoundError):  # a new file keeps its mode
                 os.chmod(tmp, path.stat().st_mode & 0o7777)
-            except FileNotFoundError:  # a new file
-                pass
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -98,7 +108,7 @@ def header_metadata(data: bytes) -> str | None:
     n = int.from_bytes(data[:8], "little")
     if not 2 <= n <= min(_MAX_HEADER, len(data) - 8):
         raise ValueError("no safetensors header")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     return header.get("__metadata__", {}).get("softprompt") if isinstance(header, dict) else None
 
 
@@ -117,7 +127,9 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
     """(tensors, metadata) of a file written by `write_safetensors`, with a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"{what} not found: {path}", "check the path (`softprompt store list` shows stored prompts).")
+        raise PromptFileError(
+            f"{what} not found: {path}", "check the path (`softprompt store list` shows stored prompts)."
+        )
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -128,18 +140,23 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
     shaped = len(data) > 8 and data[8:9] == b"{" and 8 + int.from_bytes(data[:8], "little") <= len(data)
     for magic, kind in _FOREIGN.items():
         if not shaped and data.startswith(magic):
-            raise PromptFileError(f"{path} is {kind}, not a softprompt {what}; it was not loaded (loading pickles can "
-                                  "run arbitrary code).", "pass a .safetensors file written by softprompt, or import "
-                                  "a PEFT adapter with `softprompt import`.")
+            raise PromptFileError(
+                f"{path} is {kind}, not a softprompt {what}; it was not loaded (loading pickles can "
+                "run arbitrary code).",
+                "pass a .safetensors file written by softprompt, or import a PEFT adapter with `softprompt import`.",
+            )
     try:
         tensors = st_load(data)
         meta_raw = header_metadata(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"{path} is truncated or corrupted ({e}).",
-                              "restore it from a backup or re-run the training that wrote it.") from e
+        raise PromptFileError(
+            f"{path} is truncated or corrupted ({e}).", "restore it from a backup or re-run the training that wrote it."
+        ) from e
     if meta_raw is None:
-        raise PromptFileError(f"{path} is a safetensors file without softprompt metadata.",
-                              "pass a file written by softprompt (PEFT adapters: `softprompt import`).")
+        raise PromptFileError(
+            f"{path} is a safetensors file without softprompt metadata.",
+            "pass a file written by softprompt (PEFT adapters: `softprompt import`).",
+        )
     try:
         meta = json.loads(meta_raw)
     except json.JSONDecodeError as e:

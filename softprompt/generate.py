@@ -72,8 +72,14 @@ def stop_ids(base) -> set[int]:
 
 
 @torch.inference_mode()
-def decode(base, examples: list[Example], max_new_tokens: int | list[int], sampling: Sampling | list[Sampling] = GREEDY,
-           use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def decode(
+    base,
+    examples: list[Example],
+    max_new_tokens: int | list[int],
+    sampling: Sampling | list[Sampling] = GREEDY,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), active (B,)) once per step; a row is inactive after its EOS or length limit.
 
     examples: one per row, each with its prompt (`Example.injection`); what is decoded follows each source.
@@ -100,9 +106,14 @@ def decode(base, examples: list[Example], max_new_tokens: int | list[int], sampl
         logits = family.continue_decoding(state, nxt)
 
 
-def generate_ids(base, examples: list[Example], max_new_tokens: int | list[int] = 64,
-                 sampling: Sampling | list[Sampling] = GREEDY, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+def generate_ids(
+    base,
+    examples: list[Example],
+    max_new_tokens: int | list[int] = 64,
+    sampling: Sampling | list[Sampling] = GREEDY,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """New token ids per row, without the EOS token."""
     out: list[list[int]] = [[] for _ in examples]
     eos = stop_ids(base)

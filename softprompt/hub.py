@@ -37,8 +37,11 @@ def _eval_metrics(metrics: dict) -> dict:
     """
     from .evaluate import scalar_metrics
 
-    return {split: scalar_metrics(m) for split, m in metrics.items()
-            if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)}
+    return {
+        split: scalar_metrics(m)
+        for split, m in metrics.items()
+        if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)
+    }
 
 
 def _load_name(model_id: str) -> str:
@@ -48,9 +51,43 @@ def _load_name(model_id: str) -> str:
     return next((alias for alias, (_, desc) in EMBEDDED_MODELS.items() if desc == model_id), model_id)
 
 
+def _card_entry(name: str, m: dict, hub_model_id) -> dict:
+    """One prompt file's row of a model card, from its metadata `m`."""
+    return {
+        "file": name,
+        "method": m["method"],
+        "task": m["task"].get("name"),
+        "base_model": hub_model_id(m["base"]["model_id"]),
+        "virtual_tokens": m["method_config"].get("num_virtual_tokens"),
+        "parameters": m["parameters"]["saved"],
+        "parameters_training": m["parameters"]["training"],
+        "metrics": m.get("metrics", {}),
+        "template": m["task"].get("template"),
+    }
+
+
+def _eval_results(entry: dict, meta: dict) -> list:
+    """The hub's `EvalResult`s of a card's only prompt: one per split and metric."""
+    from huggingface_hub import EvalResult
+
+    kind = "text-classification" if meta["task"].get("labels") else "text-generation"
+    return [
+        EvalResult(
+            task_type=kind,
+            dataset_type=entry["task"],
+            dataset_name=entry["task"],
+            dataset_split=split,
+            metric_type=k,
+            metric_value=v,
+        )
+        for split, m in _eval_metrics(entry["metrics"]).items()
+        for k, v in m.items()
+    ]
+
+
 def model_card(directory: str | Path, name: str | None = None) -> str | None:
     """The README.md text for the prompt files in `directory` (None when it holds none); `name`: the repo's."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
     from .peft_format import CONFIG, hub_model_id
 
@@ -58,39 +95,39 @@ def model_card(directory: str | Path, name: str | None = None) -> str | None:
     if not files:
         return None
     peft = (Path(directory) / CONFIG).is_file()
-    entries = []
-    for name, m in files.items():
-        entries.append({"file": name, "method": m["method"], "task": m["task"].get("name"),
-                        "base_model": hub_model_id(m["base"]["model_id"]), "virtual_tokens":
-                        m["method_config"].get("num_virtual_tokens"), "parameters": m["parameters"]["saved"],
-                        "parameters_training": m["parameters"]["training"], "metrics": m.get("metrics", {}),
-                        "template": m["task"].get("template")})
+    entries = [_card_entry(name, m, hub_model_id) for name, m in files.items()]
     bases = sorted({e["base_model"] for e in entries})
-    results = []
-    if len(entries) == 1:
-        e = entries[0]
-        kind = "text-classification" if files[e["file"]]["task"].get("labels") else "text-generation"
-        results = [EvalResult(task_type=kind, dataset_type=e["task"], dataset_name=e["task"], dataset_split=split,
-                              metric_type=k, metric_value=v)
-                   for split, m in _eval_metrics(e["metrics"]).items() for k, v in m.items()]
+    results = _eval_results(entries[0], files[entries[0]["file"]]) if len(entries) == 1 else []
     data = ModelCardData(
-        base_model=bases[0] if len(bases) == 1 else bases, library_name="peft" if peft else "softprompt",
-        pipeline_tag="text-generation", tags=["softprompt", "prompt-tuning"] + sorted({e["method"] for e in entries}),
+        base_model=bases[0] if len(bases) == 1 else bases,
+        library_name="peft" if peft else "softprompt",
+        pipeline_tag="text-generation",
+        tags=["softprompt", "prompt-tuning"] + sorted({e["method"] for e in entries}),
         metrics=sorted({r.metric_type for r in results}) or None,
-        model_name=(name or Path(directory).resolve().name) if results else None, eval_results=results or None,
-        prompts=entries)
-    rows = "\n".join(f"| `{e['file']}` | {e['task']} | {e['method']} | {e['virtual_tokens']} | {e['parameters']:,} | "
-                     + (", ".join(f"{s} {k} {v:.4g}" for s, m in _eval_metrics(e["metrics"]).items()
-                                  for k, v in m.items()) or "-") + " |" for e in entries)
+        model_name=(name or Path(directory).resolve().name) if results else None,
+        eval_results=results or None,
+        prompts=entries,
+    )
+    rows = "\n".join(
+        f"| `{e['file']}` | {e['task']} | {e['method']} | {e['virtual_tokens']} | {e['parameters']:,} | "
+        + (", ".join(f"{s} {k} {v:.4g}" for s, m in _eval_metrics(e["metrics"]).items() for k, v in m.items()) or "-")
+        + " |"
+        for e in entries
+    )
     load_name = _load_name(next(iter(files.values()))["base"]["model_id"])
-    use = ("from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"REPO_OR_DIR\")" if peft else
-           f"import softprompt as sp\nbase = sp.load_base({load_name!r})\n"
-           f"prompt = sp.from_pretrained(\"REPO_OR_DIR\", base{'' if len(entries) == 1 else ', filename=...'})")
-    return (f"---\n{data.to_yaml()}\n---\n{_MARK}\n\n# Prompts for {', '.join(bases)}\n\n"
-            f"Prompts trained with softprompt for a frozen base model: each file is small and is verified against the "
-            f"model's fingerprint when it loads.\n\n"
-            f"| file | task | method | virtual tokens | parameters | metrics |\n|---|---|---|---|---|---|\n{rows}\n\n"
-            f"```python\n{use}\n```\n")
+    use = (
+        'from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "REPO_OR_DIR")'
+        if peft
+        else f"import softprompt as sp\nbase = sp.load_base({load_name!r})\n"
+        f'prompt = sp.from_pretrained("REPO_OR_DIR", base{"" if len(entries) == 1 else ", filename=..."})'
+    )
+    return (
+        f"---\n{data.to_yaml()}\n---\n{_MARK}\n\n# Prompts for {', '.join(bases)}\n\n"
+        f"Prompts trained with softprompt for a frozen base model: each file is small and is verified against the "
+        f"model's fingerprint when it loads.\n\n"
+        f"| file | task | method | virtual tokens | parameters | metrics |\n|---|---|---|---|---|---|\n{rows}\n\n"
+        f"```python\n{use}\n```\n"
+    )
 
 
 def write_model_card(directory: str | Path, name: str | None = None) -> Path | None:
@@ -104,6 +141,7 @@ def write_model_card(directory: str | Path, name: str | None = None) -> Path | N
 
 # --- hub -------------------------------------------------------------------------------------------------------------
 
+
 def local_dir(path_or_repo: str | Path, patterns: list[str] | None = None, revision: str | None = None) -> Path:
     """A local file or directory as is; anything else is taken as a hub repo id and downloaded (to the hub cache)."""
     p = Path(path_or_repo)
@@ -115,16 +153,20 @@ def local_dir(path_or_repo: str | Path, patterns: list[str] | None = None, revis
     try:
         return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns or _PATTERNS))
     except HFValidationError as e:
-        raise PromptFileError(f"'{path_or_repo}' is neither a local path nor a hub repo id ({e}).",
-                              "pass an existing file or folder, or a repo id like 'user/sst2-prompt'.") from e
+        raise PromptFileError(
+            f"'{path_or_repo}' is neither a local path nor a hub repo id ({e}).",
+            "pass an existing file or folder, or a repo id like 'user/sst2-prompt'.",
+        ) from e
     except Exception as e:  # network, auth and not-found errors come in many types
-        raise PromptFileError(f"Could not download hub repo '{path_or_repo}': {type(e).__name__}: {e}",
-                              "check the repo id, your network and HF_TOKEN (or HF_HUB_OFFLINE=1 with a cached "
-                              "copy).") from e
+        raise PromptFileError(
+            f"Could not download hub repo '{path_or_repo}': {type(e).__name__}: {e}",
+            "check the repo id, your network and HF_TOKEN (or HF_HUB_OFFLINE=1 with a cached copy).",
+        ) from e
 
 
-def from_pretrained(path_or_repo: str | Path, base=None, filename: str | None = None,
-                    revision: str | None = None) -> Prompt:
+def from_pretrained(
+    path_or_repo: str | Path, base=None, filename: str | None = None, revision: str | None = None
+) -> Prompt:
     """Load a prompt from a prompt file, a directory of them, a PEFT adapter folder, or a hub repo.
 
     base: verify the prompt against this model (required for PEFT adapters, which carry no fingerprint).
@@ -142,18 +184,28 @@ def from_pretrained(path_or_repo: str | Path, base=None, filename: str | None = 
         return Prompt.load(p / filename, base)
     if (p / CONFIG).is_file():
         if base is None:
-            raise ConfigError(f"{path_or_repo} is a PEFT adapter; its prompt is only defined for a base model.",
-                              "pass base=load_base(...) (the model the adapter was trained for).")
+            raise ConfigError(
+                f"{path_or_repo} is a PEFT adapter; its prompt is only defined for a base model.",
+                "pass base=load_base(...) (the model the adapter was trained for).",
+            )
         return import_peft(p, base)
     if len(files) != 1:
-        raise PromptFileError(f"{path_or_repo} holds {len(files)} prompt files{f' {sorted(files)}' if files else ''}.",
-                              "pass filename=... to choose one." if files else "pass a folder with a prompt file.")
+        raise PromptFileError(
+            f"{path_or_repo} holds {len(files)} prompt files{f' {sorted(files)}' if files else ''}.",
+            "pass filename=... to choose one." if files else "pass a folder with a prompt file.",
+        )
     return Prompt.load(p / next(iter(files)), base)
 
 
-def push_to_hub(source: Prompt | str | Path, repo_id: str, filename: str | None = None, private: bool = False,
-                token: str | None = None, commit_message: str | None = None) -> str:
-    """Upload a prompt (a `Prompt`, a prompt file, or a directory of them) with its model card; returns the commit URL."""
+def push_to_hub(
+    source: Prompt | str | Path,
+    repo_id: str,
+    filename: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a prompt (a `Prompt`, a prompt file, or a folder of them) and its model card; returns the commit URL."""
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,8 +225,12 @@ def push_to_hub(source: Prompt | str | Path, repo_id: str, filename: str | None 
         write_model_card(folder, name)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=_PATTERNS,
-                                 commit_message=commit_message or "Upload prompts with softprompt")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            allow_patterns=_PATTERNS,
+            commit_message=commit_message or "Upload prompts with softprompt",
+        )
     return str(getattr(info, "commit_url", info))
 
 
@@ -185,5 +241,7 @@ def pull(repo_id: str, out: str | Path, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_dir=str(out), allow_patterns=_PATTERNS))
     except Exception as e:
-        raise PromptFileError(f"Could not download hub repo '{repo_id}': {type(e).__name__}: {e}",
-                              "check the repo id, your network and HF_TOKEN.") from e
+        raise PromptFileError(
+            f"Could not download hub repo '{repo_id}': {type(e).__name__}: {e}",
+            "check the repo id, your network and HF_TOKEN.",
+        ) from e

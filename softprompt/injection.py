@@ -53,12 +53,15 @@ class Injection:
         return {k: getattr(self, k) for k in ("embeds", "kv") if getattr(self, k) is not None}
 
     def detach(self) -> Injection:
-        return Injection(*(None if t is None else t.detach().clone() for t in (self.embeds, self.kv)),
-                         kv_positions=self.kv_positions)
+        return Injection(
+            *(None if t is None else t.detach().clone() for t in (self.embeds, self.kv)), kv_positions=self.kv_positions
+        )
 
     def to(self, device=None, dtype=None) -> Injection:
-        return Injection(*(None if t is None else t.to(device=device, dtype=dtype) for t in (self.embeds, self.kv)),
-                         kv_positions=self.kv_positions)
+        return Injection(
+            *(None if t is None else t.to(device=device, dtype=dtype) for t in (self.embeds, self.kv)),
+            kv_positions=self.kv_positions,
+        )
 
 
 EMPTY = Injection()

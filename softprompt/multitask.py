@@ -69,9 +69,14 @@ class Entry:
     def describe(self) -> dict:
         """What `/v1/models` shows of the task."""
         p = self.prompt
-        return {"id": self.name, "method": p.method, "kind": "classification" if self.spec.is_classification
-                else "generation", "virtual_tokens": p.method_config.get("num_virtual_tokens", 0),
-                "labels": self.spec.class_names or None, "template": self.spec.template}
+        return {
+            "id": self.name,
+            "method": p.method,
+            "kind": "classification" if self.spec.is_classification else "generation",
+            "virtual_tokens": p.method_config.get("num_virtual_tokens", 0),
+            "labels": self.spec.class_names or None,
+            "template": self.spec.template,
+        }
 
 
 @dataclass
@@ -98,8 +103,9 @@ def padded_groups(lengths: list[int], max_padding: float | None) -> list[list[in
 
 
 @torch.inference_mode()
-def class_scores(base, rows: list[tuple[Example, list[list[int]]]], max_padding: float | None = 0.25) \
-        -> list[torch.Tensor]:
+def class_scores(
+    base, rows: list[tuple[Example, list[list[int]]]], max_padding: float | None = 0.25
+) -> list[torch.Tensor]:
     """Log-likelihood of every class label word of every row; rows of any tasks, batched together.
 
     rows: (example with its prompt, label-word token ids per class). max_padding: see `padded_groups`;
@@ -214,8 +220,10 @@ class MultiTask:
         """Classify already encoded rows of any mix of classification tasks, batched together (`class_scores`)."""
         for entry, _ in rows:
             if not entry.spec.is_classification:
-                raise ConfigError(f"Task '{entry.name}' is a generation task; it has no classes.",
-                                  "use a classification task, or /v1/completions for generation.")
+                raise ConfigError(
+                    f"Task '{entry.name}' is a generation task; it has no classes.",
+                    "use a classification task, or /v1/completions for generation.",
+                )
         scores = class_scores(self.base, [(example, e.encoder.verbalizer_ids) for e, example in rows])
         out = []
         for (entry, _), s in zip(rows, scores):
@@ -228,20 +236,34 @@ class MultiTask:
         """(task, input) pairs -> their classes, the whole mixed batch at once."""
         return self.classify_rows([self.encode(t, v) for t, v in requests])
 
-    def decode_rows(self, rows: list[tuple[Entry, Example]], max_new_tokens: int | list[int],
-                    sampling: Sampling | list[Sampling] = GREEDY,
-                    generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def decode_rows(
+        self,
+        rows: list[tuple[Entry, Example]],
+        max_new_tokens: int | list[int],
+        sampling: Sampling | list[Sampling] = GREEDY,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`generate.decode` over encoded rows of any mix of tasks: yields (next tokens (B,), active (B,)) per step."""
         return decode(self.base, [example for _, example in rows], max_new_tokens, sampling, generator=generator)
 
-    def generate_ids(self, requests: list[tuple[str, str | dict]], max_new_tokens: int | None = None,
-                     sampling: Sampling | list[Sampling] = GREEDY) -> list[list[int]]:
+    def generate_ids(
+        self,
+        requests: list[tuple[str, str | dict]],
+        max_new_tokens: int | None = None,
+        sampling: Sampling | list[Sampling] = GREEDY,
+    ) -> list[list[int]]:
         """(task, input) pairs -> new token ids per row (one decode loop); length: each task's max_new_tokens."""
         limits = [max_new_tokens or self.get(t).spec.max_new_tokens for t, _ in requests]
         rows = [self.encode(t, v, n) for (t, v), n in zip(requests, limits)]
         return generate_ids(self.base, [example for _, example in rows], limits, sampling)
 
-    def generate(self, requests: list[tuple[str, str | dict]], max_new_tokens: int | None = None,
-                 sampling: Sampling | list[Sampling] = GREEDY) -> list[str]:
-        return [self.base.tokenizer.decode(ids, skip_special_tokens=True)
-                for ids in self.generate_ids(requests, max_new_tokens, sampling)]
+    def generate(
+        self,
+        requests: list[tuple[str, str | dict]],
+        max_new_tokens: int | None = None,
+        sampling: Sampling | list[Sampling] = GREEDY,
+    ) -> list[str]:
+        return [
+            self.base.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in self.generate_ids(requests, max_new_tokens, sampling)
+        ]

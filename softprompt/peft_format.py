@@ -74,14 +74,14 @@ def hub_model_id(model_id: str) -> str:
 
 
 def slot_pairs(family: str, peft_layers: int, model_layers: int) -> list[tuple[int, int]]:
-    """(key slot, value slot) of PEFT's prefix tensor that each of the model's layers reads (see the module docstring)."""
+    """(key slot, value slot) of PEFT's prefix tensor that each model layer reads (see the module docstring)."""
     if family == "seq2seq":
         return [((4 * i) % (2 * peft_layers), (4 * i + 1) % (2 * peft_layers)) for i in range(model_layers)]
     return [(2 * i, 2 * i + 1) for i in range(model_layers)]
 
 
 def export_layers(family: str, model_layers: int) -> int:
-    """The `num_layers` softprompt writes into a PEFT prefix config: L, or 2L for a seq2seq decoder (module docstring)."""
+    """The `num_layers` written into a PEFT prefix config: L, or 2L for a seq2seq decoder (module docstring)."""
     return 2 * model_layers if family == "seq2seq" else model_layers
 
 
@@ -95,44 +95,78 @@ def flatten_kv(kv: torch.Tensor, family: str = "causal") -> torch.Tensor:
     return slots.permute(2, 0, 1, 3).reshape(P, -1)
 
 
-def unflatten_kv(flat: torch.Tensor, peft_layers: int, model_layers: int, num_kv_heads: int, head_dim: int,
-                 family: str = "causal") -> torch.Tensor:
+def unflatten_kv(
+    flat: torch.Tensor, peft_layers: int, model_layers: int, num_kv_heads: int, head_dim: int, family: str = "causal"
+) -> torch.Tensor:
     """PEFT's (P, L' * 2 * H_kv * hd) -> (L, 2, H_kv, P, hd) for a model of L layers."""
     slots = flat.view(flat.shape[0], 2 * peft_layers, num_kv_heads, head_dim).permute(1, 2, 0, 3)  # (S, H_kv, P, hd)
-    return torch.stack([torch.stack([slots[k], slots[v]])
-                        for k, v in slot_pairs(family, peft_layers, model_layers)]).contiguous()
+    return torch.stack(
+        [torch.stack([slots[k], slots[v]]) for k, v in slot_pairs(family, peft_layers, model_layers)]
+    ).contiguous()
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
+
 
 def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
     """The adapter_config.json that PEFT needs to load `prompt` for inference."""
     inj = prompt.injection
     if inj.embeds is not None and inj.kv is not None:
-        raise PromptFileError(f"A '{prompt.method}' prompt holds both virtual-token embeddings and KV prefixes; a PEFT "
-                              "adapter holds one of them.", "export a prompt of one kind (soft, ptuning, prefix, deep).")
+        raise PromptFileError(
+            f"A '{prompt.method}' prompt holds both virtual-token embeddings and KV prefixes; a PEFT "
+            "adapter holds one of them.",
+            "export a prompt of one kind (soft, ptuning, prefix, deep).",
+        )
     if inj.embeds is None and inj.kv is None:
-        raise PromptFileError(f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
-                              "use its template as plain text.")
+        raise PromptFileError(
+            f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
+            "use its template as plain text.",
+        )
     family = Fingerprint.from_dict(prompt.base).family
-    common = {"task_type": TASK_TYPES[family], "inference_mode": True, "num_transformer_submodules": 1,
-              "base_model_name_or_path": base_model_name or hub_model_id(prompt.base.get("model_id", "")) or None,
-              "revision": None, "auto_mapping": None, "modules_to_save": None}
+    common = {
+        "task_type": TASK_TYPES[family],
+        "inference_mode": True,
+        "num_transformer_submodules": 1,
+        "base_model_name_or_path": base_model_name or hub_model_id(prompt.base.get("model_id", "")) or None,
+        "revision": None,
+        "auto_mapping": None,
+        "modules_to_save": None,
+    }
     if inj.kv is not None:
         L, _, H_kv, P, hd = inj.kv.shape
-        return {**common, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": export_layers(family, L),
-                "num_attention_heads": H_kv, "token_dim": H_kv * hd, "encoder_hidden_size": H_kv * hd,
-                "prefix_projection": False, "init_weights": None,
-                "num_transformer_submodules": 2 if family == "seq2seq" else 1}
+        return {
+            **common,
+            "peft_type": "PREFIX_TUNING",
+            "num_virtual_tokens": P,
+            "num_layers": export_layers(family, L),
+            "num_attention_heads": H_kv,
+            "token_dim": H_kv * hd,
+            "encoder_hidden_size": H_kv * hd,
+            "prefix_projection": False,
+            "init_weights": None,
+            "num_transformer_submodules": 2 if family == "seq2seq" else 1,
+        }
     P, D = inj.embeds.shape
     # num_layers / num_attention_heads: PEFT fills them in from the model config when null.
     common.update(num_virtual_tokens=P, token_dim=D, num_layers=None, num_attention_heads=None)
     if _EMBEDDING_TYPES.get(prompt.method) == "P_TUNING":
         cfg = prompt.method_config
-        return {**common, "peft_type": "P_TUNING", "encoder_reparameterization_type": cfg.get("encoder", "mlp").upper(),
-                "encoder_hidden_size": cfg.get("encoder_hidden") or D, "encoder_num_layers": 2, "encoder_dropout": 0.0}
-    return {**common, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+        return {
+            **common,
+            "peft_type": "P_TUNING",
+            "encoder_reparameterization_type": cfg.get("encoder", "mlp").upper(),
+            "encoder_hidden_size": cfg.get("encoder_hidden") or D,
+            "encoder_num_layers": 2,
+            "encoder_dropout": 0.0,
+        }
+    return {
+        **common,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    }
 
 
 def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None = None) -> list[str]:
@@ -149,30 +183,39 @@ def export_peft(prompt: Prompt, out_dir: str | Path, base_model_name: str | None
     out.mkdir(parents=True, exist_ok=True)
     # the header keeps softprompt's metadata, marked so that `Prompt.load` refuses the file (it holds no `embeds`/`kv`)
     meta = {**prompt.meta(), "format": "softprompt-peft-export"}
-    data = st_save({"prompt_embeddings": tensor.detach().float().cpu().contiguous()},
-                   metadata={"format": "pt", "softprompt": json.dumps(meta, sort_keys=True)})
+    data = st_save(
+        {"prompt_embeddings": tensor.detach().float().cpu().contiguous()},
+        metadata={"format": "pt", "softprompt": json.dumps(meta, sort_keys=True)},
+    )
     atomic_write_bytes(out / WEIGHTS, data)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     notes = []
     if inj.kv is not None and inj.kv_positions != inj.num_kv:
-        notes.append(f"PEFT starts the text at position {inj.num_kv} (after the prefix); this prompt was trained with "
-                     f"the text at position {inj.kv_positions}. For identical outputs in PEFT pass position_ids "
-                     f"counted from the first real token minus {inj.num_kv - inj.kv_positions}.")
+        notes.append(
+            f"PEFT starts the text at position {inj.num_kv} (after the prefix); this prompt was trained with "
+            f"the text at position {inj.kv_positions}. For identical outputs in PEFT pass position_ids "
+            f"counted from the first real token minus {inj.num_kv - inj.kv_positions}."
+        )
     return notes
 
 
 # --- import ----------------------------------------------------------------------------------------------------------
 
+
 def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
     """(adapter config, `prompt_embeddings`, softprompt metadata or None) of a PEFT adapter directory."""
     path = Path(path)
     if not (path / CONFIG).is_file():
-        raise PromptFileError(f"{path} has no {CONFIG}; it is not a PEFT adapter directory.",
-                              "pass the folder that PeftModel.save_pretrained wrote.")
+        raise PromptFileError(
+            f"{path} has no {CONFIG}; it is not a PEFT adapter directory.",
+            "pass the folder that PeftModel.save_pretrained wrote.",
+        )
     if not (path / WEIGHTS).is_file():
         found = [p.name for p in path.glob("adapter_model.*")]
-        raise PromptFileError(f"{path} has no {WEIGHTS}{f' (only {found}: pickles are never loaded)' if found else ''}.",
-                              "re-save the adapter with PEFT's default safe_serialization=True.")
+        raise PromptFileError(
+            f"{path} has no {WEIGHTS}{f' (only {found}: pickles are never loaded)' if found else ''}.",
+            "re-save the adapter with PEFT's default safe_serialization=True.",
+        )
     try:
         config = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -184,8 +227,10 @@ def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path / WEIGHTS} is truncated or corrupted ({e}).", "re-save the adapter.") from e
     if "prompt_embeddings" not in tensors:
-        raise PromptFileError(f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",
-                              "pass a prompt-learning adapter (prompt tuning, P-tuning or prefix tuning).")
+        raise PromptFileError(
+            f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",
+            "pass a prompt-learning adapter (prompt tuning, P-tuning or prefix tuning).",
+        )
     return config, tensors["prompt_embeddings"].float(), json.loads(meta) if meta else None
 
 
@@ -198,13 +243,68 @@ def _method_of(config: dict) -> tuple[str, dict]:
         return "soft", METHODS["soft"].config_class(P, init=init, init_text=text).to_dict()
     if kind == "P_TUNING":
         encoder = str(config.get("encoder_reparameterization_type", "MLP")).lower()
-        return "ptuning", METHODS["ptuning"].config_class(P, init="random", encoder=encoder,
-                                                          encoder_hidden=config.get("encoder_hidden_size")).to_dict()
+        return "ptuning", METHODS["ptuning"].config_class(
+            P, init="random", encoder=encoder, encoder_hidden=config.get("encoder_hidden_size")
+        ).to_dict()
     init = "zero" if config.get("init_weights") == "zero" else "random"
     if config.get("prefix_projection"):
-        return "prefix", METHODS["prefix"].config_class(P, init=init,
-                                                        prefix_hidden=config.get("encoder_hidden_size") or 512).to_dict()
+        return "prefix", METHODS["prefix"].config_class(
+            P, init=init, prefix_hidden=config.get("encoder_hidden_size") or 512
+        ).to_dict()
     return "deep", METHODS["deep"].config_class(P, init=init).to_dict()
+
+
+def _checked_shape(path: Path, config: dict, tensor: torch.Tensor, base) -> tuple[str, int, int]:
+    """(PEFT type, transformer submodules, virtual tokens) of an adapter that fits `base`'s family and its config."""
+    kind = config.get("peft_type")
+    if kind not in PEFT_TYPES:
+        raise PromptFileError(
+            f"{path} is a PEFT {kind} adapter, not a prompt-learning one.",
+            f"softprompt imports {list(PEFT_TYPES)} adapters.",
+        )
+    family = base.family.name
+    task_type = config.get("task_type")
+    if task_type not in (None, TASK_TYPES[family]):
+        raise PromptFileError(
+            f"{path} is a PEFT adapter for task type {task_type}, but '{base.name}' is a {family} "
+            f"model (PEFT task type {TASK_TYPES[family]}).",
+            "import it against a model of the family it was trained for (--model).",
+        )
+    # PEFT's own default: two submodules (encoder and decoder) for seq2seq models, one otherwise
+    nts = config.get("num_transformer_submodules") or (2 if task_type == "SEQ_2_SEQ_LM" else 1)
+    P = config.get("num_virtual_tokens")
+    rows = P if kind == "PREFIX_TUNING" else P * nts if isinstance(P, int) else None
+    if tensor.dim() != 2 or tensor.shape[0] != rows:
+        raise PromptFileError(
+            f"{path}: prompt_embeddings has shape {tuple(tensor.shape)}, but the config says {P} virtual tokens.",
+            "re-save the adapter with PEFT.",
+        )
+    return kind, nts, P
+
+
+def _prefix_injection(path: Path, tensor: torch.Tensor, base, nts: int, positions: int) -> Injection:
+    """A PEFT prefix (P, layers x 2 x H_kv x hd) as softprompt's KV injection for `base`."""
+    family, layout = base.family.name, base.kv_layout
+    if family == "seq2seq" and nts != 2:
+        raise PromptFileError(
+            f"{path}: a seq2seq prefix with num_transformer_submodules {nts} (PEFT then shares one "
+            "cache between self- and cross-attention), which softprompt cannot reproduce.",
+            "re-train it with PEFT's default num_transformer_submodules=2.",
+        )
+    per_layer = 2 * layout.num_kv_heads * layout.head_dim
+    peft_layers = tensor.shape[1] // per_layer
+    if (
+        tensor.shape[1] % per_layer
+        or peft_layers < (layout.num_layers if family != "seq2seq" else 1)
+        or (family != "seq2seq" and peft_layers != layout.num_layers)
+    ):
+        raise PromptFileError(
+            f"{path}: a prefix of width {tensor.shape[1]} per token does not fit '{base.name}' "
+            f"({layout.num_layers} layers x 2 x {layout.num_kv_heads} KV heads x {layout.head_dim}).",
+            "import it against the model it was trained for (--model).",
+        )
+    kv = unflatten_kv(tensor, peft_layers, layout.num_layers, layout.num_kv_heads, layout.head_dim, family)
+    return Injection(kv=kv, kv_positions=positions)
 
 
 def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
@@ -218,51 +318,37 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
     config, tensor, meta = read_peft(path)
     if meta:  # exported by softprompt: it names the model it was trained for
         Fingerprint.from_dict(meta["base"]).check(base.fingerprint, f"The adapter in {path}")
-    kind = config.get("peft_type")
-    if kind not in PEFT_TYPES:
-        raise PromptFileError(f"{path} is a PEFT {kind} adapter, not a prompt-learning one.",
-                              f"softprompt imports {list(PEFT_TYPES)} adapters.")
-    family = base.family.name
-    task_type = config.get("task_type")
-    if task_type not in (None, TASK_TYPES[family]):
-        raise PromptFileError(f"{path} is a PEFT adapter for task type {task_type}, but '{base.name}' is a {family} "
-                              f"model (PEFT task type {TASK_TYPES[family]}).",
-                              "import it against a model of the family it was trained for (--model).")
-    # PEFT's own default: two submodules (encoder and decoder) for seq2seq models, one otherwise
-    nts = config.get("num_transformer_submodules") or (2 if task_type == "SEQ_2_SEQ_LM" else 1)
-    P = config.get("num_virtual_tokens")
-    rows = P if kind == "PREFIX_TUNING" else P * nts if isinstance(P, int) else None
-    if tensor.dim() != 2 or tensor.shape[0] != rows:
-        raise PromptFileError(f"{path}: prompt_embeddings has shape {tuple(tensor.shape)}, but the config says "
-                              f"{P} virtual tokens.", "re-save the adapter with PEFT.")
+    kind, nts, P = _checked_shape(path, config, tensor, base)
     if kind == "PREFIX_TUNING":
-        if family == "seq2seq" and nts != 2:
-            raise PromptFileError(f"{path}: a seq2seq prefix with num_transformer_submodules {nts} (PEFT then shares one "
-                                  "cache between self- and cross-attention), which softprompt cannot reproduce.",
-                                  "re-train it with PEFT's default num_transformer_submodules=2.")
-        layout = base.kv_layout
-        per_layer = 2 * layout.num_kv_heads * layout.head_dim
-        peft_layers = tensor.shape[1] // per_layer
-        if tensor.shape[1] % per_layer or peft_layers < (layout.num_layers if family != "seq2seq" else 1) or \
-                (family != "seq2seq" and peft_layers != layout.num_layers):
-            raise PromptFileError(
-                f"{path}: a prefix of width {tensor.shape[1]} per token does not fit '{base.name}' ({layout.num_layers} "
-                f"layers x 2 x {layout.num_kv_heads} KV heads x {layout.head_dim}).",
-                "import it against the model it was trained for (--model).")
-        positions = meta["kv_positions"] if meta else P  # PEFT's own convention: the text starts after the prefix
-        kv = unflatten_kv(tensor, peft_layers, layout.num_layers, layout.num_kv_heads, layout.head_dim, family)
-        injection = Injection(kv=kv, kv_positions=positions)
+        # PEFT's own convention: the text starts after the prefix
+        injection = _prefix_injection(path, tensor, base, nts, meta["kv_positions"] if meta else P)
     else:
         if tensor.shape[1] != base.hidden_size:
-            raise PromptFileError(f"{path}: virtual tokens of width {tensor.shape[1]} do not fit '{base.name}' "
-                                  f"(hidden size {base.hidden_size}).", "import it against the model it was trained for.")
+            raise PromptFileError(
+                f"{path}: virtual tokens of width {tensor.shape[1]} do not fit '{base.name}' "
+                f"(hidden size {base.hidden_size}).",
+                "import it against the model it was trained for.",
+            )
         injection = Injection(embeds=tensor[:P])  # PEFT puts the first P in front of the input (the rest: unused)
     method, method_config = (meta["method"], meta["method_config"]) if meta else _method_of(config)
     # the spec given, else the one saved with the adapter, else a plain text-to-target task named after the folder
-    task = spec or (meta["task"] if meta else TaskSpec(name=path.resolve().name, template="{text}",
-                                                       target_column="target"))
-    return Prompt.for_base(base, injection, method, method_config, task,
-                           trainable_parameters=meta["parameters"]["training"] if meta else tensor.numel(),
-                           metrics=meta.get("metrics", {}) if meta else {},
-                           train={"imported_from": {"format": "peft", "peft_type": kind, "path": str(path),
-                                                    "base_model_name_or_path": config.get("base_model_name_or_path")}})
+    task = spec or (
+        meta["task"] if meta else TaskSpec(name=path.resolve().name, template="{text}", target_column="target")
+    )
+    return Prompt.for_base(
+        base,
+        injection,
+        method,
+        method_config,
+        task,
+        trainable_parameters=meta["parameters"]["training"] if meta else tensor.numel(),
+        metrics=meta.get("metrics", {}) if meta else {},
+        train={
+            "imported_from": {
+                "format": "peft",
+                "peft_type": kind,
+                "path": str(path),
+                "base_model_name_or_path": config.get("base_model_name_or_path"),
+            }
+        },
+    )

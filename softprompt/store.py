@@ -42,12 +42,20 @@ class Prompt:
     created: str = ""
 
     @classmethod
-    def for_base(cls, base, injection: Injection, method: str, method_config: dict, task: TaskSpec | dict,
-                 **fields) -> "Prompt":
+    def for_base(
+        cls, base, injection: Injection, method: str, method_config: dict, task: TaskSpec | dict, **fields
+    ) -> Prompt:
         """A prompt made for `base`: the model's fingerprint, parameter count and size come from `base`."""
-        return cls(injection=injection, method=method, method_config=method_config,
-                   task=task.portable() if isinstance(task, TaskSpec) else task, base=base.fingerprint.to_dict(),
-                   base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **fields)
+        return cls(
+            injection=injection,
+            method=method,
+            method_config=method_config,
+            task=task.portable() if isinstance(task, TaskSpec) else task,
+            base=base.fingerprint.to_dict(),
+            base_parameters=base.num_parameters(),
+            base_bytes=base.num_bytes(),
+            **fields,
+        )
 
     @property
     def spec(self) -> TaskSpec:
@@ -63,13 +71,25 @@ class Prompt:
         return sum(t.numel() * t.element_size() for t in self.injection.tensors().values())
 
     def meta(self) -> dict:
-        return {"format": "softprompt", "format_version": FORMAT_VERSION, "method": self.method,
-                "method_config": self.method_config, "kv_positions": self.injection.kv_positions, "task": self.task,
-                "base": self.base, "parameters": {"saved": self.num_parameters, "training": self.trainable_parameters,
-                                                  "base_model": self.base_parameters},
-                "bytes": {"tensors": self.tensor_bytes, "base_model": self.base_bytes}, "metrics": self.metrics,
-                "train": self.train, "library_version": self.library_version,
-                "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "format": "softprompt",
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "method_config": self.method_config,
+            "kv_positions": self.injection.kv_positions,
+            "task": self.task,
+            "base": self.base,
+            "parameters": {
+                "saved": self.num_parameters,
+                "training": self.trainable_parameters,
+                "base_model": self.base_parameters,
+            },
+            "bytes": {"tensors": self.tensor_bytes, "base_model": self.base_bytes},
+            "metrics": self.metrics,
+            "train": self.train,
+            "library_version": self.library_version,
+            "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the tensors and metadata atomically (temporary file, then rename). Model cards are `hub`'s."""
@@ -80,24 +100,34 @@ class Prompt:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, base=None) -> "Prompt":
+    def load(cls, path: str | Path, base=None) -> Prompt:
         """Load a prompt file; with `base`, refuse it unless it was made for that model."""
         tensors, meta = read_safetensors(path)
         if meta.get("format") != "softprompt":
             raise PromptFileError(f"{path} is not a softprompt prompt file.", "pass a file written by softprompt.")
         version = meta.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise PromptFileError(f"{path} has prompt-file format version {version}, newer than this softprompt "
-                                  f"({__version__}) reads (up to {FORMAT_VERSION}).", "upgrade softprompt.")
+            raise PromptFileError(
+                f"{path} has prompt-file format version {version}, newer than this softprompt "
+                f"({__version__}) reads (up to {FORMAT_VERSION}).",
+                "upgrade softprompt.",
+            )
         try:
             injection = Injection(tensors.get("embeds"), tensors.get("kv"), int(meta.get("kv_positions", 0)))
-            prompt = cls(injection=injection, method=meta["method"], method_config=meta["method_config"],
-                         task=meta["task"], base=meta["base"],
-                         trainable_parameters=meta["parameters"]["training"],
-                         base_parameters=meta["parameters"].get("base_model", 0),
-                         base_bytes=meta["bytes"].get("base_model", 0), metrics=meta.get("metrics", {}),
-                         train=meta.get("train", {}), library_version=meta.get("library_version", "?"),
-                         created=meta.get("created", ""))
+            prompt = cls(
+                injection=injection,
+                method=meta["method"],
+                method_config=meta["method_config"],
+                task=meta["task"],
+                base=meta["base"],
+                trainable_parameters=meta["parameters"]["training"],
+                base_parameters=meta["parameters"].get("base_model", 0),
+                base_bytes=meta["bytes"].get("base_model", 0),
+                metrics=meta.get("metrics", {}),
+                train=meta.get("train", {}),
+                library_version=meta.get("library_version", "?"),
+                created=meta.get("created", ""),
+            )
         except (KeyError, TypeError) as e:
             raise PromptFileError(f"{path} has incomplete metadata (missing {e}).", "re-create the file.") from e
         if base is not None:
@@ -141,15 +171,20 @@ class Store:
     def path(self, name: str) -> Path:
         """The file of task `name`; names cannot reach outside the store (no '/', '..', absolute paths)."""
         if not isinstance(name, str) or not _TASK_NAME.match(name) or ".." in name:
-            raise ConfigError(f"Invalid task name {name!r}.",
-                              "use letters, digits, '.', '_' and '-' only (no paths), starting with a letter or digit.")
+            raise ConfigError(
+                f"Invalid task name {name!r}.",
+                "use letters, digits, '.', '_' and '-' only (no paths), starting with a letter or digit.",
+            )
         return self.root / f"{name}{SUFFIX}"
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
-                      if not p.name.startswith(".") and _TASK_NAME.match(p.name[: -len(SUFFIX)]))
+        return sorted(
+            p.name[: -len(SUFFIX)]
+            for p in self.root.glob(f"*{SUFFIX}")
+            if not p.name.startswith(".") and _TASK_NAME.match(p.name[: -len(SUFFIX)])
+        )
 
     def load(self, name: str, base=None) -> Prompt:
         p = self.path(name)
@@ -170,4 +205,3 @@ class Store:
 
 def load_prompt(path: str | Path, base=None) -> Prompt:
     return Prompt.load(path, base)
-

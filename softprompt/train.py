@@ -48,29 +48,34 @@ class TrainConfig:
     steps: int = _opt("optimizer steps", default=150)
     batch_size: int = _opt("examples per micro-batch (per process)", default=8)
     grad_accum: int = _opt("micro-batches per optimizer step (gradient accumulation)", default=1)
-    lr: float | None = _opt("peak learning rate (default: the method's own, e.g. 3e-2 for soft prompts)",
-                            default=None)
+    lr: float | None = _opt("peak learning rate (default: the method's own, e.g. 3e-2 for soft prompts)", default=None)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     optimizer: str = _opt(f"one of {OPTIMIZERS}", default="adamw")
     scheduler: str = _opt(f"learning-rate decay after warmup: one of {SCHEDULERS}", default="linear")
     warmup_steps: int = _opt("linear warmup steps", default=10)
     max_grad_norm: float = _opt("gradient clipping norm (0 = off)", default=1.0)
-    eval_every: int = _opt("evaluate on the eval split every N steps, keeping the best prompt (0 = only at the end)",
-                           default=50)
-    eval_limit: int | None = _opt("rows (or distinct inputs, for generation) of the eval split used during training",
-                                  default=200)
+    eval_every: int = _opt(
+        "evaluate on the eval split every N steps, keeping the best prompt (0 = only at the end)", default=50
+    )
+    eval_limit: int | None = _opt(
+        "rows (or distinct inputs, for generation) of the eval split used during training", default=200
+    )
     eval_split: str = _opt("split used to pick the best prompt and report metrics", default="dev")
     eval_batch_size: int = _opt("batch size for evaluation", default=32)
-    final_eval: bool = _opt("after training, score the zero-shot template and the best prompt on the full eval split",
-                            default=True)
+    final_eval: bool = _opt(
+        "after training, score the zero-shot template and the best prompt on the full eval split", default=True
+    )
     final_eval_limit: int | None = _opt("cap for the final evaluation (default: the whole split)", default=None)
     zero_shot: bool = _opt("include the zero-shot template in the final evaluation", default=True)
     checkpoint_every: int = _opt("write a resumable checkpoint every N steps", default=25)
     seed: int = _opt("seed for initialization and data order", default=0)
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
-    max_length: int | None = _opt("cap on positions per example (virtual tokens + text); default the model's context",
-                                  default=None)
-    truncate: str = _opt("what to do with inputs over the limit: error, left (drop the start) or right", default="error")
+    max_length: int | None = _opt(
+        "cap on positions per example (virtual tokens + text); default the model's context", default=None
+    )
+    truncate: str = _opt(
+        "what to do with inputs over the limit: error, left (drop the start) or right", default="error"
+    )
     log_every: int = _opt("append a loss record to metrics.jsonl every N steps", default=5)
     progress: bool = _opt("show a progress bar", default=True)
 
@@ -83,8 +88,20 @@ class TrainConfig:
         check_choice(self, "truncate", TRUNCATIONS, "truncation policy")
 
     # Options that change what is trained; a checkpoint only resumes a run that agrees on all of them.
-    IDENTITY = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "optimizer", "scheduler", "warmup_steps",
-                "max_grad_norm", "seed", "max_length", "truncate")
+    IDENTITY = (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "scheduler",
+        "warmup_steps",
+        "max_grad_norm",
+        "seed",
+        "max_length",
+        "truncate",
+    )
 
 
 @dataclass
@@ -99,6 +116,7 @@ class TrainResult:
 
 
 # --- checkpoint (de)serialization without pickle -------------------------------------------------------------------
+
 
 def _pack(obj, tensors: dict, path: str):
     """Replace tensors in a nested structure by references, so the rest can go to JSON."""
@@ -139,11 +157,12 @@ def _data_parallel(acc):
             f"softprompt trains only the prompt, which {acc.distributed_type.value} would shard, while the frozen base "
             "model stays whole on every process; this training loop runs data-parallel (DDP) only.",
             "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
-            "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').")
+            "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').",
+        )
     return acc
 
 
-def _optimizer(c: "TrainConfig", params: list):
+def _optimizer(c: TrainConfig, params: list):
     """AdamW or Adafactor over `params`, and the learning-rate schedule of `c`."""
     from transformers import get_scheduler
 
@@ -152,8 +171,9 @@ def _optimizer(c: "TrainConfig", params: list):
     else:
         from transformers.optimization import Adafactor
 
-        optimizer = Adafactor(params, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                              weight_decay=c.weight_decay)
+        optimizer = Adafactor(
+            params, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=c.weight_decay
+        )
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[c.scheduler]
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.steps)
 
@@ -180,9 +200,19 @@ class Trainer:
     eval_seed: the seed of the fixed evaluation subset (default: the training seed; the benchmark fixes it).
     """
 
-    def __init__(self, base, task: Task, method: str = "soft", method_config: MethodConfig | dict | None = None,
-                 config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
-                 accelerator=None, trainable: PromptMethod | None = None, eval_seed: int | None = None):
+    def __init__(
+        self,
+        base,
+        task: Task,
+        method: str = "soft",
+        method_config: MethodConfig | dict | None = None,
+        config: TrainConfig | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = True,
+        accelerator=None,
+        trainable: PromptMethod | None = None,
+        eval_seed: int | None = None,
+    ):
         self.base, self.task, self.config = base, task, config or TrainConfig()
         if accelerator is None:
             from accelerate import Accelerator
@@ -202,17 +232,23 @@ class Trainer:
         self.optimizer, self.scheduler = _optimizer(c, [p for p in trainable.parameters() if p.requires_grad])
         self.limit = c.max_length or base.max_positions
         if c.max_length and base.max_positions and c.max_length > base.max_positions:
-            raise ConfigError(f"max_length {c.max_length} exceeds the model's context of {base.max_positions} positions.",
-                              f"pass --max-length {base.max_positions} or less.")
+            raise ConfigError(
+                f"max_length {c.max_length} exceeds the model's context of {base.max_positions} positions.",
+                f"pass --max-length {base.max_positions} or less.",
+            )
         self.step, self.history = 0, []
         self.best: Injection | None = None
         self.best_metric = -math.inf
         self.metric_name = primary_metric(task.spec)
         self.has_eval = task.has_split(c.eval_split)
         self.eval_seed = c.seed if eval_seed is None else eval_seed
-        self.identity = {"task": task.name, "method": self.method_name, "method_config": trainable.config.to_dict(),
-                         "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
-                         "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY}}
+        self.identity = {
+            "task": task.name,
+            "method": self.method_name,
+            "method_config": trainable.config.to_dict(),
+            "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
+            "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY},
+        }
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
         self._check_same_step()
@@ -225,17 +261,21 @@ class Trainer:
         if self.acc.num_processes > 1:
             steps = self.acc.gather(torch.tensor([self.step], device=self.acc.device))
             if len(set(steps.tolist())) > 1:
-                raise ConfigError(f"The processes resume from different steps {steps.tolist()}: only some of them see "
-                                  f"the checkpoint in {self.run_dir}.",
-                                  "put --run-dir on storage that every machine shares, or start over with --no-resume.")
+                raise ConfigError(
+                    f"The processes resume from different steps {steps.tolist()}: only some of them see "
+                    f"the checkpoint in {self.run_dir}.",
+                    "put --run-dir on storage that every machine shares, or start over with --no-resume.",
+                )
 
     # --- data ---------------------------------------------------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> list[Example]:
         """The micro-batch `micro` of optimizer step `step` for this process (fitted to the prompt's shape)."""
         c, world, rank = self.config, self.acc.num_processes, self.acc.process_index
         k = (step * c.grad_accum + micro) * world + rank  # index in the global stream of micro-batches
-        return [self.enc.training_example(*self.examples.get(k * c.batch_size + i), self._shape)
-                for i in range(c.batch_size)]
+        return [
+            self.enc.training_example(*self.examples.get(k * c.batch_size + i), self._shape)
+            for i in range(c.batch_size)
+        ]
 
     # --- steps --------------------------------------------------------------------------------------------------
     def loss(self, batch: list[Example]) -> torch.Tensor:
@@ -244,8 +284,16 @@ class Trainer:
 
     def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
         c = self.config
-        return evaluate(self.base, self.task, injection, split=c.eval_split, limit=limit, batch_size=c.eval_batch_size,
-                        truncate=c.truncate, seed=self.eval_seed)
+        return evaluate(
+            self.base,
+            self.task,
+            injection,
+            split=c.eval_split,
+            limit=limit,
+            batch_size=c.eval_batch_size,
+            truncate=c.truncate,
+            seed=self.eval_seed,
+        )
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -270,9 +318,11 @@ class Trainer:
         self.method.train()
         self._shape = self.method.collapse()  # what the examples are fitted around
         if self.limit is not None and self._shape.num_positions >= self.limit:
-            raise ConfigError(f"The prompt takes {self._shape.num_positions} positions, which leaves no room for text "
-                              f"in the context of {self.limit} positions (the model's, or --max-length).",
-                              "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).")
+            raise ConfigError(
+                f"The prompt takes {self._shape.num_positions} positions, which leaves no room for text "
+                f"in the context of {self.limit} positions (the model's, or --max-length).",
+                "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).",
+            )
         if self.run_dir and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
@@ -294,9 +344,11 @@ class Trainer:
             # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
             total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
         if not math.isfinite(total):
-            raise TrainingError(f"The loss became {total} at step {self.step + 1}; the last good checkpoint is kept"
-                                f"{' in ' + str(self.run_dir) if self.run_dir else ''}.",
-                                "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).")
+            raise TrainingError(
+                f"The loss became {total} at step {self.step + 1}; the last good checkpoint is kept"
+                f"{' in ' + str(self.run_dir) if self.run_dir else ''}.",
+                "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).",
+            )
         if c.max_grad_norm:
             acc.clip_grad_norm_(self.method.parameters(), c.max_grad_norm)
         self.optimizer.step()
@@ -310,8 +362,14 @@ class Trainer:
         c = self.config
         if c.log_every and (self.step % c.log_every == 0 or self.step == c.steps):
             # the mean since the last record: single-batch losses are too noisy to read a curve from
-            self._log({"step": self.step, "loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
-                       "elapsed": elapsed})
+            self._log(
+                {
+                    "step": self.step,
+                    "loss": sum(window) / len(window),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "elapsed": elapsed,
+                }
+            )
             window = []
         if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
             self._eval_and_keep_best()
@@ -328,8 +386,13 @@ class Trainer:
 
         c = self.config
         self._start()
-        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {self.task.name}/{self.method_name}",
-                   disable=not (c.progress and self.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=c.steps,
+            initial=self.step,
+            desc=f"train {self.task.name}/{self.method_name}",
+            disable=not (c.progress and self.is_main),
+            dynamic_ncols=True,
+        )
         t0, start_step, ema, window = time.perf_counter(), self.step, None, []
         try:
             while self.step < c.steps:
@@ -343,9 +406,15 @@ class Trainer:
             self.method.eval()
         train_seconds = time.perf_counter() - t0
         steps_done = self.step - start_step
-        return TrainResult(self._finish(), self.method, self.history, self.run_dir,
-                           train_seconds / steps_done if steps_done else float("nan"),
-                           peak_memory_bytes(self.base.device), train_seconds)
+        return TrainResult(
+            self._finish(),
+            self.method,
+            self.history,
+            self.run_dir,
+            train_seconds / steps_done if steps_done else float("nan"),
+            peak_memory_bytes(self.base.device),
+            train_seconds,
+        )
 
     def _finish(self) -> Prompt:
         """The best prompt with its final evaluations; the curves written."""
@@ -365,11 +434,16 @@ class Trainer:
 
     def _prompt(self) -> Prompt:
         c = self.config
-        return Prompt.for_base(self.base, self.best, self.method_name, self.method.config.to_dict(), self.task.spec,
-                               trainable_parameters=self.method.num_trainable(),
-                               metrics={"best_during_training": {self.metric_name: self.best_metric}}
-                               if self.has_eval else {},
-                               train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step})
+        return Prompt.for_base(
+            self.base,
+            self.best,
+            self.method_name,
+            self.method.config.to_dict(),
+            self.task.spec,
+            trainable_parameters=self.method.num_trainable(),
+            metrics={"best_during_training": {self.metric_name: self.best_metric}} if self.has_eval else {},
+            train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step},
+        )
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -379,10 +453,17 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"identity": self.identity, "step": self.step, "history": self.history, "best_metric": self.best_metric,
-                 "best": None if self.best is None else {**self.best.tensors(), "kv_positions": self.best.kv_positions},
-                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": rng}
+        state = {
+            "identity": self.identity,
+            "step": self.step,
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "best": None if self.best is None else {**self.best.tensors(), "kv_positions": self.best.kv_positions},
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
         tensors: dict[str, torch.Tensor] = {}
         meta = _pack(state, tensors, "s")
         # Written to a temporary file and renamed: a kill mid-write leaves the previous checkpoint intact.
@@ -394,12 +475,18 @@ class Trainer:
             tensors, meta = read_safetensors(self.run_dir / CHECKPOINT, what="checkpoint")
             state = _unpack(meta, tensors)
         except (PromptFileError, KeyError, TypeError, ValueError) as e:
-            problem = e.problem if isinstance(e, PromptFileError) else f"{self.run_dir / CHECKPOINT} is not a " \
-                f"softprompt checkpoint ({type(e).__name__}: {e})."
+            problem = (
+                e.problem
+                if isinstance(e, PromptFileError)
+                else f"{self.run_dir / CHECKPOINT} is not a softprompt checkpoint ({type(e).__name__}: {e})."
+            )
             raise PromptFileError(problem, "pass --no-resume to start over (or another --run-dir).") from e
         if state["identity"] != json.loads(json.dumps(self.identity)):
-            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different run (task, method, model or training "
-                              "options differ).", "use another --run-dir, or --no-resume to start over there.")
+            raise ConfigError(
+                f"{self.run_dir} holds a checkpoint of a different run (task, method, model or training "
+                "options differ).",
+                "use another --run-dir, or --no-resume to start over there.",
+            )
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -408,12 +495,20 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.history, self.best_metric = state["step"], state["history"], state["best_metric"]
         b = state["best"]
-        self.best = None if b is None else Injection(b.get("embeds"), b.get("kv"), b["kv_positions"]).to(self.base.device)
+        self.best = (
+            None if b is None else Injection(b.get("embeds"), b.get("kv"), b["kv_positions"]).to(self.base.device)
+        )
 
 
-def train(base, task: Task, method: str = "soft", method_config: MethodConfig | dict | None = None,
-          config: TrainConfig | None = None, run_dir: str | Path | None = None, resume: bool = True,
-          accelerator=None) -> TrainResult:
+def train(
+    base,
+    task: Task,
+    method: str = "soft",
+    method_config: MethodConfig | dict | None = None,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = True,
+    accelerator=None,
+) -> TrainResult:
     """Train a prompt of `method` on `task` with the frozen `base`; returns the best prompt and the run's record."""
     return Trainer(base, task, method, method_config, config, run_dir, resume, accelerator).run()
-

@@ -9,18 +9,87 @@ seq2seq models and the masked LMs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA, build_tiny, make_prompt, spec_like
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-_WORDS = ("the a film movie was is great good bad awful boring fun plot acting story actor loved hated "
-          "review sentiment positive negative question answer who what where when how many why "
-          "location number human entity description abbreviation restaurant food price area near "
-          "family friendly name eat type coffee shop pub italian french chinese cheap expensive high low "
-          "customer rating yes no maybe premise hypothesis entailment true false and or not of in on to").split()
+_WORDS = [
+    "the",
+    "a",
+    "film",
+    "movie",
+    "was",
+    "is",
+    "great",
+    "good",
+    "bad",
+    "awful",
+    "boring",
+    "fun",
+    "plot",
+    "acting",
+    "story",
+    "actor",
+    "loved",
+    "hated",
+    "review",
+    "sentiment",
+    "positive",
+    "negative",
+    "question",
+    "answer",
+    "who",
+    "what",
+    "where",
+    "when",
+    "how",
+    "many",
+    "why",
+    "location",
+    "number",
+    "human",
+    "entity",
+    "description",
+    "abbreviation",
+    "restaurant",
+    "food",
+    "price",
+    "area",
+    "near",
+    "family",
+    "friendly",
+    "name",
+    "eat",
+    "type",
+    "coffee",
+    "shop",
+    "pub",
+    "italian",
+    "french",
+    "chinese",
+    "cheap",
+    "expensive",
+    "high",
+    "low",
+    "customer",
+    "rating",
+    "yes",
+    "no",
+    "maybe",
+    "premise",
+    "hypothesis",
+    "entailment",
+    "true",
+    "false",
+    "and",
+    "or",
+    "not",
+    "of",
+    "in",
+    "on",
+    "to",
+]
 
 
 @pytest.fixture(scope="session")
@@ -33,25 +102,22 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", "<pad>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["</s>", "<pad>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     # a mask token for masked LMs; "<mask>" absorbs the space before it, as RoBERTa's does
     from tokenizers import AddedToken
 
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                   mask_token=AddedToken("<mask>", lstrip=True, special=True))
-
-
-def build_tiny(arch: str, tokenizer, seed: int = 0):
-    """A frozen `Base` around a tiny random model of `arch` (any name in `zoo.ALL`)."""
-    import copy
-
-    import softprompt.base
-    import zoo
-
-    model = zoo.build_model(arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed)
-    return softprompt.base.freeze(model, copy.deepcopy(tokenizer), f"tiny-{arch}-seed{seed}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        mask_token=AddedToken("<mask>", lstrip=True, special=True),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +128,24 @@ def model_dir(tmp_path_factory, tokenizer):
     base.model.save_pretrained(path)
     base.tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return build_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def store(llama, sst2, e2e, tmp_path_factory):
+    """A store of four prompts for the tiny Llama: soft and hard (template only) on SST-2, prefix and soft on E2E."""
+    from softprompt.store import Store
+
+    store = Store(tmp_path_factory.mktemp("store"))
+    store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
+    store.save("sst2-hard", make_prompt(llama, spec_like(sst2.spec, template="Is it good? {sentence}\nAnswer:"), None))
+    store.save("e2e-prefix", make_prompt(llama, e2e.spec, "prefix", 5, seed=1))
+    store.save("e2e-soft", make_prompt(llama, e2e.spec, "soft", 4, seed=2))
+    return store
 
 
 @pytest.fixture(params=["llama", "gpt2"])

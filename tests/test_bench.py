@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import DATA
+from helpers import run_cli as run
 
 import softprompt as sp
 from softprompt.bench import load_grid, run_grid, write_report
 from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
-from softprompt.commands import main
 from softprompt.example import Example
 from softprompt.train import Trainer, init_context
-
-from conftest import DATA
 
 pytest.importorskip("peft")
 GRID = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2.yaml"
@@ -39,13 +38,24 @@ def tiny_tasks(tmp_path_factory):
     if not (DATA / "sst2").is_dir() or not (DATA / "e2e_nlg").is_dir():
         pytest.skip("shared data not present")
     root = tmp_path_factory.mktemp("tasks")
-    for src, dst, n in (("sst2/train.tsv", "cls-train.tsv", 200), ("sst2/dev.tsv", "cls-dev.tsv", 40),
-                        ("e2e_nlg/train.csv", "gen-train.csv", 200), ("e2e_nlg/dev.csv", "gen-dev.csv", 40)):
+    for src, dst, n in (
+        ("sst2/train.tsv", "cls-train.tsv", 200),
+        ("sst2/dev.tsv", "cls-dev.tsv", 40),
+        ("e2e_nlg/train.csv", "gen-train.csv", 200),
+        ("e2e_nlg/dev.csv", "gen-dev.csv", 40),
+    ):
         (root / dst).write_text("".join((DATA / src).read_text().splitlines(keepends=True)[: n + 1]))
-    cls = {**yaml.safe_load((Path(sp.__file__).parent / "tasks" / "sst2.yaml").read_text()), "name": "cls",
-           "splits": {"train": "cls-train.tsv", "dev": "cls-dev.tsv"}}
-    gen = {**yaml.safe_load((Path(sp.__file__).parent / "tasks" / "e2e_nlg.yaml").read_text()), "name": "gen",
-           "splits": {"train": "gen-train.csv", "dev": "gen-dev.csv"}, "max_new_tokens": 6}
+    cls = {
+        **yaml.safe_load((Path(sp.__file__).parent / "tasks" / "sst2.yaml").read_text()),
+        "name": "cls",
+        "splits": {"train": "cls-train.tsv", "dev": "cls-dev.tsv"},
+    }
+    gen = {
+        **yaml.safe_load((Path(sp.__file__).parent / "tasks" / "e2e_nlg.yaml").read_text()),
+        "name": "gen",
+        "splits": {"train": "gen-train.csv", "dev": "gen-dev.csv"},
+        "max_new_tokens": 6,
+    }
     for spec in (cls, gen):
         (root / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
     return root
@@ -56,38 +66,63 @@ def tiny_grid(tiny_tasks, model_dir, tmp_path, **extra) -> Path:
     methods = {
         "hard": {"kind": "hard"},
         "soft": {"kind": "soft", "config": {"num_virtual_tokens": 3}, "per_task": {"gen": {"init": "vocab"}}},
-        "soft-text": {"kind": "soft", "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"},
-                      "tasks": ["cls"]},
+        "soft-text": {
+            "kind": "soft",
+            "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"},
+            "tasks": ["cls"],
+        },
         "prefix": {"kind": "prefix", "config": {"num_virtual_tokens": 2, "prefix_hidden": 8}},
         "deep": {"kind": "deep", "config": {"num_virtual_tokens": 2}},
-        "ptuning": {"kind": "ptuning", "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
-                    "per_task": {"gen": {"init": "vocab"}}},
+        "ptuning": {
+            "kind": "ptuning",
+            "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
+            "per_task": {"gen": {"init": "vocab"}},
+        },
         "full": {"kind": "full"},
-        "peft-prompt": {"kind": "peft-prompt", "config": {"num_virtual_tokens": 3}, "pair": "soft",
-                        "per_task": {"gen": {"init": "vocab", "copy_init": True}}},
-        "peft-prompt-text": {"kind": "peft-prompt", "pair": "soft-text", "tasks": ["cls"],
-                             "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"}},
-        "peft-prefix": {"kind": "peft-prefix", "config": {"num_virtual_tokens": 2, "prefix_hidden": 8},
-                        "pair": "prefix"},
-        "peft-ptuning": {"kind": "peft-ptuning", "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
-                         "per_task": {"gen": {"init": "vocab"}}, "pair": "ptuning"},
+        "peft-prompt": {
+            "kind": "peft-prompt",
+            "config": {"num_virtual_tokens": 3},
+            "pair": "soft",
+            "per_task": {"gen": {"init": "vocab", "copy_init": True}},
+        },
+        "peft-prompt-text": {
+            "kind": "peft-prompt",
+            "pair": "soft-text",
+            "tasks": ["cls"],
+            "config": {"num_virtual_tokens": 3, "init": "text", "init_text": "a review"},
+        },
+        "peft-prefix": {
+            "kind": "peft-prefix",
+            "config": {"num_virtual_tokens": 2, "prefix_hidden": 8},
+            "pair": "prefix",
+        },
+        "peft-ptuning": {
+            "kind": "peft-ptuning",
+            "config": {"num_virtual_tokens": 3, "encoder_hidden": 8},
+            "per_task": {"gen": {"init": "vocab"}},
+            "pair": "ptuning",
+        },
         "peft-lora": {"kind": "peft-lora", "config": {"r": 2}},
     }
-    grid = {"model": model_dir, "results": str(tmp_path / "results"), "seeds": [0, 1], "steps": [4], "dev_limit": 8,
-            "latency_examples": 2, "train": {"batch_size": 2, "eval_every": 2, "log_every": 1, "warmup_steps": 1},
-            "quick": {"steps": [2], "dev_limit": 4},
-            "tasks": {"cls": {"spec": str(tiny_tasks / "cls.yaml")}, "gen": {"spec": str(tiny_tasks / "gen.yaml"),
-                                                                           "dev_limit": 3}},
-            "methods": methods, **extra}
+    grid = {
+        "model": model_dir,
+        "results": str(tmp_path / "results"),
+        "seeds": [0, 1],
+        "steps": [4],
+        "dev_limit": 8,
+        "latency_examples": 2,
+        "train": {"batch_size": 2, "eval_every": 2, "log_every": 1, "warmup_steps": 1},
+        "quick": {"steps": [2], "dev_limit": 4},
+        "tasks": {
+            "cls": {"spec": str(tiny_tasks / "cls.yaml")},
+            "gen": {"spec": str(tiny_tasks / "gen.yaml"), "dev_limit": 3},
+        },
+        "methods": methods,
+        **extra,
+    }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_smollm2_grid_expands_as_documented():
@@ -101,9 +136,11 @@ def test_the_smollm2_grid_expands_as_documented():
         assert len({c.steps for c in trained if c.task == t}) == 1
     assert sum(c.kind == "hard" for c in cells) == 4  # a template is scored once per task, not per seed
     inits = {(c.task, c.config.get("init")) for c in cells if c.kind == "soft"}
-    assert inits == {("sst2", i) for i in ("labels", "vocab", "text", "random")} | {("trec", "labels"),
-                                                                                      ("rte", "labels"),
-                                                                                      ("e2e_nlg", "vocab")}
+    assert inits == {("sst2", i) for i in ("labels", "vocab", "text", "random")} | {
+        ("trec", "labels"),
+        ("rte", "labels"),
+        ("e2e_nlg", "vocab"),
+    }
     kinds = {c.kind for c in cells}
     assert kinds == {"hard", "soft", "prefix", "deep", "ptuning", *BASELINES}
     for c in cells:  # every PEFT prompt method is paired with a softprompt entry of the same config
@@ -180,27 +217,36 @@ def test_a_failing_cell_is_reported_and_the_grid_goes_on(tiny_tasks, model_dir, 
     cells = [c for c in grid.cells(quick=True) if c.task == "gen" and c.method in ("hard", "soft")]
     bad = replace(cells[1], config={"num_virtual_tokens": 3, "init": "labels"})  # a generation task has no labels
     lines = []
-    assert run_grid([bad, cells[0]], tmp_path / "r", isolate=False, echo=lines.append) == \
-        {"done": 1, "skipped": 0, "failed": 1}
+    assert run_grid([bad, cells[0]], tmp_path / "r", isolate=False, echo=lines.append) == {
+        "done": 1,
+        "skipped": 0,
+        "failed": 1,
+    }
     assert "FAILED" in lines[0] and "init 'labels' needs class labels" in lines[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "nope.yaml"], "Grid file not found"),
-    (["bench", "report"], "needs the results directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "nope.yaml"], "Grid file not found"),
+        (["bench", "report"], "needs the results directory"),
+    ],
+)
 def test_bench_cli_errors(argv, message, capsys):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"methods": {"x": {"kind": "lora"}}}, "unknown kind 'lora'"),
-    ({"methods": {"x": {"kind": "soft", "config": {"init": "nope"}}}}, "Unknown init 'nope'"),
-    ({"methods": {"x": {"kind": "soft", "tasks": ["mnli"]}}}, "names task 'mnli'"),
-    ({"methods": {"x": {"kind": "peft-prompt", "pair": "y"}}}, "pairs with unknown method 'y'"),
-    ({"tasks": {"sst2": {"epochs": 3}}}, "unknown key(s) ['epochs']"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": {"x": {"kind": "lora"}}}, "unknown kind 'lora'"),
+        ({"methods": {"x": {"kind": "soft", "config": {"init": "nope"}}}}, "Unknown init 'nope'"),
+        ({"methods": {"x": {"kind": "soft", "tasks": ["mnli"]}}}, "names task 'mnli'"),
+        ({"methods": {"x": {"kind": "peft-prompt", "pair": "y"}}}, "pairs with unknown method 'y'"),
+        ({"tasks": {"sst2": {"epochs": 3}}}, "unknown key(s) ['epochs']"),
+    ],
+)
 def test_grid_mistakes_are_caught_before_running(change, message, tmp_path, capsys):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"tasks": {"sst2": {}}, "methods": {"soft": {}}, **change}))
@@ -210,9 +256,11 @@ def test_grid_mistakes_are_caught_before_running(change, message, tmp_path, caps
 
 # --- PEFT: the same prompt, the same numbers -----------------------------------------------------------------------
 
-PEFT_PROMPTS = {"peft-prompt": (PeftPrompt, {"num_virtual_tokens": 3, "init": "random"}),
-                "peft-prefix": (PeftPrefix, {"num_virtual_tokens": 3, "prefix_hidden": 8}),
-                "peft-ptuning": (PeftPTuning, {"num_virtual_tokens": 3, "encoder_hidden": 8, "init": "random"})}
+PEFT_PROMPTS = {
+    "peft-prompt": (PeftPrompt, {"num_virtual_tokens": 3, "init": "random"}),
+    "peft-prefix": (PeftPrefix, {"num_virtual_tokens": 3, "prefix_hidden": 8}),
+    "peft-ptuning": (PeftPTuning, {"num_virtual_tokens": 3, "encoder_hidden": 8, "init": "random"}),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
@@ -228,7 +276,7 @@ def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
     ids = base.tokenizer("Review: the film was great fun\nSentiment:")["input_ids"]
     x = torch.tensor([ids])
     with torch.no_grad():
-        ref = method.peft(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(ids):]  # (T, V)
+        ref = method.peft(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(ids) :]  # (T, V)
     # logits at every token of each row: positions 0..n-2 are the target logits of a row whose first token is its
     # source and the rest its target, position n-1 its next-token logits
     inj, rows = method.collapse(), [ids[:4], ids]
@@ -244,8 +292,12 @@ def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
 def test_peft_loss_is_our_loss_on_the_same_prompt(base, sst2, kind):
     """PEFT trains on the same objective: its loss (right padding, full logits) equals our target-token loss."""
     cls, config = PEFT_PROMPTS[kind]
-    trainer = BenchTrainer(base, sst2, trainable=cls(cls.config_class(**config), init_context(base, sst2, 0)),
-                           config=sp.TrainConfig(batch_size=4, progress=False))
+    trainer = BenchTrainer(
+        base,
+        sst2,
+        trainable=cls(cls.config_class(**config), init_context(base, sst2, 0)),
+        config=sp.TrainConfig(batch_size=4, progress=False),
+    )
     rows = sst2.split("train")
     batch = [trainer.enc.training_example(rows.prompts[i], rows.targets[i]) for i in range(4)]
     assert len({e.slot + len(e.target) for e in batch}) > 1  # rows of different lengths (padded)
@@ -263,27 +315,43 @@ def test_full_finetuning_trains_every_weight(base, sst2):
     before = {k: v.clone() for k, v in base.model.named_parameters()}
     method = FullFinetune(FullFinetune.config_class(), init_context(base, sst2, 0))
     assert method.num_trainable() == base.num_parameters()
-    trainer = BenchTrainer(base, sst2, trainable=method, config=sp.TrainConfig(
-        steps=2, batch_size=2, eval_every=0, eval_limit=4, final_eval=False, progress=False))
+    trainer = BenchTrainer(
+        base,
+        sst2,
+        trainable=method,
+        config=sp.TrainConfig(steps=2, batch_size=2, eval_every=0, eval_limit=4, final_eval=False, progress=False),
+    )
     trainer.run()
     unchanged = [k for k, v in base.model.named_parameters() if torch.equal(v, before[k])]
     assert unchanged == [] and not base.model.training and method.collapse().num_positions == 0
 
 
 def test_hard_cell_scores_a_given_template(tiny_tasks, model_dir, tmp_path):
-    cell = Cell(task="cls", spec=str(tiny_tasks / "cls.yaml"), method="hard", kind="hard",
-                config={"template": "Sentence: {sentence}\nMood:"}, seed=0, steps=0, lr=None, train={}, dev_limit=4,
-                model=model_dir, latency_examples=1)
+    cell = Cell(
+        task="cls",
+        spec=str(tiny_tasks / "cls.yaml"),
+        method="hard",
+        kind="hard",
+        config={"template": "Sentence: {sentence}\nMood:"},
+        seed=0,
+        steps=0,
+        lr=None,
+        train={},
+        dev_limit=4,
+        model=model_dir,
+        latency_examples=1,
+    )
     record = run_cell(cell, tmp_path)
     assert record["config"]["template"].startswith("Sentence:") and record["file_bytes"] == len(
-        "Sentence: {sentence}\nMood:")
+        "Sentence: {sentence}\nMood:"
+    )
 
 
 def test_the_hard_cell_takes_the_best_searched_template_and_never_looks_at_dev(tokenizer, sst2, e2e, monkeypatch):
+    from helpers import build_tiny
+
     from softprompt.bench.baselines import HardConfig, hard_prompt_spec
     from softprompt.search import Candidates, rank_templates
-
-    from conftest import build_tiny
 
     base = build_tiny("llama", tokenizer)
     monkeypatch.setattr(type(sst2), "split", _train_only(type(sst2).split))
@@ -320,20 +388,42 @@ def test_report_judges_against_the_seed_spread_only_with_two_seeds():
     from softprompt.bench.report import Group, check, verdict
 
     def records(task, method, kind, values, pair=None):
-        return Group([{"task": task, "method": method, "kind": kind, "tool": "peft" if pair else "softprompt",
-                       "pair": pair, "metric": "accuracy", "seed": s, "dev": {"accuracy": v},
-                       "seconds_per_step": 1.0, "cpu_seconds_per_step": 1.0, "peak_memory_bytes": 1}
-                      for s, v in enumerate(values)])
+        return Group(
+            [
+                {
+                    "task": task,
+                    "method": method,
+                    "kind": kind,
+                    "tool": "peft" if pair else "softprompt",
+                    "pair": pair,
+                    "metric": "accuracy",
+                    "seed": s,
+                    "dev": {"accuracy": v},
+                    "seconds_per_step": 1.0,
+                    "cpu_seconds_per_step": 1.0,
+                    "peak_memory_bytes": 1,
+                }
+                for s, v in enumerate(values)
+            ]
+        )
 
-    two = {("t", "soft"): records("t", "soft", "soft", [0.80, 0.84]),
-           ("t", "prefix"): records("t", "prefix", "prefix", [0.70, 0.72])}
-    assert check(two[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.85, 0.87], "soft")) == \
-        pytest.approx({"metric_ok": True, "spread": 4.0, "time_ratio": 1.0, "cpu_ratio": 1.0, "memory_ratio": 1.0})
+    two = {
+        ("t", "soft"): records("t", "soft", "soft", [0.80, 0.84]),
+        ("t", "prefix"): records("t", "prefix", "prefix", [0.70, 0.72]),
+    }
+    assert check(two[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.85, 0.87], "soft")) == pytest.approx(
+        {"metric_ok": True, "spread": 4.0, "time_ratio": 1.0, "cpu_ratio": 1.0, "memory_ratio": 1.0}
+    )
     assert verdict(two, ["t"], prefixes=("prefix",)) == [
-        "- t: soft 82.0 ±2.0 vs prefix 71.0 ±1.0 (accuracy): soft ahead (difference +11.0, seed spread 4.0, 2 seeds)."]
-    one = {("t", "soft"): records("t", "soft", "soft", [0.80]), ("t", "prefix"): records("t", "prefix", "prefix", [0.90])}
+        "- t: soft 82.0 ±2.0 vs prefix 71.0 ±1.0 (accuracy): soft ahead (difference +11.0, seed spread 4.0, 2 seeds)."
+    ]
+    one = {
+        ("t", "soft"): records("t", "soft", "soft", [0.80]),
+        ("t", "prefix"): records("t", "prefix", "prefix", [0.90]),
+    }
     c = check(one[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.95], "soft"))
     assert c["spread"] is None and c["metric_ok"] is None  # one seed: nothing to judge a 15-point gap against
     assert verdict(one, ["t"], prefixes=("prefix",)) == [
         "- t: soft 80.0 vs prefix 90.0 (accuracy): prefix higher on one seed, no spread to judge against yet "
-        "(difference -10.0, 1 seed)."]
+        "(difference -10.0, 1 seed)."
+    ]

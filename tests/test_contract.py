@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 import zoo
-from conftest import build_tiny
+from helpers import build_tiny
 
 import softprompt as sp
 from softprompt.data import Encoder
@@ -118,9 +118,23 @@ def test_training_leaves_the_base_weights_bit_identical(zoo_arch, method_name, t
         return
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     config = METHODS[method_name].config_class(num_virtual_tokens=3)
-    result = sp.train(base, task, method_name, config,
-                      sp.TrainConfig(steps=2, batch_size=2, lr=1e-1, warmup_steps=0, eval_every=0, final_eval=False,
-                                     progress=False, checkpoint_every=0), run_dir=tmp_path)
+    result = sp.train(
+        base,
+        task,
+        method_name,
+        config,
+        sp.TrainConfig(
+            steps=2,
+            batch_size=2,
+            lr=1e-1,
+            warmup_steps=0,
+            eval_every=0,
+            final_eval=False,
+            progress=False,
+            checkpoint_every=0,
+        ),
+        run_dir=tmp_path,
+    )
     after = base.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     start = build_method(method_name, config, init_context(base, task, seed=0)).collapse()
@@ -138,8 +152,13 @@ def test_save_load_padding_and_mixed_batches(zoo_arch, method_name, task, tokeni
     family, rows = base.family, examples(base, task)
     injection = method.collapse()
     # 3. save -> load
-    prompt = sp.Prompt(injection=injection, method=method_name, method_config=method.config.to_dict(),
-                       task=task.spec.portable(), base=base.fingerprint.to_dict())
+    prompt = sp.Prompt(
+        injection=injection,
+        method=method_name,
+        method_config=method.config.to_dict(),
+        task=task.spec.portable(),
+        base=base.fingerprint.to_dict(),
+    )
     loaded = sp.load_prompt(prompt.save(tmp_path / "p.safetensors"), base)
     live, _ = family.target_log_probs(with_prompt(rows, method()))
     again, _ = family.target_log_probs(with_prompt(rows, loaded.injection))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from helpers import BASIC, DATA, build_tiny, write_spec
 
 import softprompt as sp
 from softprompt.data import Encoder, collate
 from softprompt.errors import ConfigError, DataError
 
-from conftest import DATA, build_tiny
 
-
-@pytest.mark.parametrize("name, n_classes, first_label", [("sst2", 2, "negative"), ("trec", 6, "description"),
-                                                          ("rte", 2, "False"), ("cb", 3, "yes")])
+@pytest.mark.parametrize(
+    "name, n_classes, first_label",
+    [("sst2", 2, "negative"), ("trec", 6, "description"), ("rte", 2, "False"), ("cb", 3, "yes")],
+)
 def test_builtin_classification_tasks_load_real_data(name, n_classes, first_label):
     if not (DATA / name).is_dir():
         pytest.skip("shared data missing")
@@ -29,18 +30,6 @@ def test_e2e_is_generation_with_grouped_references(e2e):
     assert not e2e.spec.is_classification and dev.labels is None
     assert len(set(dev.prompts)) < len(dev.prompts)  # several references per meaning representation
     assert dev.targets[0] == dev.rows[0]["ref"]
-
-
-def write_spec(tmp_path, body: str, files: dict[str, str | bytes]):
-    for name, content in files.items():
-        p = tmp_path / name
-        p.write_bytes(content if isinstance(content, bytes) else content.encode())
-    spec = tmp_path / "task.yaml"
-    spec.write_text(body)
-    return spec
-
-
-BASIC = 'name: t\nsplits: {train: train.tsv, dev: dev.tsv}\ntemplate: "Text: {text}\\nLabel:"\nlabel_column: y\nlabels: {a: yes, b: "no"}\n'
 
 
 def test_missing_file_names_path_and_fix(tmp_path):
@@ -94,16 +83,13 @@ def test_unknown_split(sst2):
 
 
 def test_column_mapping_and_jsonl(tmp_path):
-    body = ('name: t\nsplits: {train: train.jsonl}\ntemplate: "{p} / {h}"\ncolumns: {p: premise, h: hypothesis}\n'
-            'label_column: label\nlabels: {0: "no", 1: "yes"}\n')
+    body = (
+        'name: t\nsplits: {train: train.jsonl}\ntemplate: "{p} / {h}"\ncolumns: {p: premise, h: hypothesis}\n'
+        'label_column: label\nlabels: {0: "no", 1: "yes"}\n'
+    )
     spec = write_spec(tmp_path, body, {"train.jsonl": '{"premise": "A", "hypothesis": "B", "label": 1}\n'})
     split = sp.load_task(str(spec)).split("train")
     assert split.prompts == ["A / B"] and split.labels == [1] and split.targets == ["yes"]
-
-
-@pytest.fixture(scope="module")
-def llama(tokenizer):
-    return build_tiny("llama", tokenizer)
 
 
 def test_training_example_masks_prompt_and_ends_generation_with_eos(llama, e2e):
@@ -144,8 +130,10 @@ def test_chat_mode_wraps_the_template_as_a_user_turn(tokenizer, sst2):
     from softprompt.data import TaskSpec
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     spec = TaskSpec.from_dict({**sst2.spec.portable(), "chat": True})
     enc = Encoder(spec, build_tiny("llama", tok))
     text = spec.render({"sentence": "a fine film"})

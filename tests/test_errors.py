@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BASIC, DATA, LONG, random_soft_prompt, write_spec
 
 import softprompt as sp
 from softprompt.commands import main
@@ -24,35 +25,7 @@ from softprompt.example import Example
 from softprompt.generate import generate_ids
 from softprompt.train import CHECKPOINT, Trainer
 
-from conftest import DATA, build_tiny
-
-# (BASIC, write_spec as in test_data and make_prompt as in test_store: tests do not import each other)
-BASIC = 'name: t\nsplits: {train: train.tsv, dev: dev.tsv}\ntemplate: "Text: {text}\\nLabel:"\nlabel_column: y\nlabels: {a: yes, b: "no"}\n'
-
-
-def write_spec(tmp_path, body: str, files: dict[str, str | bytes]):
-    for name, content in files.items():
-        p = tmp_path / name
-        p.write_bytes(content if isinstance(content, bytes) else content.encode())
-    spec = tmp_path / "task.yaml"
-    spec.write_text(body)
-    return spec
-
-
-def make_prompt(base, sst2, **kw) -> sp.Prompt:
-    return sp.Prompt(injection=sp.Injection(embeds=torch.randn(5, base.hidden_size)), method="soft",
-                     method_config={"num_virtual_tokens": 5, "init": "random", "init_text": None},
-                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=5 * 64,
-                     base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **kw)
-
-
 ROOT = Path(__file__).resolve().parents[1]
-LONG = "the film was great fun and the plot " * 80  # ~600 tokens: over the tiny models' 512 positions
-
-
-@pytest.fixture(scope="module")
-def llama(tokenizer):
-    return build_tiny("llama", tokenizer)
 
 
 def spec(tmp_path, body: str = BASIC, **files) -> str:
@@ -64,98 +37,219 @@ GOOD = "text\ty\nhi\ta\nho\tb\n"
 
 
 def prompt_file(tmp_path, llama, sst2) -> str:
-    return str(make_prompt(llama, sst2).save(tmp_path / "sst2-prompt"))
+    return str(random_soft_prompt(llama, sst2.spec).save(tmp_path / "sst2-prompt"))
 
 
 # (argv builder (tmp_path, model dir, llama, sst2) -> argv, problem excerpt, fix excerpt)
 CLI_CASES = {
     # data
-    "missing-data-file": (lambda t, m, *_: ["eval", "--task", spec(t, train_tsv=GOOD), "--model", m],
-                          "Data file for split 'dev' of task 't' not found", "SOFTPROMPT_DATA / --data-dir"),
-    "missing-column": (lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="sentence\ty\nhi\ta\n"), "--model", m],
-                       "has no column(s) ['text']", "fix the template fields, `columns`"),
+    "missing-data-file": (
+        lambda t, m, *_: ["eval", "--task", spec(t, train_tsv=GOOD), "--model", m],
+        "Data file for split 'dev' of task 't' not found",
+        "SOFTPROMPT_DATA / --data-dir",
+    ),
+    "missing-column": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="sentence\ty\nhi\ta\n"), "--model", m],
+        "has no column(s) ['text']",
+        "fix the template fields, `columns`",
+    ),
     "template-field-not-in-data": (
         lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("{text}", "{review}"), dev_tsv=GOOD), "--model", m],
-        "has no column(s) ['review']", "fix the template fields"),
-    "label-not-in-label-map": (lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD + "hu\tc\n"), "--model", m],
-                               "Row 3 of split 'dev' has label 'c', which is not in the label map",
-                               "add it under `labels:`"),
-    "empty-split": (lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="text\ty\n"), "--model", m],
-                    "Split 'dev' of task 't' is empty", "a file with data rows"),
-    "not-utf8": (lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="text\ty\ncaf\xe9\ta\n".encode("latin-1")),
-                                   "--model", m], "is not UTF-8 text", "re-encode it as UTF-8"),
+        "has no column(s) ['review']",
+        "fix the template fields",
+    ),
+    "label-not-in-label-map": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD + "hu\tc\n"), "--model", m],
+        "Row 3 of split 'dev' has label 'c', which is not in the label map",
+        "add it under `labels:`",
+    ),
+    "empty-split": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="text\ty\n"), "--model", m],
+        "Split 'dev' of task 't' is empty",
+        "a file with data rows",
+    ),
+    "not-utf8": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv="text\ty\ncaf\xe9\ta\n".encode("latin-1")), "--model", m],
+        "is not UTF-8 text",
+        "re-encode it as UTF-8",
+    ),
     "unparseable-jsonl": (
-        lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("dev.tsv", "dev.jsonl"),
-                                                 dev_jsonl='{"text": "hi", "y": "a"}\n{"text": \n'), "--model", m],
-        "Could not parse", "valid CSV/TSV (with a header row) or JSON lines"),
-    "unsupported-file-type": (lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("dev.tsv", "dev.txt"),
-                                                                      dev_txt=GOOD), "--model", m],
-                              "Unsupported data file type '.txt'", "use .csv, .tsv, .jsonl or .json"),
-    "spec-not-yaml": (lambda t, m, *_: ["eval", "--task", spec(t, "name: [t\n"), "--model", m],
-                      "is not valid YAML/JSON", "fix the syntax of the spec file"),
-    "template-not-a-format-string": (lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("Label:", "{Label:")),
-                                                       "--model", m],
-                                     "template is not a valid format string", "literal braces as {{ and }}"),
-    "labels-and-target-column": (lambda t, m, *_: ["eval", "--task", spec(t, BASIC + "target_column: y\n"),
-                                                   "--model", m],
-                                 "must have exactly one of `labels` (classification) or `target_column`",
-                                 "set one of them in the task spec"),
-    "two-labels-one-word": (lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace('"no"', "yes")), "--model", m],
-                            "maps two labels to the same verbalizer word", "give every class its own word"),
+        lambda t, m, *_: [
+            "eval",
+            "--task",
+            spec(t, BASIC.replace("dev.tsv", "dev.jsonl"), dev_jsonl='{"text": "hi", "y": "a"}\n{"text": \n'),
+            "--model",
+            m,
+        ],
+        "Could not parse",
+        "valid CSV/TSV (with a header row) or JSON lines",
+    ),
+    "unsupported-file-type": (
+        lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("dev.tsv", "dev.txt"), dev_txt=GOOD), "--model", m],
+        "Unsupported data file type '.txt'",
+        "use .csv, .tsv, .jsonl or .json",
+    ),
+    "spec-not-yaml": (
+        lambda t, m, *_: ["eval", "--task", spec(t, "name: [t\n"), "--model", m],
+        "is not valid YAML/JSON",
+        "fix the syntax of the spec file",
+    ),
+    "template-not-a-format-string": (
+        lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace("Label:", "{Label:")), "--model", m],
+        "template is not a valid format string",
+        "literal braces as {{ and }}",
+    ),
+    "labels-and-target-column": (
+        lambda t, m, *_: ["eval", "--task", spec(t, BASIC + "target_column: y\n"), "--model", m],
+        "must have exactly one of `labels` (classification) or `target_column`",
+        "set one of them in the task spec",
+    ),
+    "two-labels-one-word": (
+        lambda t, m, *_: ["eval", "--task", spec(t, BASIC.replace('"no"', "yes")), "--model", m],
+        "maps two labels to the same verbalizer word",
+        "give every class its own word",
+    ),
     # input length
-    "eval-input-too-long": (lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=f"text\ty\n{LONG}\ta\n"), "--model", m],
-                            "does not fit the", "pass --truncate left (or right)"),
-    "generate-input-too-long": (lambda t, m, *_: ["generate", "--task", spec(t), "--model", m, LONG],
-                                "does not fit the", "pass --truncate left (or right)"),
+    "eval-input-too-long": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=f"text\ty\n{LONG}\ta\n"), "--model", m],
+        "does not fit the",
+        "pass --truncate left (or right)",
+    ),
+    "generate-input-too-long": (
+        lambda t, m, *_: ["generate", "--task", spec(t), "--model", m, LONG],
+        "does not fit the",
+        "pass --truncate left (or right)",
+    ),
     # configuration
     "virtual-tokens-fill-the-context": (
-        lambda t, m, *_: ["train", "--task", spec(t, train_tsv=GOOD), "--model", m, "--num-virtual-tokens", "600",
-                          "--init", "random", "--steps", "1", "--no-progress", "--run-dir", t / "run"],
-        "The prompt takes 600 positions, which leaves no room for text", "use fewer --num-virtual-tokens"),
+        lambda t, m, *_: [
+            "train",
+            "--task",
+            spec(t, train_tsv=GOOD),
+            "--model",
+            m,
+            "--num-virtual-tokens",
+            "600",
+            "--init",
+            "random",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--run-dir",
+            t / "run",
+        ],
+        "The prompt takes 600 positions, which leaves no room for text",
+        "use fewer --num-virtual-tokens",
+    ),
     "max-length-over-the-context": (
-        lambda t, m, *_: ["train", "--task", spec(t, train_tsv=GOOD), "--model", m, "--max-length", "4096",
-                          "--steps", "1", "--no-progress", "--run-dir", t / "run"],
-        "max_length 4096 exceeds the model's context of 512", "pass --max-length 512 or less"),
-    "unknown-optimizer": (lambda t, m, *_: ["train", "--task", "sst2", "--optimizer", "sgd"],
-                          "Unknown optimizer 'sgd'", "pass --optimizer with one of"),
-    "unknown-truncation-policy": (lambda t, m, *_: ["train", "--task", "sst2", "--truncate", "middle"],
-                                  "Unknown truncation policy 'middle'", "pass --truncate with one of"),
-    "unknown-dtype": (lambda t, m, *_: ["eval", "--task", spec(t), "--model", m, "--dtype", "float7"],
-                      "Unknown dtype 'float7'", "'auto'"),
+        lambda t, m, *_: [
+            "train",
+            "--task",
+            spec(t, train_tsv=GOOD),
+            "--model",
+            m,
+            "--max-length",
+            "4096",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--run-dir",
+            t / "run",
+        ],
+        "max_length 4096 exceeds the model's context of 512",
+        "pass --max-length 512 or less",
+    ),
+    "unknown-optimizer": (
+        lambda t, m, *_: ["train", "--task", "sst2", "--optimizer", "sgd"],
+        "Unknown optimizer 'sgd'",
+        "pass --optimizer with one of",
+    ),
+    "unknown-truncation-policy": (
+        lambda t, m, *_: ["train", "--task", "sst2", "--truncate", "middle"],
+        "Unknown truncation policy 'middle'",
+        "pass --truncate with one of",
+    ),
+    "unknown-dtype": (
+        lambda t, m, *_: ["eval", "--task", spec(t), "--model", m, "--dtype", "float7"],
+        "Unknown dtype 'float7'",
+        "'auto'",
+    ),
     # prompt files
-    "gguf-as-prompt-file": (lambda t, *_: ["info", _write(t / "model.gguf", b"GGUF" + bytes(64))],
-                            "is a GGUF model file, not a softprompt prompt file", "pass a .safetensors file"),
+    "gguf-as-prompt-file": (
+        lambda t, *_: ["info", _write(t / "model.gguf", b"GGUF" + bytes(64))],
+        "is a GGUF model file, not a softprompt prompt file",
+        "pass a .safetensors file",
+    ),
     "safetensors-without-metadata": (
         lambda t, *_: ["info", _plain_safetensors(t / "weights.safetensors")],
-        "is a safetensors file without softprompt metadata", "pass a file written by softprompt"),
+        "is a safetensors file without softprompt metadata",
+        "pass a file written by softprompt",
+    ),
     "prompt-for-another-task": (
-        lambda t, m, llama, sst2: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", m, "--prompt",
-                                   prompt_file(t, llama, sst2)],
+        lambda t, m, llama, sst2: [
+            "eval",
+            "--task",
+            spec(t, dev_tsv=GOOD),
+            "--model",
+            m,
+            "--prompt",
+            prompt_file(t, llama, sst2),
+        ],
         "The prompt's classes ['0', '1'] (task 'sst2') lack ['a', 'b'] of task 't'",
-        "evaluate the prompt on the task it was trained for"),
+        "evaluate the prompt on the task it was trained for",
+    ),
     "corrupted-checkpoint": (
-        lambda t, m, *_: ["train", "--task", spec(t, train_tsv=GOOD), "--model", m, "--steps", "1", "--no-progress",
-                          "--run-dir", _write(t / "run" / CHECKPOINT, b"junk").parent],
-        "checkpoint.safetensors is truncated or corrupted", "pass --no-resume to start over"),
+        lambda t, m, *_: [
+            "train",
+            "--task",
+            spec(t, train_tsv=GOOD),
+            "--model",
+            m,
+            "--steps",
+            "1",
+            "--no-progress",
+            "--run-dir",
+            _write(t / "run" / CHECKPOINT, b"junk").parent,
+        ],
+        "checkpoint.safetensors is truncated or corrupted",
+        "pass --no-resume to start over",
+    ),
     # command line
     "unknown-method-in-config-file": (
         lambda t, *_: ["train", "--config", _write(t / "run.yaml", b"task: sst2\nmethod: lora\n")],
-        "Unknown method 'lora'", "use one of ['deep', 'prefix', 'ptuning', 'soft'] (--method)"),
-    "init-text-with-another-init": (lambda *_: ["train", "--task", "sst2", "--init", "vocab", "--init-text", "Review:"],
-                                    "--init-text was given with --init vocab, which does not use it",
-                                    "pass --init text to start from the text, or drop --init-text"),
-    "train-without-task": (lambda *_: ["train", "--steps", "3"], "`softprompt train` needs a task",
-                           "pass --task NAME_OR_SPEC"),
-    "generate-without-prompt-or-task": (lambda t, m, *_: ["generate", "--model", m, "x"],
-                                        "generate needs a prompt file or a task", "pass --prompt FILE, or --task"),
-    "generate-max-new-tokens-0": (lambda t, m, *_: ["generate", "--task", spec(t), "--model", m, "--max-new-tokens",
-                                                    "0", "x"], "--max-new-tokens must be >= 1", "pass 1 or more"),
+        "Unknown method 'lora'",
+        "use one of ['deep', 'prefix', 'ptuning', 'soft'] (--method)",
+    ),
+    "init-text-with-another-init": (
+        lambda *_: ["train", "--task", "sst2", "--init", "vocab", "--init-text", "Review:"],
+        "--init-text was given with --init vocab, which does not use it",
+        "pass --init text to start from the text, or drop --init-text",
+    ),
+    "train-without-task": (
+        lambda *_: ["train", "--steps", "3"],
+        "`softprompt train` needs a task",
+        "pass --task NAME_OR_SPEC",
+    ),
+    "generate-without-prompt-or-task": (
+        lambda t, m, *_: ["generate", "--model", m, "x"],
+        "generate needs a prompt file or a task",
+        "pass --prompt FILE, or --task",
+    ),
+    "generate-max-new-tokens-0": (
+        lambda t, m, *_: ["generate", "--task", spec(t), "--model", m, "--max-new-tokens", "0", "x"],
+        "--max-new-tokens must be >= 1",
+        "pass 1 or more",
+    ),
     "plain-string-for-two-fields": (
         lambda t, m, *_: ["generate", "--task", spec(t, BASIC.replace("{text}", "{a} {b}")), "--model", m, "x"],
-        "The template has fields ['a', 'b']; a plain string can only fill one", "pass a JSON object"),
-    "api-key-env-not-set": (lambda t, *_: ["serve", "--store", t, "--api-key-env", "SOFTPROMPT_NO_SUCH_VAR"],
-                            "--api-key-env names $SOFTPROMPT_NO_SUCH_VAR, which is not set",
-                            "export SOFTPROMPT_NO_SUCH_VAR=..."),
+        "The template has fields ['a', 'b']; a plain string can only fill one",
+        "pass a JSON object",
+    ),
+    "api-key-env-not-set": (
+        lambda t, *_: ["serve", "--store", t, "--api-key-env", "SOFTPROMPT_NO_SUCH_VAR"],
+        "--api-key-env names $SOFTPROMPT_NO_SUCH_VAR, which is not set",
+        "export SOFTPROMPT_NO_SUCH_VAR=...",
+    ),
 }
 
 
@@ -187,6 +281,7 @@ def test_cli_errors(case, tmp_path, model_dir, llama, sst2, capsys, monkeypatch)
 
 # --- input length: the truncation policy, or an error before any forward pass -------------------------------------
 
+
 def long_task(tmp_path):
     return sp.load_task(spec(tmp_path, train_tsv=f"text\ty\n{LONG}\ta\nshort\tb\n", dev_tsv=f"text\ty\n{LONG}\ta\n"))
 
@@ -197,8 +292,9 @@ def test_training_on_too_long_inputs_errors_or_truncates(llama, tmp_path):
     with pytest.raises(InputTooLongError, match="does not fit") as e:
         sp.train(llama, task, "soft", sp.SoftPromptConfig(num_virtual_tokens=4), sp.TrainConfig(**cfg))
     assert "--truncate left" in e.value.fix
-    result = sp.train(llama, task, "soft", sp.SoftPromptConfig(num_virtual_tokens=4),
-                      sp.TrainConfig(**cfg, truncate="left"))
+    result = sp.train(
+        llama, task, "soft", sp.SoftPromptConfig(num_virtual_tokens=4), sp.TrainConfig(**cfg, truncate="left")
+    )
     assert result.prompt.train["steps_done"] == 1
 
 
@@ -217,8 +313,11 @@ def test_evaluation_and_generation_of_too_long_inputs_error_or_truncate(llama, t
 def test_generation_that_would_run_past_the_context_is_refused(llama):
     ids = llama.tokenizer("the film", add_special_tokens=False)["input_ids"]
     with pytest.raises(InputTooLongError, match=r"max_new_tokens need \d+ positions; the model has 512") as e:
-        generate_ids(llama, [Example(ids, len(ids), [], sp.Injection(embeds=torch.zeros(8, llama.hidden_size)))],
-                     max_new_tokens=510)
+        generate_ids(
+            llama,
+            [Example(ids, len(ids), [], sp.Injection(embeds=torch.zeros(8, llama.hidden_size)))],
+            max_new_tokens=510,
+        )
     assert "lower max_tokens" in e.value.fix
 
 
@@ -233,6 +332,7 @@ def test_an_input_without_tokens_is_refused(llama, sst2):
 
 # --- configuration ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [0, -3, 2.5])
 def test_num_virtual_tokens_must_be_a_positive_integer(n):
     with pytest.raises(ConfigError, match="num_virtual_tokens must be a positive integer") as e:
@@ -242,8 +342,9 @@ def test_num_virtual_tokens_must_be_a_positive_integer(n):
 
 # --- prompt files -------------------------------------------------------------------------------------------------
 
+
 def test_an_unreadable_prompt_file_is_a_storage_error(llama, sst2, tmp_path, monkeypatch):
-    path = make_prompt(llama, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(llama, sst2.spec).save(tmp_path / "p")
 
     def denied(self):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -255,6 +356,7 @@ def test_an_unreadable_prompt_file_is_a_storage_error(llama, sst2, tmp_path, mon
 
 
 # --- training: failed saves keep the previous file ------------------------------------------------------------------
+
 
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -279,7 +381,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(llama, sst2
 
 
 def test_permission_denied_while_saving_a_prompt_keeps_the_previous_file(llama, sst2, tmp_path, monkeypatch):
-    path = make_prompt(llama, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(llama, sst2.spec).save(tmp_path / "p")
     before = path.read_bytes()
     real_open = os.open
 
@@ -290,7 +392,7 @@ def test_permission_denied_while_saving_a_prompt_keeps_the_previous_file(llama, 
 
     monkeypatch.setattr(os, "open", denied)
     with pytest.raises(StorageError, match="Permission denied. The previous version is unchanged") as e:
-        make_prompt(llama, sst2).save(path)
+        random_soft_prompt(llama, sst2.spec).save(path)
     assert f"check the permissions of {tmp_path}" in e.value.fix
     assert path.read_bytes() == before
 
@@ -298,10 +400,10 @@ def test_permission_denied_while_saving_a_prompt_keeps_the_previous_file(llama, 
 def test_saved_files_get_the_usual_permissions(llama, sst2, tmp_path):
     old = os.umask(0o022)
     try:
-        path = make_prompt(llama, sst2).save(tmp_path / "p")
+        path = random_soft_prompt(llama, sst2.spec).save(tmp_path / "p")
         assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
         path.chmod(0o640)
-        make_prompt(llama, sst2).save(path)
+        random_soft_prompt(llama, sst2.spec).save(path)
         assert path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
     finally:
         os.umask(old)
@@ -309,10 +411,10 @@ def test_saved_files_get_the_usual_permissions(llama, sst2, tmp_path):
 
 # --- the catalogue itself ----------------------------------------------------------------------------------------
 
+
 def test_catalogue_rows_name_existing_tests():
     """Every row of docs/errors.md names a test that exists, and the excerpt it quotes is in that test's file."""
-    rows = [line for line in (ROOT / "docs" / "errors.md").read_text().splitlines()
-            if re.match(r"\| \d+ \|", line)]
+    rows = [line for line in (ROOT / "docs" / "errors.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) >= 25
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import zoo
-from conftest import build_tiny
+from helpers import build_tiny
 
 from softprompt.base import load_base
 from softprompt.data import TaskSpec
@@ -30,35 +30,39 @@ def example(base, text, target=" good", injection=EMPTY):
 
 # --- the causal layout ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_no_prompt_equals_the_plain_model_under_left_padding(base):
     logits, targets, mask = base.family.target_logits([example(base, t) for t in TEXTS])
     for i, text in enumerate(TEXTS):
         e = example(base, text)
-        plain = base.model(input_ids=torch.tensor([e.source + e.target])).logits[0, -len(e.target) - 1:-1]
+        plain = base.model(input_ids=torch.tensor([e.source + e.target])).logits[0, -len(e.target) - 1 : -1]
         torch.testing.assert_close(logits[i][mask[i]], plain, rtol=0, atol=1e-5)
 
 
 def test_prompt_is_adjacent_to_the_text_and_positions_count_from_it(base):
     P, K = 3, 4
-    rows = [example(base, t, injection=Injection(embeds=torch.randn(P, base.hidden_size), kv=kv(base, K),
-                                                 kv_positions=K)) for t in TEXTS]
+    rows = [
+        example(base, t, injection=Injection(embeds=torch.randn(P, base.hidden_size), kv=kv(base, K), kv_positions=K))
+        for t in TEXTS
+    ]
     x = base.family.layout(rows)
     lens = [len(r.source) for r in rows]
     S = x.inputs_embeds.shape[1]
-    assert S == P + max(lens) and x.mask.shape == (3, K + S)
+    assert P + max(lens) == S and x.mask.shape == (3, K + S)
     for i, n in enumerate(lens):
         # [pads][P virtual tokens][n text tokens]: no padding between prompt and text
         assert x.mask[i, K:].tolist() == [0] * (S - P - n) + [1] * (P + n)
         # the KV prefix takes positions 0..K-1, the virtual tokens and text continue
-        assert x.positions[i, S - P - n:].tolist() == list(range(K, K + P + n))
+        assert x.positions[i, S - P - n :].tolist() == list(range(K, K + P + n))
         assert x.mask[i, :K].tolist() == [1] * K and x.slot_positions[i].tolist() == list(range(K))
 
 
 def test_labels_follow_their_tokens(base):
     rows = [Example([5, 6, 7], 1, [8, 9]), Example([4], 1, [3])]
-    rows = [Example(r.source[:r.slot], r.slot, r.target, Injection(embeds=torch.zeros(2, base.hidden_size)))
-            for r in rows]
+    rows = [
+        Example(r.source[: r.slot], r.slot, r.target, Injection(embeds=torch.zeros(2, base.hidden_size))) for r in rows
+    ]
     x = base.family.layout(rows, labels=True)
     assert x.labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 3]]
 
@@ -69,6 +73,7 @@ def test_too_long_input_is_a_clear_error(base):
 
 
 # --- what a KV prefix means ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ATTENTION_ONLY)
 @torch.no_grad()
@@ -88,7 +93,7 @@ def test_a_prefix_of_real_tokens_keys_values_is_those_tokens(arch, tokenizer):
     rows = [Example(tail, len(tail), target, prefix), Example(tail[:2], 2, target, EMPTY)]  # padding in the batch
     with_prefix, _ = family.target_log_probs(rows)
     in_text, _ = family.target_log_probs([Example(head + tail, len(head + tail), target)])
-    torch.testing.assert_close(with_prefix[0, -len(target):], in_text[0, -len(target):], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_prefix[0, -len(target) :], in_text[0, -len(target) :], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ATTENTION_ONLY)
@@ -120,13 +125,14 @@ def test_hybrids_take_kv_prefixes_in_their_attention_layers_only(arch, tokenizer
 def test_a_pure_state_space_model_refuses_kv_prefixes_and_takes_soft_prompts(arch, tokenizer):
     base = build_tiny(arch, tokenizer)
     with pytest.raises(ConfigError, match="no attention layers.*--method soft"):
-        base.kv_layout
+        _ = base.kv_layout
     rows = [example(base, t, injection=Injection(embeds=torch.randn(2, base.hidden_size))) for t in TEXTS]
     logp, mask = base.family.target_log_probs(rows)
     assert torch.isfinite(logp[mask]).all()
 
 
 # --- our one loss is the model's own cross-entropy ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["llama", "t5", "bart", "bert", "roberta"])
 @torch.no_grad()
@@ -143,7 +149,7 @@ def test_the_loss_is_the_models_own_cross_entropy(arch, tokenizer):
     elif family.name == "seq2seq":
         theirs = base.model(input_ids=torch.tensor([e.source]), labels=torch.tensor([e.target])).loss
     else:
-        masked = e.source[:e.slot] + [family.mask_id] * len(e.target) + e.source[e.slot:]
+        masked = e.source[: e.slot] + [family.mask_id] * len(e.target) + e.source[e.slot :]
         labels = [-100] * e.slot + e.target + [-100] * (len(e.source) - e.slot)
         theirs = base.model(input_ids=torch.tensor([masked]), labels=torch.tensor([labels])).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -151,8 +157,18 @@ def test_the_loss_is_the_models_own_cross_entropy(arch, tokenizer):
 
 # --- which family, and what it refuses -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, family", [("llama", "causal"), ("t5", "seq2seq"), ("bart", "seq2seq"),
-                                          ("bert", "masked_lm"), ("roberta", "masked_lm"), ("gemma2", "causal")])
+
+@pytest.mark.parametrize(
+    "arch, family",
+    [
+        ("llama", "causal"),
+        ("t5", "seq2seq"),
+        ("bart", "seq2seq"),
+        ("bert", "masked_lm"),
+        ("roberta", "masked_lm"),
+        ("gemma2", "causal"),
+    ],
+)
 def test_load_base_picks_the_family_from_the_config(arch, family, tokenizer, tmp_path):
     tiny = build_tiny(arch, tokenizer)
     tiny.model.save_pretrained(tmp_path)
@@ -168,13 +184,22 @@ def spec(template, **kw):
     return TaskSpec(name="t", template=template, **({"labels": {"0": "bad", "1": "good"}} | kw))
 
 
-@pytest.mark.parametrize("arch, task, message", [
-    ("bert", spec("{text} It was"), "no {mask} slot"),
-    ("bert", spec("{text} {mask}", labels=None, target_column="ref"), "has no decoder"),
-    ("llama", spec("{text} It was {mask} indeed."), "text after {mask}"),
-    ("t5", spec("{text} It was {mask}.", ), "text after {mask}"),
-    ("t5", spec("{text}", chat=True), "chat templates are for causal LMs"),
-])
+@pytest.mark.parametrize(
+    "arch, task, message",
+    [
+        ("bert", spec("{text} It was"), "no {mask} slot"),
+        ("bert", spec("{text} {mask}", labels=None, target_column="ref"), "has no decoder"),
+        ("llama", spec("{text} It was {mask} indeed."), "text after {mask}"),
+        (
+            "t5",
+            spec(
+                "{text} It was {mask}.",
+            ),
+            "text after {mask}",
+        ),
+        ("t5", spec("{text}", chat=True), "chat templates are for causal LMs"),
+    ],
+)
 def test_a_task_that_does_not_fit_the_family_is_refused_with_the_fix(arch, task, message, tokenizer):
     from softprompt.data import Encoder
 
@@ -197,8 +222,10 @@ def test_gradient_checkpointing_keeps_the_prompt_and_the_gradients(arch, tokeniz
     kv = torch.randn(lay.num_layers, 2, lay.num_kv_heads, 3, lay.head_dim, requires_grad=True)
     embeds = torch.randn(2, base.hidden_size, requires_grad=True)
     inj = Injection(embeds=embeds, kv=kv, kv_positions=3)
-    rows = [example(base, "the film was great" + (MASK if base.family.name == "masked_lm" else ""), " good bad", inj),
-            example(base, "bad" + (MASK if base.family.name == "masked_lm" else ""), " good", inj)]
+    rows = [
+        example(base, "the film was great" + (MASK if base.family.name == "masked_lm" else ""), " good bad", inj),
+        example(base, "bad" + (MASK if base.family.name == "masked_lm" else ""), " good", inj),
+    ]
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -244,8 +271,7 @@ def test_seq2seq_class_scores_share_the_encoder_and_equal_the_loss_s_log_likelih
     base = build_tiny(arch, tokenizer)
     family = base.family
     lay = base.kv_layout
-    injections = [EMPTY, Injection(embeds=torch.randn(2, base.hidden_size)),
-                  Injection(kv=kv(base, 3), kv_positions=3)]
+    injections = [EMPTY, Injection(embeds=torch.randn(2, base.hidden_size)), Injection(kv=kv(base, 3), kv_positions=3)]
     rows = [example(base, t, injection=i) for t, i in zip(TEXTS, injections)]
     verb = [family.target_ids(w, eos=False) for w in (" good", " bad fun", " great")]
     scores = family.class_scores([(r, verb) for r in rows])

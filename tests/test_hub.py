@@ -13,11 +13,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from helpers import random_soft_prompt
 
 import softprompt as sp
 from softprompt.errors import PromptFileError
 from softprompt.hub import model_card, prompt_files, write_model_card
-from softprompt.injection import Injection
 
 
 def card_meta(directory) -> dict:
@@ -27,17 +27,10 @@ def card_meta(directory) -> dict:
     return ModelCard.load(Path(directory) / "README.md").data.to_dict()
 
 
-def make_prompt(base, sst2, **kw) -> sp.Prompt:
-    """A soft prompt of 5 random virtual tokens for `base` (as in test_store; tests do not import each other)."""
-    return sp.Prompt(injection=Injection(embeds=torch.randn(5, base.hidden_size)), method="soft",
-                     method_config={"num_virtual_tokens": 5, "init": "random", "init_text": None},
-                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=5 * 64,
-                     base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **kw)
-
-
 def test_every_prompt_folder_gets_a_model_card(base, sst2, tmp_path):
-    p = make_prompt(base, sst2, metrics={"dev": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8},
-                                         "zero_shot": {"accuracy": 0.5}})
+    p = random_soft_prompt(
+        base, sst2.spec, metrics={"dev": {"accuracy": 0.75, "macro_f1": 0.7, "n": 8}, "zero_shot": {"accuracy": 0.5}}
+    )
     write_model_card(p.save(tmp_path / "sst2").parent)  # what every command that saves a prompt does
     meta = card_meta(tmp_path)
     assert meta["library_name"] == "softprompt" and meta["base_model"] == base.name
@@ -47,19 +40,21 @@ def test_every_prompt_folder_gets_a_model_card(base, sst2, tmp_path):
     [result] = meta["model-index"][0]["results"][:1]
     assert result["dataset"]["split"] == "dev" and result["metrics"][0]["value"] in (0.75, 0.7)
 
-    write_model_card(make_prompt(base, sst2).save(tmp_path / "other").parent)  # a second prompt: the card lists both
+    write_model_card(
+        random_soft_prompt(base, sst2.spec).save(tmp_path / "other").parent
+    )  # a second prompt: the card lists both
     assert [e["file"] for e in card_meta(tmp_path)["prompts"]] == ["other.safetensors", "sst2.safetensors"]
 
 
 def test_a_readme_written_by_someone_else_is_kept(base, sst2, tmp_path):
     (tmp_path / "README.md").write_text("# my notes\n")
-    make_prompt(base, sst2).save(tmp_path / "p")
+    random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
     assert (tmp_path / "README.md").read_text() == "# my notes\n"
     assert model_card(tmp_path).startswith("---\n")
 
 
 def test_from_pretrained_file_and_folder(base, sst2, tmp_path):
-    p = make_prompt(base, sst2)
+    p = random_soft_prompt(base, sst2.spec)
     path = p.save(tmp_path / "one" / "sst2")
     for source in (path, tmp_path / "one"):
         assert torch.equal(sp.from_pretrained(source, base).injection.embeds, p.injection.embeds)
@@ -72,7 +67,7 @@ def test_from_pretrained_file_and_folder(base, sst2, tmp_path):
 def test_from_pretrained_reads_a_peft_adapter_folder(base, sst2, tmp_path):
     from softprompt.peft_format import export_peft
 
-    p = make_prompt(base, sst2)
+    p = random_soft_prompt(base, sst2.spec)
     export_peft(p, tmp_path)
     with pytest.raises(sp.SoftpromptError, match="PEFT adapter"):
         sp.from_pretrained(tmp_path)
@@ -109,7 +104,7 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_push_then_from_pretrained_through_the_hub(base, sst2, tmp_path, fake_hub):
     repos, calls = fake_hub
-    p = make_prompt(base, sst2, metrics={"dev": {"accuracy": 0.9}})
+    p = random_soft_prompt(base, sst2.spec, metrics={"dev": {"accuracy": 0.9}})
     url = sp.push_to_hub(p, "me/sst2-prompt", private=True)
     assert url.endswith("/commit/0") and calls[0] == ("create_repo", "me/sst2-prompt", True)
     assert "*.safetensors" in calls[1][2] and not any(".bin" in x or ".pt" in x for x in calls[1][2])
@@ -125,7 +120,7 @@ def test_push_then_from_pretrained_through_the_hub(base, sst2, tmp_path, fake_hu
 def test_cli_push_and_pull(base, sst2, tmp_path, fake_hub, capsys):
     from softprompt.commands import main
 
-    path = make_prompt(base, sst2).save(tmp_path / "local" / "sst2")
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "local" / "sst2")
     assert main(["push", str(path), "me/p"]) == 0
     assert main(["pull", "me/p", "--out", str(tmp_path / "pulled")]) == 0
     assert "sst2.safetensors" in capsys.readouterr().out

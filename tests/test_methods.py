@@ -8,8 +8,14 @@ import torch
 from softprompt.errors import ConfigError
 from softprompt.example import Example
 from softprompt.injection import Injection
-from softprompt.methods import (DeepPromptConfig, InitContext, PrefixConfig, PTuningConfig, SoftPromptConfig,
-                                build_method)
+from softprompt.methods import (
+    DeepPromptConfig,
+    InitContext,
+    PrefixConfig,
+    PTuningConfig,
+    SoftPromptConfig,
+    build_method,
+)
 
 
 def ctx(base, task, seed=0):
@@ -20,8 +26,10 @@ def test_kv_prefix_shapes_come_from_the_config(base, sst2):
     lay = base.kv_layout
     if base.config.model_type == "llama":
         assert (lay.num_kv_heads, lay.head_dim) == (2, 16)  # grouped-query: 4 query heads share 2 KV heads
-    for name, cfg in [("prefix", PrefixConfig(num_virtual_tokens=5, prefix_hidden=32)),
-                      ("deep", DeepPromptConfig(num_virtual_tokens=5))]:
+    for name, cfg in [
+        ("prefix", PrefixConfig(num_virtual_tokens=5, prefix_hidden=32)),
+        ("deep", DeepPromptConfig(num_virtual_tokens=5)),
+    ]:
         kv = build_method(name, cfg, ctx(base, sst2))().kv
         assert kv.shape == (lay.num_layers, 2, lay.num_kv_heads, 5, lay.head_dim)
 
@@ -75,8 +83,9 @@ def test_init_is_reproducible_and_leaves_global_rng_alone(base, sst2):
 
 @pytest.mark.parametrize("encoder", ["lstm", "mlp"])
 def test_ptuning_collapses_to_embeddings(base, sst2, encoder):
-    m = build_method("ptuning", PTuningConfig(num_virtual_tokens=3, encoder=encoder, encoder_hidden=16),
-                     ctx(base, sst2))
+    m = build_method(
+        "ptuning", PTuningConfig(num_virtual_tokens=3, encoder=encoder, encoder_hidden=16), ctx(base, sst2)
+    )
     inj = m.collapse()
     assert inj.embeds.shape == (3, base.hidden_size) and inj.kv is None and not inj.embeds.requires_grad
     assert m.num_trainable() > inj.embeds.numel()

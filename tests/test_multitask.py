@@ -6,38 +6,18 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import build_tiny, make_prompt, spec_like
 
 import softprompt as sp
-from softprompt.data import Encoder, TaskSpec
+from softprompt.data import Encoder
 from softprompt.errors import PromptFileError
 from softprompt.evaluate import class_log_likelihoods
 from softprompt.generate import generate_ids
-from softprompt.injection import EMPTY
-from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups
 from softprompt.store import Store
 
-from conftest import build_tiny
-
 SST2_INPUTS = ["the film was great fun", "bad", "who hated the plot and the acting of the actor", "a boring story"]
 E2E_INPUTS = ["name[The Eagle], eatType[pub]", "name[Fun], food[italian], area[near the shop]"]
-
-
-def spec_like(task_spec: TaskSpec, **changes) -> TaskSpec:
-    return TaskSpec.from_dict(task_spec.portable() | changes)
-
-
-def make_prompt(base, spec: TaskSpec, method: str | None, P: int = 0, seed: int = 0) -> sp.Prompt:
-    """A prompt of `method` with P virtual tokens, moved away from its init; method None: a template alone."""
-    if method is None:
-        return sp.Prompt(EMPTY, "hard", {}, spec.portable(), base.fingerprint.to_dict())
-    config = METHODS[method].config_class(num_virtual_tokens=P, init="vocab")
-    m = build_method(method, config, InitContext(base, spec.verbalizers, None, seed=seed))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return sp.Prompt(m.collapse(), method, config.to_dict(), spec.portable(), base.fingerprint.to_dict(),
-                     trainable_parameters=m.num_trainable())
 
 
 def task_prompts(base, sst2, e2e) -> dict[str, sp.Prompt]:
@@ -100,8 +80,7 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
     one_pass = class_scores(base, [(ex, e.encoder.verbalizer_ids) for e, ex in cls_rows], None)
     for (t, v), res, once in zip(cls_reqs, results, one_pass):
         spec = prompts[t].spec
-        ref = class_log_likelihoods(base, Encoder(spec, base), [spec.render_input(v)],
-                                    prompts[t].injection)[0]
+        ref = class_log_likelihoods(base, Encoder(spec, base), [spec.render_input(v)], prompts[t].injection)[0]
         torch.testing.assert_close(torch.tensor(res.log_likelihoods), ref, rtol=0, atol=1e-4)
         torch.testing.assert_close(once, ref, rtol=0, atol=1e-4)
         assert res.label == spec.class_names[int(ref.argmax())]

@@ -1,4 +1,5 @@
-"""PEFT parity beyond causal LMs: T5 and BART (`PeftModelForSeq2SeqLM`), BERT and RoBERTa (`PeftModelForFeatureExtraction`).
+"""PEFT parity beyond causal LMs: T5 and BART (`PeftModelForSeq2SeqLM`), BERT and RoBERTa
+(`PeftModelForFeatureExtraction`).
 
 Both directions for every shared method: an adapter trained in PEFT and imported gives the logits
 PEFT gives; a softprompt prompt exported and loaded with `PeftModel.from_pretrained` gives PEFT the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
+from helpers import build_tiny
 
 import softprompt as sp
 from softprompt.example import MASK, Example
@@ -51,22 +52,23 @@ def theirs(base, peft_model, num_virtual_tokens: int, prepends: bool) -> list[to
         src = [e.source for e in examples]
         dec = [[family.start_id] + e.target[:-1] for e in examples]
     else:
-        src = [e.source[:e.slot] + [family.mask_id] * len(e.target) + e.source[e.slot:] for e in examples]
+        src = [e.source[: e.slot] + [family.mask_id] * len(e.target) + e.source[e.slot :] for e in examples]
     ids = torch.full((len(src), max(map(len, src))), pad)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(src):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
     if family.name == "seq2seq":
         dec_ids = torch.full((len(dec), max(map(len, dec))), pad)
         dec_mask = torch.zeros_like(dec_ids)
         for i, d in enumerate(dec):
-            dec_ids[i, :len(d)], dec_mask[i, :len(d)] = torch.tensor(d), 1
-        logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids,
-                            decoder_attention_mask=dec_mask).logits
-        return [logits[i, :len(e.target)] for i, e in enumerate(examples)]
+            dec_ids[i, : len(d)], dec_mask[i, : len(d)] = torch.tensor(d), 1
+        logits = peft_model(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask
+        ).logits
+        return [logits[i, : len(e.target)] for i, e in enumerate(examples)]
     logits = peft_model(input_ids=ids, attention_mask=mask).logits
     shift = num_virtual_tokens if prepends else 0  # prompt tuning returns the virtual tokens' positions too
-    return [logits[i, shift + e.slot: shift + e.slot + len(e.target)] for i, e in enumerate(examples)]
+    return [logits[i, shift + e.slot : shift + e.slot + len(e.target)] for i, e in enumerate(examples)]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -88,11 +90,13 @@ def task_type(base) -> str:
 PEFT_CONFIGS = {
     "prompt_tuning": lambda t: peft.PromptTuningConfig(task_type=t, num_virtual_tokens=4),
     "p_tuning_mlp": lambda t: peft.PromptEncoderConfig(task_type=t, num_virtual_tokens=4, encoder_hidden_size=32),
-    "p_tuning_lstm": lambda t: peft.PromptEncoderConfig(task_type=t, num_virtual_tokens=4, encoder_hidden_size=16,
-                                                        encoder_reparameterization_type="LSTM"),
+    "p_tuning_lstm": lambda t: peft.PromptEncoderConfig(
+        task_type=t, num_virtual_tokens=4, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
     "prefix": lambda t: peft.PrefixTuningConfig(task_type=t, num_virtual_tokens=4),
-    "prefix_mlp": lambda t: peft.PrefixTuningConfig(task_type=t, num_virtual_tokens=4, prefix_projection=True,
-                                                    encoder_hidden_size=32),
+    "prefix_mlp": lambda t: peft.PrefixTuningConfig(
+        task_type=t, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
+    ),
 }
 
 
@@ -109,8 +113,13 @@ def test_an_imported_peft_adapter_gives_peft_s_logits(arch, kind, tokenizer, tmp
     trained.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(build_tiny(arch, tokenizer).model, tmp_path).eval()  # as a user loads it
     prompt = import_peft(tmp_path, base)
-    check(base, prompt.injection, theirs(base, loaded, 4, prompt.injection.embeds is not None), f"import {arch} {kind}",
-          record_parity)
+    check(
+        base,
+        prompt.injection,
+        theirs(base, loaded, 4, prompt.injection.embeds is not None),
+        f"import {arch} {kind}",
+        record_parity,
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,11 +131,21 @@ def test_an_exported_prompt_gives_peft_softprompt_s_logits(arch, method, tokeniz
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    prompt = sp.Prompt(injection=m.collapse(), method=method, method_config=m.config.to_dict(),
-                       task=sst2.spec.portable(), base=base.fingerprint.to_dict())
+    prompt = sp.Prompt(
+        injection=m.collapse(),
+        method=method,
+        method_config=m.config.to_dict(),
+        task=sst2.spec.portable(),
+        base=base.fingerprint.to_dict(),
+    )
     assert export_peft(prompt, tmp_path) == []
     loaded = peft.PeftModel.from_pretrained(build_tiny(arch, tokenizer).model, tmp_path).eval()
-    check(base, prompt.injection, theirs(base, loaded, 4, prompt.injection.embeds is not None), f"export {arch} {method}",
-          record_parity)
+    check(
+        base,
+        prompt.injection,
+        theirs(base, loaded, 4, prompt.injection.embeds is not None),
+        f"export {arch} {method}",
+        record_parity,
+    )
     again = import_peft(tmp_path, base)  # and back: the file holds softprompt's metadata
     assert all(torch.equal(again.injection.tensors()[k], v) for k, v in prompt.injection.tensors().items())

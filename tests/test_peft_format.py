@@ -12,15 +12,20 @@ import json
 
 import pytest
 import torch
+from helpers import DATA, make_prompt
 
 import softprompt as sp
 from softprompt.errors import PromptFileError
 from softprompt.example import Example
-from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.hub import write_model_card
+from softprompt.methods import METHODS
 from softprompt.peft_format import export_peft, import_peft, read_peft
 
-from conftest import DATA
+
+def fresh_prompt(base, spec, method: str, P: int = 4):
+    """A prompt of `method` as initialized (random, seed 3), not moved: both libraries see the same tensors."""
+    return make_prompt(base, spec, method, P, seed=3, init="random", moved=0)
+
 
 peft = pytest.importorskip("peft")
 
@@ -50,9 +55,9 @@ def ours(base, prompt, ids, mask):
     family = base.family
     rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
     layout = family.layout([Example(r, len(r), [], prompt.injection) for r in rows])
-    assert torch.equal(layout.mask[:, -ids.shape[1]:], mask)  # the same layout as the left-padded batch
+    assert torch.equal(layout.mask[:, -ids.shape[1] :], mask)  # the same layout as the left-padded batch
     logits = family._forward(layout, 0)
-    return logits[:, -ids.shape[1]:] * mask[..., None]
+    return logits[:, -ids.shape[1] :] * mask[..., None]
 
 
 @torch.no_grad()
@@ -60,7 +65,7 @@ def theirs(peft_model, ids, mask, positions=None):
     """PEFT's logits for the text positions, (B, T, V); `positions` are passed on as position_ids (PEFT adds P)."""
     extra = {} if positions is None else {"position_ids": positions}
     logits = peft_model(input_ids=ids, attention_mask=mask, **extra).logits
-    return logits[:, -ids.shape[1]:] * mask[..., None]
+    return logits[:, -ids.shape[1] :] * mask[..., None]
 
 
 @torch.no_grad()
@@ -81,24 +86,19 @@ def text_positions(mask):
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def make_prompt(base, sst2, method: str, P: int = 4) -> sp.Prompt:
-    ctx = InitContext(base, sst2.spec.verbalizers, seed=3)
-    m = build_method(method, METHODS[method].config_class(num_virtual_tokens=P, init="random"), ctx)
-    return sp.Prompt(injection=m.collapse(), method=method, method_config=m.config.to_dict(),
-                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=m.num_trainable())
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_export_gives_peft_the_same_logits(base, sst2, tmp_path, method):
-    prompt = sp.load_prompt(make_prompt(base, sst2, method).save(tmp_path / "p"), base)
+    prompt = sp.load_prompt(fresh_prompt(base, sst2.spec, method).save(tmp_path / "p"), base)
     notes = export_peft(prompt, tmp_path / "peft")
     assert notes == []  # both libraries place prefixes at positions 0..P-1: nothing to adjust
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base.model), tmp_path / "peft").eval()
     inj = prompt.injection
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"soft": "PROMPT_TUNING", "ptuning": "P_TUNING"}.get(method, "PREFIX_TUNING")
-    assert {k: torch.equal(v, inj.tensors()[k]) for k, v in peft_tensors(model).items()} == {k: True for k in inj.tensors()}
-    for padded in ((False, True) if inj.kv is not None else (False,)):
+    assert {k: torch.equal(v, inj.tensors()[k]) for k, v in peft_tensors(model).items()} == {
+        k: True for k in inj.tensors()
+    }
+    for padded in (False, True) if inj.kv is not None else (False,):
         ids, mask = _batch(base, padded)
         positions = None
         if inj.kv is not None:
@@ -111,12 +111,16 @@ def test_export_gives_peft_the_same_logits(base, sst2, tmp_path, method):
 
 PEFT_CONFIGS = {
     "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-    "p_tuning_mlp": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32),
-    "p_tuning_lstm": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16,
-                                                      encoder_reparameterization_type="LSTM"),
+    "p_tuning_mlp": lambda: peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32
+    ),
+    "p_tuning_lstm": lambda: peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
     "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-    "prefix_mlp": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
-                                                  encoder_hidden_size=32),
+    "prefix_mlp": lambda: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
+    ),
 }
 
 
@@ -149,7 +153,7 @@ def test_import_gives_peft_the_same_logits(base, tmp_path, kind):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_export_then_import_restores_the_prompt(base, sst2, tmp_path, method):
-    prompt = make_prompt(base, sst2, method)
+    prompt = fresh_prompt(base, sst2.spec, method)
     export_peft(prompt, tmp_path)
     back = import_peft(tmp_path, base)
     for k, v in prompt.injection.tensors().items():
@@ -163,13 +167,13 @@ def test_export_then_import_restores_the_prompt(base, sst2, tmp_path, method):
 
 
 def test_imports_are_checked(base, sst2, tokenizer, tmp_path):
-    from conftest import build_tiny
+    from helpers import build_tiny
 
     peft_adapter(base, "prefix", tmp_path / "a")
     other = build_tiny("gpt2" if base.config.model_type == "llama" else "llama", tokenizer)
     with pytest.raises(PromptFileError, match="does not fit"):
         import_peft(tmp_path / "a", other)
-    export_peft(make_prompt(base, sst2, "soft"), tmp_path / "ours")  # names its model: other weights are refused
+    export_peft(fresh_prompt(base, sst2.spec, "soft"), tmp_path / "ours")  # names its model: other weights are refused
     with pytest.raises(PromptFileError, match="weights"):
         import_peft(tmp_path / "ours", build_tiny(base.config.model_type, tokenizer, seed=1))
     with pytest.raises(PromptFileError, match="not a softprompt prompt file"):
@@ -177,8 +181,9 @@ def test_imports_are_checked(base, sst2, tokenizer, tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
     with pytest.raises(PromptFileError, match="pickles are never loaded"):
         read_peft(tmp_path / "a")
-    lora = peft.get_peft_model(copy.deepcopy(base.model), peft.LoraConfig(task_type="CAUSAL_LM", r=2,
-                                                                           target_modules="all-linear"))
+    lora = peft.get_peft_model(
+        copy.deepcopy(base.model), peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear")
+    )
     lora.save_pretrained(tmp_path / "lora")
     with pytest.raises(PromptFileError, match="prompt_embeddings|not a prompt-learning"):
         import_peft(tmp_path / "lora", base)
@@ -189,7 +194,7 @@ def test_cli_export_and_import(model_dir, tmp_path, capsys):
 
     base = sp.load_base(model_dir, device="cpu")
     sst2 = sp.load_task("sst2", str(DATA))
-    path = make_prompt(base, sst2, "deep").save(tmp_path / "p")
+    path = fresh_prompt(base, sst2.spec, "deep").save(tmp_path / "p")
     assert main(["export", "--format", "peft", str(path), str(tmp_path / "peft")]) == 0
     assert "position_ids" not in capsys.readouterr().out
     assert main(["import", str(tmp_path / "peft"), "--model", model_dir, "--out", str(tmp_path / "q")]) == 0
@@ -201,7 +206,7 @@ def test_cli_export_and_import(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["soft", "deep"])
 def test_smollm2_round_trip_through_peft(smollm2, sst2, tmp_path, method):
     """Grouped-query attention at full size (30 layers, 3 KV heads of 64): export, load in PEFT, import back."""
-    prompt = make_prompt(smollm2, sst2, method, P=8)
+    prompt = fresh_prompt(smollm2, sst2.spec, method, 8)
     export_peft(prompt, tmp_path / "peft")
     model = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2.model), tmp_path / "peft").eval()
     ids, mask = _batch(smollm2, padded=False)

@@ -8,38 +8,52 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import DATA
+from helpers import run_cli as run
 
 import softprompt as sp
-from softprompt.commands import main
 from softprompt.data import Encoder
 from softprompt.errors import ConfigError
 from softprompt.evaluate import class_log_likelihoods, classify, evaluate
 from softprompt.example import Example
 from softprompt.explain import explain, nearest_tokens
 from softprompt.injection import Injection
-from softprompt.search import (AutoPromptConfig, Candidates, autoprompt, best_verbalizers, bootstrap_ci, fill,
-                               hard_prompt, score_templates, search_split, slotted, trigger_gradient, trigger_losses,
-                               trigger_vocabulary)
+from softprompt.search import (
+    AutoPromptConfig,
+    Candidates,
+    autoprompt,
+    best_verbalizers,
+    bootstrap_ci,
+    fill,
+    hard_prompt,
+    score_templates,
+    search_split,
+    slotted,
+    trigger_gradient,
+    trigger_losses,
+    trigger_vocabulary,
+)
 from softprompt.search.autoprompt import _split_rows
 
-from conftest import DATA
-
-
-def run(capsys, *argv):  # as in test_cli (tests do not import each other)
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-TINY_AUTOPROMPT = dict(num_triggers=2, iterations=2, num_candidates=3, grad_rows=4, eval_rows=4, verify_candidates=2,
-                       verify_rows=4, search_size=16)
+TINY_AUTOPROMPT = dict(
+    num_triggers=2,
+    iterations=2,
+    num_candidates=3,
+    grad_rows=4,
+    eval_rows=4,
+    verify_candidates=2,
+    verify_rows=4,
+    search_size=16,
+)
 
 
 @pytest.fixture
 def candidates_file(tmp_path):
     path = tmp_path / "cands.yaml"
-    path.write_text('templates:\n  - "Review: {sentence}\\nSentiment:"\n  - "{sentence} It was"\n'
-                    '  - "{sentence} The movie is"\nlabels:\n  0: [bad, awful]\n  1: [good, great]\n')
+    path.write_text(
+        'templates:\n  - "Review: {sentence}\\nSentiment:"\n  - "{sentence} It was"\n'
+        '  - "{sentence} The movie is"\nlabels:\n  0: [bad, awful]\n  1: [good, great]\n'
+    )
     return path
 
 
@@ -57,7 +71,7 @@ def test_bootstrap_interval_brackets_the_accuracy_and_narrows_with_more_rows():
 def test_best_verbalizers_picks_the_best_distinct_combination():
     gold = [0, 0, 1, 1]
     # columns: 0 and 1 are candidates for class 0, 1 and 2 for class 1 (word 1 may serve either class)
-    scores = torch.tensor([[0., 5, 1], [0, 5, 1], [0, 5, 6], [1, 0, 6]])
+    scores = torch.tensor([[0.0, 5, 1], [0, 5, 1], [0, 5, 6], [1, 0, 6]])
     cols, acc = best_verbalizers(scores, gold, [[0, 1], [1, 2]])
     assert cols == [1, 2] and acc == 1.0  # never (1, 1): one word cannot stand for two classes
     cols, acc = best_verbalizers(torch.zeros(4, 3), gold, [[0, 1], [1, 2]])
@@ -72,12 +86,15 @@ def test_builtin_candidates_load_with_the_task_words_first(sst2):
     assert len(t.templates) >= 10 and len(t.words) == 6 and all(len(w) >= 3 for w in t.words)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("labels: {0: [bad]}\n", "no `templates:`"),
-    ("templates: ['{sentence}']\nlabels: {7: [bad]}\n", "unknown classes"),
-    ("templates: ['{sentence']\n", "not a valid format string"),
-    ("templates: ['{sentence}']\nlabels: {0: bad}\n", "must be a list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("labels: {0: [bad]}\n", "no `templates:`"),
+        ("templates: ['{sentence}']\nlabels: {7: [bad]}\n", "unknown classes"),
+        ("templates: ['{sentence']\n", "not a valid format string"),
+        ("templates: ['{sentence}']\nlabels: {0: bad}\n", "must be a list"),
+    ],
+)
 def test_bad_candidate_files_are_refused(sst2, tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -101,7 +118,8 @@ def test_template_scores_match_the_evaluation_of_each_template(base, sst2, candi
     cands = Candidates.load(candidates_file, sst2.spec)
     results, ref = score_templates(base, sst2, cands, search_size=24, finalists=2, limit=16, progress=False)
     assert len(results) == 3 and [r.search["accuracy"] for r in results] == sorted(
-        (r.search["accuracy"] for r in results), reverse=True)
+        (r.search["accuracy"] for r in results), reverse=True
+    )
     data = search_split(sst2, 24)
     for r in results:
         assert sp.TaskSpec.from_dict(r.spec.portable()).portable() == r.spec.portable()
@@ -113,13 +131,16 @@ def test_template_scores_match_the_evaluation_of_each_template(base, sst2, candi
         assert r.dev["n"] == 16
         assert r.dev["accuracy"] == pytest.approx(evaluate(base, sst2, None, limit=16, spec=r.spec)["accuracy"])
     assert results[2].dev is None
-    assert ref.spec == sst2.spec and ref.dev["accuracy"] == pytest.approx(evaluate(base, sst2, None, limit=16)["accuracy"])
+    assert ref.spec == sst2.spec and ref.dev["accuracy"] == pytest.approx(
+        evaluate(base, sst2, None, limit=16)["accuracy"]
+    )
 
 
 def test_hard_prompt_file_has_no_tensors_and_evaluates_as_its_template(base, sst2, tmp_path):
     spec = dataclasses.replace(sst2.spec, template="{sentence} It was", labels={"0": "bad", "1": "good"})
-    path = hard_prompt(base, spec, {"search": "templates"}, {"dev": {"accuracy": 0.5, "n": 8,
-                                                                   "accuracy_ci95": [0.2, 0.8]}}).save(tmp_path / "h")
+    path = hard_prompt(
+        base, spec, {"search": "templates"}, {"dev": {"accuracy": 0.5, "n": 8, "accuracy_ci95": [0.2, 0.8]}}
+    ).save(tmp_path / "h")
     p = sp.load_prompt(path, base)
     assert p.method == "hard" and p.injection.tensors() == {} and p.num_parameters == 0
     assert p.spec.portable() == spec.portable() and p.metrics["dev"]["accuracy_ci95"] == [0.2, 0.8]
@@ -145,7 +166,9 @@ def _rows(base, sst2, template, n=6):
     return data, _split_rows(base, sst2.spec, template, data, data.labels)
 
 
-@pytest.mark.parametrize("template", ["Review: {sentence}\nSentiment:{trigger}", "Review:{trigger} {sentence}\nSentiment:"])
+@pytest.mark.parametrize(
+    "template", ["Review: {sentence}\nSentiment:{trigger}", "Review:{trigger} {sentence}\nSentiment:"]
+)
 def test_kv_prefixed_trigger_scores_equal_scoring_the_text(base, sst2, template):
     """Search-time scoring (text before the slot as a KV prefix, triggers as ids) = scoring the rendered text."""
     tok = base.tokenizer
@@ -154,8 +177,13 @@ def test_kv_prefixed_trigger_scores_equal_scoring_the_text(base, sst2, template)
     enc = Encoder(sst2.spec, base)
     spec = fill(sst2.spec, template, tok.decode(triggers))
     texts = [spec.render(r) for r in data.rows]
-    assert all(tok(t)["input_ids"] == tok(t.split(" good film")[0])["input_ids"] + triggers
-               + tok(t.split(" good film")[1], add_special_tokens=False)["input_ids"] for t in texts)  # same tokens
+    assert all(
+        tok(t)["input_ids"]
+        == tok(t.split(" good film")[0])["input_ids"]
+        + triggers
+        + tok(t.split(" good film")[1], add_special_tokens=False)["input_ids"]
+        for t in texts
+    )  # same tokens
     ce = torch.nn.functional.cross_entropy(class_log_likelihoods(base, enc, texts), torch.tensor(data.labels))
     assert float(trigger_losses(base, rows, enc.verbalizer_ids, [triggers])[0]) == pytest.approx(float(ce), abs=1e-4)
 
@@ -165,8 +193,9 @@ def test_trigger_gradient_predicts_the_loss_change(base, sst2, single):
     """Directional derivative check of the (K, D) gradient by central finite differences."""
     template = "Review: {sentence}\nSentiment:{trigger}"
     tok = base.tokenizer
-    spec = dataclasses.replace(sst2.spec, labels={"0": "boring", "1": "film"} if single else {"0": "awful boring",
-                                                                                             "1": "positive"})
+    spec = dataclasses.replace(
+        sst2.spec, labels={"0": "boring", "1": "film"} if single else {"0": "awful boring", "1": "positive"}
+    )
     verb = Encoder(spec, base).verbalizer_ids
     assert (max(map(len, verb)) == 1) == single
     triggers = tok(" good film", add_special_tokens=False)["input_ids"]
@@ -216,7 +245,9 @@ def test_autoprompt_keeps_the_visited_trigger_best_on_held_out_rows(base, sst2):
     # held-out rows are the search split's first rows: they agree with scoring those rows directly
     data = search_split(sst2, 24, 1)
     verb = Encoder(sst2.spec, base).verbalizer_ids
-    rows = _split_rows(base, sst2.spec, slotted(sst2.spec.template), data.subset(range(8)), data.subset(range(8)).labels)
+    rows = _split_rows(
+        base, sst2.spec, slotted(sst2.spec.template), data.subset(range(8)), data.subset(range(8)).labels
+    )
     ce = trigger_losses(base, rows, verb, [base.tokenizer(best["trigger"], add_special_tokens=False)["input_ids"]])
     assert float(ce[0]) == pytest.approx(best["loss"], abs=1e-5)
     with pytest.raises(ConfigError, match="select-rows"):
@@ -230,7 +261,7 @@ def test_autoprompt_restarts_compete_on_the_same_held_out_rows(base, sst2):
     # restart 0 is the single search, draw for draw; the others draw differently
     assert [h for h in three.history if h["restart"] == 0] == [{"restart": 0, **h} for h in one.history]
     assert len(three.history) == 9 and {h["restart"] for h in three.history} == {0, 1, 2}
-    assert [x["accuracy"] for x in three.selection[:len(one.selection)]] == [x["accuracy"] for x in one.selection]
+    assert [x["accuracy"] for x in three.selection[: len(one.selection)]] == [x["accuracy"] for x in one.selection]
     # every restart starts from the same trigger, scored on the same held-out rows
     starts = [x for x in three.selection if x["trigger"] == " the the"]
     assert [x["restart"] for x in starts][:3] == [0, 1, 2] and len({(x["accuracy"], x["loss"]) for x in starts}) == 1
@@ -258,8 +289,13 @@ def test_explain_recovers_tokens_that_are_vocabulary_embeddings(base, sst2):
     assert near["l2"][0][:, 0].tolist() == ids.tolist() and near["cosine"][0][:, 0].tolist() == ids.tolist()
     assert torch.all(near["l2"][1][:, 0] < 1e-3) and torch.all(near["cosine"][1][:, 0] > 0.999)
     assert torch.all(near["l2"][1].diff(dim=1) >= 0) and torch.all(near["cosine"][1].diff(dim=1) <= 0)
-    prompt = sp.Prompt(injection=Injection(embeds=E[ids] + 1e-4), method="soft", method_config={}, task=sst2.spec.portable(),
-                       base=base.fingerprint.to_dict())
+    prompt = sp.Prompt(
+        injection=Injection(embeds=E[ids] + 1e-4),
+        method="soft",
+        method_config={},
+        task=sst2.spec.portable(),
+        base=base.fingerprint.to_dict(),
+    )
     out = explain(base, prompt, sst2, limit=8, k=2)
     assert out["projected_ids"]["l2"] == ids.tolist() and len(out["tokens"]) == 4
     soft, proj = out["scores"]["soft"], out["scores"]["projected (l2)"]
@@ -271,22 +307,61 @@ def test_explain_recovers_tokens_that_are_vocabulary_embeddings(base, sst2):
 
 def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_file, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "best.safetensors"
-    code, text, err = run(capsys, "search", "templates", "--task", "sst2", "--data-dir", DATA, "--model", model_dir,
-                          "--candidates", candidates_file, "--search-size", 12, "--finalists", 1, "--limit", 8,
-                          "--out", out)
+    code, text, err = run(
+        capsys,
+        "search",
+        "templates",
+        "--task",
+        "sst2",
+        "--data-dir",
+        DATA,
+        "--model",
+        model_dir,
+        "--candidates",
+        candidates_file,
+        "--search-size",
+        12,
+        "--finalists",
+        1,
+        "--limit",
+        8,
+        "--out",
+        out,
+    )
     assert code == 0, err
     assert "best:" in text and "3 templates x 9 verbalizers" in text and out.exists()
     code, text, _ = run(capsys, "info", out, "--json")
     d = json.loads(text)
     assert d["method"] == "hard" and d["parameters_saved"] == 0 and d["metrics"]["dev"]["n"] == 8
-    code, text, _ = run(capsys, "eval", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--prompt", out,
-                        "--limit", 8)
+    code, text, _ = run(
+        capsys, "eval", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--prompt", out, "--limit", 8
+    )
     assert code == 0 and json.loads(text)["accuracy"] == pytest.approx(d["metrics"]["dev"]["accuracy"])
 
     auto = tmp_path / "auto.safetensors"
     flags = [x for k, v in TINY_AUTOPROMPT.items() for x in (f"--{k.replace('_', '-')}", v)]
-    code, text, err = run(capsys, "search", "autoprompt", "--task", "sst2", "--data-dir", DATA, "--model", model_dir,
-                          "--start", out, "--limit", 8, "--out", auto, "--restarts", 2, "--select-rows", 8, *flags)
+    code, text, err = run(
+        capsys,
+        "search",
+        "autoprompt",
+        "--task",
+        "sst2",
+        "--data-dir",
+        DATA,
+        "--model",
+        model_dir,
+        "--start",
+        out,
+        "--limit",
+        8,
+        "--out",
+        auto,
+        "--restarts",
+        2,
+        "--select-rows",
+        8,
+        *flags,
+    )
     assert code == 0, err
     p = sp.load_prompt(auto)
     assert p.method == "hard" and p.spec.template.startswith(sp.load_prompt(out).spec.template)
@@ -296,8 +371,13 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
 
     base = sp.load_base(model_dir)
     soft = tmp_path / "soft.safetensors"
-    sp.Prompt(injection=Injection(embeds=torch.randn(3, base.hidden_size)), method="soft", method_config={},
-              task=p.task, base=base.fingerprint.to_dict()).save(soft)
+    sp.Prompt(
+        injection=Injection(embeds=torch.randn(3, base.hidden_size)),
+        method="soft",
+        method_config={},
+        task=p.task,
+        base=base.fingerprint.to_dict(),
+    ).save(soft)
     code, text, err = run(capsys, "explain", soft, "--model", model_dir, "--data-dir", DATA, "--limit", 8, "--top-k", 2)
     assert code == 0, err
     assert "projected (cosine)" in text and "dev soft: accuracy" in text

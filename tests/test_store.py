@@ -8,24 +8,15 @@ import pickle
 
 import pytest
 import torch
+from helpers import build_tiny, random_soft_prompt
 
 import softprompt as sp
 from softprompt.errors import ConfigError, PromptFileError, StorageError
-from softprompt.injection import Injection
 from softprompt.store import Store, info
-
-from conftest import build_tiny
-
-
-def make_prompt(base, sst2, **kw) -> sp.Prompt:
-    return sp.Prompt(injection=Injection(embeds=torch.randn(5, base.hidden_size)), method="soft",
-                     method_config={"num_virtual_tokens": 5, "init": "random", "init_text": None},
-                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), trainable_parameters=5 * 64,
-                     base_parameters=base.num_parameters(), base_bytes=base.num_bytes(), **kw)
 
 
 def test_metadata_round_trip(base, sst2, tmp_path):
-    p = make_prompt(base, sst2, metrics={"dev": {"accuracy": 0.9}})
+    p = random_soft_prompt(base, sst2.spec, metrics={"dev": {"accuracy": 0.9}})
     path = p.save(tmp_path / "sst2")
     assert path.name == "sst2.safetensors"
     q = sp.load_prompt(path, base)
@@ -42,7 +33,7 @@ def test_metadata_round_trip(base, sst2, tmp_path):
 def test_prompt_for_another_base_model_is_refused_naming_both(tokenizer, sst2, tmp_path):
     a = build_tiny("llama", tokenizer, seed=0)
     b = build_tiny("llama", tokenizer, seed=1)  # same architecture, other weights
-    path = make_prompt(a, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(a, sst2.spec).save(tmp_path / "p")
     with pytest.raises(PromptFileError) as e:
         sp.load_prompt(path, b)
     assert a.name in str(e.value) and b.name in str(e.value) and "weights" in str(e.value)
@@ -59,14 +50,17 @@ def test_fingerprint_ignores_dtype_but_not_weights(tokenizer):
     assert a.fingerprint.embedding_sha256 == fa.embedding_sha256
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda b: b[: len(b) // 2], "truncated or corrupted"),
-    (lambda b: b"\x00" * 8 + b[8:], "truncated or corrupted"),
-    (lambda b: pickle.dumps({"embeds": [1.0]}), "pickle"),
-    (lambda b: b"PK\x03\x04" + b[4:], "zip"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated or corrupted"),
+        (lambda b: b"\x00" * 8 + b[8:], "truncated or corrupted"),
+        (lambda b: pickle.dumps({"embeds": [1.0]}), "pickle"),
+        (lambda b: b"PK\x03\x04" + b[4:], "zip"),
+    ],
+)
 def test_corrupted_and_foreign_files_are_refused(base, sst2, tmp_path, mangle, message):
-    path = make_prompt(base, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
     path.write_bytes(mangle(path.read_bytes()))
     with pytest.raises(PromptFileError, match=message):
         sp.load_prompt(path, base)
@@ -84,7 +78,7 @@ def test_pickle_is_never_unpickled(tmp_path, monkeypatch):
 def test_newer_format_version_is_refused(base, sst2, tmp_path):
     from softprompt.fileio import read_safetensors, write_safetensors
 
-    path = make_prompt(base, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
     tensors, meta = read_safetensors(path)
     meta["format_version"] = 99
     write_safetensors(path, tensors, meta)
@@ -93,7 +87,7 @@ def test_newer_format_version_is_refused(base, sst2, tmp_path):
 
 
 def test_failed_write_keeps_previous_file(base, sst2, tmp_path, monkeypatch):
-    p = make_prompt(base, sst2)
+    p = random_soft_prompt(base, sst2.spec)
     path = p.save(tmp_path / "p")
     before = path.read_bytes()
 
@@ -102,7 +96,7 @@ def test_failed_write_keeps_previous_file(base, sst2, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(StorageError, match="No space left on device. The previous version is unchanged") as e:
-        make_prompt(base, sst2).save(path)
+        random_soft_prompt(base, sst2.spec).save(path)
     assert "free disk space" in e.value.fix
     assert path.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == [path.name]  # no temp file left behind
@@ -117,8 +111,8 @@ def test_store_names_cannot_escape(tmp_path):
 
 def test_store_list_load_remove(base, sst2, tmp_path):
     store = Store(tmp_path)
-    store.save("sst2", make_prompt(base, sst2))
-    store.save("other", make_prompt(base, sst2))
+    store.save("sst2", random_soft_prompt(base, sst2.spec))
+    store.save("other", random_soft_prompt(base, sst2.spec))
     assert store.names() == ["other", "sst2"]
     assert store.load("sst2", base).method == "soft"
     store.remove("other")
@@ -128,9 +122,9 @@ def test_store_list_load_remove(base, sst2, tmp_path):
 
 
 def test_metadata_is_plain_json_in_the_safetensors_header(base, sst2, tmp_path):
-    path = make_prompt(base, sst2).save(tmp_path / "p")
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
     raw = path.read_bytes()
-    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     meta = json.loads(header["__metadata__"]["softprompt"])
     assert meta["format_version"] == 1 and meta["base"]["config_hash"] == base.fingerprint.config_hash
 
@@ -138,7 +132,7 @@ def test_metadata_is_plain_json_in_the_safetensors_header(base, sst2, tmp_path):
 def test_a_header_length_starting_with_pickles_magic_byte_still_loads(base, sst2, tmp_path):
     # the first byte of a safetensors file is the low byte of its header length; 0x80 is also pickle's magic
     for n in range(300):
-        path = make_prompt(base, sst2, metrics={"pad": "x" * n}).save(tmp_path / "p")
+        path = random_soft_prompt(base, sst2.spec, metrics={"pad": "x" * n}).save(tmp_path / "p")
         if path.read_bytes()[:1] == b"\x80":
             break
     else:

@@ -14,8 +14,17 @@ from softprompt.train import CHECKPOINT, Trainer
 
 
 def cfg(**kw):
-    base = dict(steps=6, batch_size=2, lr=5e-2, eval_every=3, eval_limit=8, final_eval=False, progress=False,
-                checkpoint_every=2, log_every=1)
+    base = dict(
+        steps=6,
+        batch_size=2,
+        lr=5e-2,
+        eval_every=3,
+        eval_limit=8,
+        final_eval=False,
+        progress=False,
+        checkpoint_every=2,
+        log_every=1,
+    )
     base.update(kw)
     return sp.TrainConfig(**base)
 
@@ -90,8 +99,14 @@ def test_gradient_checkpointing_gives_the_same_training(base, sst2, tmp_path, na
     calls = _count_attention_calls(base)
     plain = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0), run_dir=tmp_path / "a")
     plain_calls, calls["n"] = calls["n"], 0
-    ckpt = sp.train(base, sst2, name, method_cfg(name), cfg(steps=3, eval_every=0, gradient_checkpointing=True),
-                    run_dir=tmp_path / "b")
+    ckpt = sp.train(
+        base,
+        sst2,
+        name,
+        method_cfg(name),
+        cfg(steps=3, eval_every=0, gradient_checkpointing=True),
+        run_dir=tmp_path / "b",
+    )
     assert calls["n"] - plain_calls == 3 * n_layers  # each training forward's layers were recomputed in backward
     for k, v in plain.method.state_dict().items():
         torch.testing.assert_close(ckpt.method.state_dict()[k], v, rtol=1e-5, atol=1e-6)
@@ -110,8 +125,14 @@ def test_run_records(base, sst2, tmp_path):
 
 
 def test_adafactor_and_cosine_schedule_train(base, sst2, tmp_path):
-    result = sp.train(base, sst2, "soft", method_cfg("soft"),
-                      cfg(optimizer="adafactor", scheduler="cosine", lr=0.3, warmup_steps=2, eval_every=0), run_dir=tmp_path)
+    result = sp.train(
+        base,
+        sst2,
+        "soft",
+        method_cfg("soft"),
+        cfg(optimizer="adafactor", scheduler="cosine", lr=0.3, warmup_steps=2, eval_every=0),
+        run_dir=tmp_path,
+    )
     init = Trainer(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=None).method.collapse().embeds
     assert not torch.equal(result.prompt.injection.embeds, init)
     assert result.prompt.train["optimizer"] == "adafactor" and result.prompt.train["lr"] == 0.3

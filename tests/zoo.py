@@ -49,18 +49,49 @@ HEAD_DIM = HIDDEN // HEADS
 INTERMEDIATE = 128
 LAYERS = 2
 MAX_POS = 512
-WINDOW = 4          # sliding window (tokens) of models that mix sliding and full layers
+WINDOW = 4  # sliding window (tokens) of models that mix sliding and full layers
 # Models whose every layer slides see only 2 x (window - 1) tokens back through 2 layers; a window of 4 would leave a
 # prompt in front of a 10-token input without any effect on the label word (gradient exactly 0, correctly so).
 ALL_SLIDING_WINDOW = 12
-CHUNK = 4           # Llama 4 attention chunk (tokens)
+CHUNK = 4  # Llama 4 attention chunk (tokens)
 EXPERTS, TOP_K, EXPERT_WIDTH = 4, 2, 32
 
 CAUSAL: tuple[str, ...] = (
-    "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral",
-    "gemma", "gemma2", "gemma3", "gpt_oss", "llama4", "phi3", "gpt_neox", "falcon", "opt", "gptj",
-    "bloom", "gpt2", "gpt_bigcode", "olmo2", "granite", "cohere", "jamba", "falcon_h1", "qwen3_next",
-    "mamba", "starcoder2", "phi", "stablelm", "cohere2", "olmo3", "smollm3", "exaone4", "mamba2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gpt_oss",
+    "llama4",
+    "phi3",
+    "gpt_neox",
+    "falcon",
+    "opt",
+    "gptj",
+    "bloom",
+    "gpt2",
+    "gpt_bigcode",
+    "olmo2",
+    "granite",
+    "cohere",
+    "jamba",
+    "falcon_h1",
+    "qwen3_next",
+    "mamba",
+    "starcoder2",
+    "phi",
+    "stablelm",
+    "cohere2",
+    "olmo3",
+    "smollm3",
+    "exaone4",
+    "mamba2",
 )
 SEQ2SEQ: tuple[str, ...] = ("t5", "bart", "mt5", "mbart")
 ENCODER: tuple[str, ...] = ("bert", "roberta", "deberta-v2", "modernbert")
@@ -119,9 +150,17 @@ def _ids(eos: int, pad: int) -> dict:
 
 def _decoder(vocab: int, eos: int, pad: int, **kw) -> dict:
     """Llama-style keyword arguments shared by most modern decoders."""
-    base = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                max_position_embeddings=MAX_POS, **_ids(eos, pad))
+    base = dict(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POS,
+        **_ids(eos, pad),
+    )
     base.update(kw)
     return base
 
@@ -144,103 +183,253 @@ def config_for(arch: str, vocab_size: int, eos_token_id: int, pad_token_id: int)
     if arch == "qwen3":
         return T.Qwen3Config(**_decoder(v, e, p, tie_word_embeddings=True))
     if arch == "qwen2_moe":
-        return T.Qwen2MoeConfig(**_decoder(v, e, p, num_experts=EXPERTS, moe_intermediate_size=EXPERT_WIDTH,
-                                           shared_expert_intermediate_size=2 * EXPERT_WIDTH, **moe))
+        return T.Qwen2MoeConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                num_experts=EXPERTS,
+                moe_intermediate_size=EXPERT_WIDTH,
+                shared_expert_intermediate_size=2 * EXPERT_WIDTH,
+                **moe,
+            )
+        )
     if arch == "qwen3_moe":
-        return T.Qwen3MoeConfig(**_decoder(v, e, p, num_local_experts=EXPERTS, moe_intermediate_size=EXPERT_WIDTH,
-                                           **moe))
+        return T.Qwen3MoeConfig(
+            **_decoder(v, e, p, num_local_experts=EXPERTS, moe_intermediate_size=EXPERT_WIDTH, **moe)
+        )
     if arch == "mixtral":
         return T.MixtralConfig(**_decoder(v, e, p, num_local_experts=EXPERTS, intermediate_size=EXPERT_WIDTH, **moe))
     if arch == "gemma":
         return T.GemmaConfig(**_decoder(v, e, p))
     if arch == "gemma2":
         # eager: Gemma2PreTrainedModel._supports_sdpa is False (SDPA cannot soft-cap attention logits)
-        return T.Gemma2Config(**_decoder(v, e, p, sliding_window=WINDOW, layer_types=sliding_full,
-                                         query_pre_attn_scalar=HEAD_DIM))
+        return T.Gemma2Config(
+            **_decoder(v, e, p, sliding_window=WINDOW, layer_types=sliding_full, query_pre_attn_scalar=HEAD_DIM)
+        )
     if arch == "gemma3":
-        return T.Gemma3TextConfig(**_decoder(v, e, p, sliding_window=WINDOW, layer_types=sliding_full,
-                                             query_pre_attn_scalar=HEAD_DIM))
+        return T.Gemma3TextConfig(
+            **_decoder(v, e, p, sliding_window=WINDOW, layer_types=sliding_full, query_pre_attn_scalar=HEAD_DIM)
+        )
     if arch == "gpt_oss":
         # eager: GptOssPreTrainedModel._supports_sdpa is False (learned attention sinks, one per head)
-        return T.GptOssConfig(**_decoder(v, e, p, intermediate_size=EXPERT_WIDTH, num_local_experts=EXPERTS,
-                                         sliding_window=WINDOW, layer_types=sliding_full,
-                                         rope_parameters={"rope_type": "default", "rope_theta": 150000.0}, **moe))
+        return T.GptOssConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                intermediate_size=EXPERT_WIDTH,
+                num_local_experts=EXPERTS,
+                sliding_window=WINDOW,
+                layer_types=sliding_full,
+                rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+                **moe,
+            )
+        )
     if arch == "llama4":
         # no_rope_layer_interval=2: layer 0 is chunked attention with RoPE, layer 1 full attention without (NoPE)
-        return T.Llama4TextConfig(**_decoder(v, e, p, intermediate_size=EXPERT_WIDTH,
-                                             intermediate_size_mlp=INTERMEDIATE,
-                                             num_local_experts=EXPERTS, attention_chunk_size=CHUNK,
-                                             no_rope_layer_interval=2, **moe))
+        return T.Llama4TextConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                intermediate_size=EXPERT_WIDTH,
+                intermediate_size_mlp=INTERMEDIATE,
+                num_local_experts=EXPERTS,
+                attention_chunk_size=CHUNK,
+                no_rope_layer_interval=2,
+                **moe,
+            )
+        )
     if arch == "phi3":
-        return T.Phi3Config(**_decoder(v, e, p, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                  "partial_rotary_factor": 0.75}))
+        return T.Phi3Config(
+            **_decoder(
+                v, e, p, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+            )
+        )
     if arch == "gpt_neox":
-        return T.GPTNeoXConfig(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                               intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                "partial_rotary_factor": 0.25}, **_ids(e, p))
+        return T.GPTNeoXConfig(
+            vocab_size=v,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            **_ids(e, p),
+        )
     if arch == "falcon":
         # new decoder architecture: parallel attention + MLP, num_kv_heads=1 (multi-query), rotary
-        return T.FalconConfig(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                              num_kv_heads=1, new_decoder_architecture=True, parallel_attn=True, alibi=False,
-                              ffn_hidden_size=INTERMEDIATE, max_position_embeddings=MAX_POS, **_ids(e, p))
+        return T.FalconConfig(
+            vocab_size=v,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_kv_heads=1,
+            new_decoder_architecture=True,
+            parallel_attn=True,
+            alibi=False,
+            ffn_hidden_size=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            **_ids(e, p),
+        )
     if arch == "opt":
-        return T.OPTConfig(vocab_size=v, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
-                           num_attention_heads=HEADS, ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS,
-                           **_ids(e, p))
+        return T.OPTConfig(
+            vocab_size=v,
+            hidden_size=HIDDEN,
+            word_embed_proj_dim=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            ffn_dim=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            **_ids(e, p),
+        )
     if arch == "gptj":
-        return T.GPTJConfig(vocab_size=v, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
-                            rotary_dim=HEAD_DIM // 2, n_positions=MAX_POS, **_ids(e, p))
+        return T.GPTJConfig(
+            vocab_size=v,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_inner=INTERMEDIATE,
+            rotary_dim=HEAD_DIM // 2,
+            n_positions=MAX_POS,
+            **_ids(e, p),
+        )
     if arch == "bloom":
         # eager: Bloom does not declare SDPA support (ALiBi bias built from the attention mask)
         return T.BloomConfig(vocab_size=v, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **_ids(e, p))
     if arch == "gpt2":
-        return T.GPT2Config(vocab_size=v, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
-                            n_positions=MAX_POS, **_ids(e, p))
+        return T.GPT2Config(
+            vocab_size=v,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_inner=INTERMEDIATE,
+            n_positions=MAX_POS,
+            **_ids(e, p),
+        )
     if arch == "gpt_bigcode":
-        return T.GPTBigCodeConfig(vocab_size=v, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
-                                  n_positions=MAX_POS, multi_query=True, **_ids(e, p))
+        return T.GPTBigCodeConfig(
+            vocab_size=v,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_inner=INTERMEDIATE,
+            n_positions=MAX_POS,
+            multi_query=True,
+            **_ids(e, p),
+        )
     if arch == "olmo2":
         return T.Olmo2Config(**_decoder(v, e, p))
     if arch == "granite":
         # Granite 3 style multipliers, so scaled embeddings / residuals / logits are exercised
-        return T.GraniteConfig(**_decoder(v, e, p, tie_word_embeddings=True, embedding_multiplier=12.0,
-                                          residual_multiplier=0.22, attention_multiplier=1 / HEAD_DIM,
-                                          logits_scaling=4.0))
+        return T.GraniteConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                tie_word_embeddings=True,
+                embedding_multiplier=12.0,
+                residual_multiplier=0.22,
+                attention_multiplier=1 / HEAD_DIM,
+                logits_scaling=4.0,
+            )
+        )
     if arch == "cohere":
         return T.CohereConfig(**_decoder(v, e, p))
     if arch == "jamba":
         # layer 0 Mamba (dense MLP), layer 1 attention (MoE MLP); Jamba attention layers have no positions
-        return T.JambaConfig(**_decoder(v, e, p, num_experts=EXPERTS, intermediate_size=INTERMEDIATE,
-                                        attn_layer_period=2, attn_layer_offset=1,
-                                        expert_layer_period=2, expert_layer_offset=1,
-                                        mamba_d_state=8, mamba_d_conv=2, mamba_expand=2,
-                                        mamba_dt_rank=8, **moe))
+        return T.JambaConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                num_experts=EXPERTS,
+                intermediate_size=INTERMEDIATE,
+                attn_layer_period=2,
+                attn_layer_offset=1,
+                expert_layer_period=2,
+                expert_layer_offset=1,
+                mamba_d_state=8,
+                mamba_d_conv=2,
+                mamba_expand=2,
+                mamba_dt_rank=8,
+                **moe,
+            )
+        )
     if arch == "falcon_h1":
-        return T.FalconH1Config(**_decoder(v, e, p, mamba_d_ssm=HIDDEN, mamba_n_heads=4, mamba_d_head=HIDDEN // 4,
-                                           mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=2, mamba_expand=1,
-                                           mamba_chunk_size=8))
+        return T.FalconH1Config(
+            **_decoder(
+                v,
+                e,
+                p,
+                mamba_d_ssm=HIDDEN,
+                mamba_n_heads=4,
+                mamba_d_head=HIDDEN // 4,
+                mamba_n_groups=1,
+                mamba_d_state=8,
+                mamba_d_conv=2,
+                mamba_expand=1,
+                mamba_chunk_size=8,
+            )
+        )
     if arch == "qwen3_next":
-        return T.Qwen3NextConfig(**_decoder(v, e, p, layer_types=["linear_attention", "full_attention"],
-                                            linear_key_head_dim=HEAD_DIM, linear_value_head_dim=HEAD_DIM,
-                                            linear_num_key_heads=2, linear_num_value_heads=4,
-                                            num_experts=EXPERTS, moe_intermediate_size=EXPERT_WIDTH,
-                                            shared_expert_intermediate_size=EXPERT_WIDTH, **moe))
+        return T.Qwen3NextConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                layer_types=["linear_attention", "full_attention"],
+                linear_key_head_dim=HEAD_DIM,
+                linear_value_head_dim=HEAD_DIM,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                num_experts=EXPERTS,
+                moe_intermediate_size=EXPERT_WIDTH,
+                shared_expert_intermediate_size=EXPERT_WIDTH,
+                **moe,
+            )
+        )
     if arch == "mamba":
         # no attention; "eager" is nominal. Sequential selective scan on CPU (no mamba_ssm / causal_conv1d)
-        return T.MambaConfig(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=8, conv_kernel=2,
-                             expand=2, time_step_rank=8, **_ids(e, p))
+        return T.MambaConfig(
+            vocab_size=v,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            state_size=8,
+            conv_kernel=2,
+            expand=2,
+            time_step_rank=8,
+            **_ids(e, p),
+        )
     if arch == "mamba2":
         # no attention; "eager" is nominal. Chunked torch SSD path on CPU
-        return T.Mamba2Config(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_heads=4,
-                              head_dim=2 * HIDDEN // 4, expand=2, n_groups=1, state_size=8, conv_kernel=2,
-                              chunk_size=8, time_step_rank=8, **_ids(e, p))
+        return T.Mamba2Config(
+            vocab_size=v,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_heads=4,
+            head_dim=2 * HIDDEN // 4,
+            expand=2,
+            n_groups=1,
+            state_size=8,
+            conv_kernel=2,
+            chunk_size=8,
+            time_step_rank=8,
+            **_ids(e, p),
+        )
     if arch == "starcoder2":
         return T.Starcoder2Config(**_decoder(v, e, p, sliding_window=ALL_SLIDING_WINDOW))
     if arch == "phi":
-        return T.PhiConfig(**_decoder(v, e, p, num_key_value_heads=HEADS,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                       "partial_rotary_factor": 0.5}))
+        return T.PhiConfig(
+            **_decoder(
+                v,
+                e,
+                p,
+                num_key_value_heads=HEADS,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            )
+        )
     if arch == "stablelm":
         return T.StableLmConfig(**_decoder(v, e, p))
     if arch == "cohere2":
@@ -253,27 +442,66 @@ def config_for(arch: str, vocab_size: int, eos_token_id: int, pad_token_id: int)
         return T.SmolLM3Config(**_decoder(v, e, p, no_rope_layers=[1, 0]))
     if arch == "exaone4":
         # sliding layers use RoPE, full layers none
-        return T.Exaone4Config(**_decoder(v, e, p, sliding_window=WINDOW, sliding_window_pattern=2,
-                                          layer_types=sliding_full))
+        return T.Exaone4Config(
+            **_decoder(v, e, p, sliding_window=WINDOW, sliding_window_pattern=2, layer_types=sliding_full)
+        )
 
     if arch == "t5":
-        return T.T5Config(vocab_size=v, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=INTERMEDIATE, num_layers=LAYERS,
-                          num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
-                          relative_attention_max_distance=32, eos_token_id=e, pad_token_id=p, decoder_start_token_id=p)
+        return T.T5Config(
+            vocab_size=v,
+            d_model=HIDDEN,
+            d_kv=HEAD_DIM,
+            d_ff=INTERMEDIATE,
+            num_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            num_heads=HEADS,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            eos_token_id=e,
+            pad_token_id=p,
+            decoder_start_token_id=p,
+        )
     if arch == "mt5":
-        return T.MT5Config(vocab_size=v, d_model=HIDDEN, d_kv=HEAD_DIM, d_ff=INTERMEDIATE, num_layers=LAYERS,
-                           num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
-                           relative_attention_max_distance=32, eos_token_id=e, pad_token_id=p,
-                           decoder_start_token_id=p)  # MT5Config forces tie_word_embeddings=True
+        return T.MT5Config(
+            vocab_size=v,
+            d_model=HIDDEN,
+            d_kv=HEAD_DIM,
+            d_ff=INTERMEDIATE,
+            num_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            num_heads=HEADS,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            eos_token_id=e,
+            pad_token_id=p,
+            decoder_start_token_id=p,
+        )  # MT5Config forces tie_word_embeddings=True
     if arch in ("bart", "mbart"):
         cls = T.BartConfig if arch == "bart" else T.MBartConfig
-        return cls(vocab_size=v, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                   encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTERMEDIATE,
-                   decoder_ffn_dim=INTERMEDIATE, max_position_embeddings=MAX_POS, decoder_start_token_id=e,
-                   forced_eos_token_id=e, **_ids(e, p))
+        return cls(
+            vocab_size=v,
+            d_model=HIDDEN,
+            encoder_layers=LAYERS,
+            decoder_layers=LAYERS,
+            encoder_attention_heads=HEADS,
+            decoder_attention_heads=HEADS,
+            encoder_ffn_dim=INTERMEDIATE,
+            decoder_ffn_dim=INTERMEDIATE,
+            max_position_embeddings=MAX_POS,
+            decoder_start_token_id=e,
+            forced_eos_token_id=e,
+            **_ids(e, p),
+        )
 
-    enc = dict(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS, **_ids(e, p))
+    enc = dict(
+        vocab_size=v,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS,
+        **_ids(e, p),
+    )
     if arch == "bert":
         return T.BertConfig(**enc)
     if arch == "roberta":
@@ -283,8 +511,13 @@ def config_for(arch: str, vocab_size: int, eos_token_id: int, pad_token_id: int)
         # eager: DeBERTa-v2 does not declare SDPA support (disentangled relative attention)
         return T.DebertaV2Config(**enc, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"])
     if arch == "modernbert":
-        return T.ModernBertConfig(**enc, cls_token_id=e, sep_token_id=e, local_attention=WINDOW,
-                                  layer_types=["full_attention", "sliding_attention"])
+        return T.ModernBertConfig(
+            **enc,
+            cls_token_id=e,
+            sep_token_id=e,
+            local_attention=WINDOW,
+            layer_types=["full_attention", "sliding_attention"],
+        )
     raise KeyError(f"unknown zoo architecture {arch!r}; known: {', '.join(ALL)}")
 
 
@@ -299,7 +532,7 @@ def auto_class(arch: str):
 
 
 def attn_implementation(arch: str, config=None) -> str:
-    """"sdpa" where the model class supports it, else "eager" (also for attention-free Mamba / Mamba-2)."""
+    """ "sdpa" where the model class supports it, else "eager" (also for attention-free Mamba / Mamba-2)."""
     auto = auto_class(arch)
     config = config if config is not None else config_for(arch, 64, 0, 0)
     model_cls = auto._model_mapping[type(config)]

@@ -45,12 +45,17 @@ class Options:
 
 # --- hard prompt -----------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class HardConfig(Options):
-    template: str = field(default="search", metadata={
-        "help": "'search': the best of the task's built-in candidate templates and label words, ranked on a search "
-                "split carved from train (`softprompt search templates`); 'default': the task's own template; or a "
-                "template string with the task's {fields}"})
+    template: str = field(
+        default="search",
+        metadata={
+            "help": "'search': the best of the task's built-in candidate templates and label words, ranked on a search "
+            "split carved from train (`softprompt search templates`); 'default': the task's own template; or a "
+            "template string with the task's {fields}"
+        },
+    )
     search_size: int = field(default=256, metadata={"help": "train rows the template search ranks on"})
 
 
@@ -63,13 +68,15 @@ def hard_prompt_spec(base, task: Task, config: HardConfig, seed: int = 0) -> Tas
 
         if not task.spec.is_classification or Candidates.builtin_path(task.spec) is None:
             return task.spec  # nothing to search (generation, or no built-in candidates); the record names the template
-        ranking, _ = rank_templates(base, task, Candidates.load(None, task.spec), config.search_size, seed,
-                                    progress=False)
+        ranking, _ = rank_templates(
+            base, task, Candidates.load(None, task.spec), config.search_size, seed, progress=False
+        )
         return ranking[0].spec
     return dataclasses.replace(task.spec, template=config.template)
 
 
 # --- full finetuning -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class FullConfig(Options):
@@ -108,6 +115,7 @@ class FullFinetune(PromptMethod):
 
 # --- PEFT ------------------------------------------------------------------------------------------------------------
 
+
 class PeftMethod(PromptMethod):
     """A PEFT model trained with PEFT's own forward and loss; the base model is wrapped (LoRA: changed in place)."""
 
@@ -118,9 +126,11 @@ class PeftMethod(PromptMethod):
         from ..peft_format import TASK_TYPES
 
         if TASK_TYPES[ctx.base.family.name] != "CAUSAL_LM":
-            raise ConfigError(f"The PEFT baseline '{self.name}' is trained like a PEFT causal-LM user trains it; the base "
-                              f"model '{ctx.base.name}' is a {ctx.base.family.name} model.",
-                              "leave PEFT cells out of the grid for this model (keep softprompt's methods).")
+            raise ConfigError(
+                f"The PEFT baseline '{self.name}' is trained like a PEFT causal-LM user trains it; the base "
+                f"model '{ctx.base.name}' is a {ctx.base.family.name} model.",
+                "leave PEFT cells out of the grid for this model (keep softprompt's methods).",
+            )
         self.peft = get_peft_model(ctx.base.model, self.peft_config(ctx))
         self.pad_id = ctx.base.tokenizer.pad_token_id
 
@@ -149,14 +159,14 @@ class PeftMethod(PromptMethod):
 
 def _right_padded(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels), each (B, T): every row's prompt and target tokens from column 0 on."""
-    seqs = [e.source[:e.slot] + e.target for e in batch]
+    seqs = [e.source[: e.slot] + e.target for e in batch]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for i, (s, e) in enumerate(zip(seqs, batch)):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-        labels[i, len(s) - len(e.target):len(s)] = torch.tensor(e.target)
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        labels[i, len(s) - len(e.target) : len(s)] = torch.tensor(e.target)
     return ids, mask, labels
 
 
@@ -174,7 +184,8 @@ class PeftEmbeddingsMethod(PeftMethod):
         if self.copies_init():
             with torch.no_grad():
                 self.peft.prompt_encoder["default"].embedding.weight.copy_(
-                    ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text))  # (P, D)
+                    ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text)
+                )  # (P, D)
 
     def copies_init(self) -> bool:
         return True
@@ -188,9 +199,13 @@ PEFT_PROMPT_INITS = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"
 
 @dataclass
 class PeftPromptConfig(SoftPromptConfig):
-    copy_init: bool = field(default=False, metadata={
-        "help": "start from softprompt's initial prompt for this init and seed instead of PEFT's own "
-                "PromptTuningInit (always so for init labels, which PEFT lacks)"})
+    copy_init: bool = field(
+        default=False,
+        metadata={
+            "help": "start from softprompt's initial prompt for this init and seed instead of PEFT's own "
+            "PromptTuningInit (always so for init labels, which PEFT lacks)"
+        },
+    )
 
 
 class PeftPrompt(PeftEmbeddingsMethod):
@@ -209,19 +224,25 @@ class PeftPrompt(PeftEmbeddingsMethod):
         c = self.config
         init = "RANDOM" if self.copies_init() else PEFT_PROMPT_INITS[c.init]
         # PEFT's TEXT init reloads the tokenizer from its path
-        text = {"prompt_tuning_init_text": c.init_text,
-                "tokenizer_name_or_path": ctx.base.tokenizer.name_or_path} if init == "TEXT" else {}
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=c.num_virtual_tokens,
-                                  prompt_tuning_init=init, **text)
+        text = (
+            {"prompt_tuning_init_text": c.init_text, "tokenizer_name_or_path": ctx.base.tokenizer.name_or_path}
+            if init == "TEXT"
+            else {}
+        )
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=c.num_virtual_tokens, prompt_tuning_init=init, **text
+        )
 
 
 @dataclass
 class PeftPrefixConfig(MethodConfig):
     num_virtual_tokens: int = field(default=10, metadata={"help": "number of virtual tokens P"})
-    prefix_hidden: int = field(default=512, metadata={"help": "width of the reparametrization MLP (PEFT "
-                                                              "encoder_hidden_size)"})
-    projection: bool = field(default=True, metadata={"help": "PEFT prefix_projection (the MLP); false: direct "
-                                                             "per-layer prefixes"})
+    prefix_hidden: int = field(
+        default=512, metadata={"help": "width of the reparametrization MLP (PEFT encoder_hidden_size)"}
+    )
+    projection: bool = field(
+        default=True, metadata={"help": "PEFT prefix_projection (the MLP); false: direct per-layer prefixes"}
+    )
 
 
 class PeftPrefix(PeftMethod):
@@ -236,12 +257,18 @@ class PeftPrefix(PeftMethod):
         from peft import PrefixTuningConfig, TaskType
 
         c = self.config
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=c.num_virtual_tokens,
-                                  encoder_hidden_size=c.prefix_hidden, prefix_projection=c.projection)
+        return PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=c.num_virtual_tokens,
+            encoder_hidden_size=c.prefix_hidden,
+            prefix_projection=c.projection,
+        )
 
     def forward(self) -> Injection:
         cache = self.peft.get_prompt(batch_size=1)
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # (L, 2, H_kv, P, hd)
+        kv = torch.stack(
+            [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+        )  # (L, 2, H_kv, P, hd)
         # PEFT puts the prefix in the cache, so the text's positions start after it
         return Injection(kv=kv, kv_positions=kv.shape[3])
 
@@ -260,17 +287,21 @@ class PeftPTuning(PeftEmbeddingsMethod):
         from peft import PromptEncoderConfig, TaskType
 
         c = self.config
-        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=c.num_virtual_tokens,
-                                   encoder_reparameterization_type=c.encoder.upper(),
-                                   encoder_hidden_size=c.encoder_hidden or ctx.hidden_size)
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=c.num_virtual_tokens,
+            encoder_reparameterization_type=c.encoder.upper(),
+            encoder_hidden_size=c.encoder_hidden or ctx.hidden_size,
+        )
 
 
 @dataclass
 class LoraOptions(Options):
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: PEFT's "
-                                                                               "per-architecture choice, q/v proj)"})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "modules to adapt (default: PEFT's per-architecture choice, q/v proj)"}
+    )
 
     def __post_init__(self):
         check_at_least(self, 1, "r")
@@ -288,12 +319,14 @@ class PeftLora(PeftMethod):
         from peft import LoraConfig, TaskType
 
         c = self.config
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=c.r, lora_alpha=c.alpha, lora_dropout=0.0,
-                          target_modules=c.target_modules)
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=c.r, lora_alpha=c.alpha, lora_dropout=0.0, target_modules=c.target_modules
+        )
 
     def forward(self) -> Injection:
         return EMPTY  # the LoRA layers live inside the base model
 
 
-BASELINES: dict[str, type[PromptMethod]] = {m.name: m for m in (FullFinetune, PeftPrompt, PeftPrefix, PeftPTuning,
-                                                                PeftLora)}
+BASELINES: dict[str, type[PromptMethod]] = {
+    m.name: m for m in (FullFinetune, PeftPrompt, PeftPrefix, PeftPTuning, PeftLora)
+}

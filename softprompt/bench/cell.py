@@ -31,7 +31,7 @@ from ..evaluate import evaluate, primary_metric
 from ..fileio import atomic_write_text
 from ..injection import EMPTY
 from ..methods import METHODS, build_method
-from ..train import Trainer, TrainConfig, init_context, peak_memory_bytes
+from ..train import TrainConfig, Trainer, init_context, peak_memory_bytes
 from .baselines import BASELINES, HardConfig, PeftMethod, hard_prompt_spec
 
 DEV_SEED = 0  # seed of the fixed dev subset, whatever the training seed
@@ -136,8 +136,14 @@ def build_trainable(cell: Cell, base, task):
 def _zero_shot(base, task, cell: Cell, results: Path) -> dict:
     """The task's template scored without a prompt on the dev subset; computed once per task and model."""
     path = Path(results) / "zero_shot" / f"{cell.task}.json"
-    key = {"model": cell.model, "dtype": cell.dtype, "device": cell.device, "task": cell.task,
-           "dev_limit": cell.dev_limit, "dev_seed": DEV_SEED}
+    key = {
+        "model": cell.model,
+        "dtype": cell.dtype,
+        "device": cell.device,
+        "task": cell.task,
+        "dev_limit": cell.dev_limit,
+        "dev_seed": DEV_SEED,
+    }
     if path.exists():
         cached = json.loads(path.read_text())
         if cached["key"] == key:
@@ -181,62 +187,117 @@ def run_cell(cell: Cell, results: str | Path, isolated: bool = False, task=None)
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(base.device)
     task = task or cell.load_task()
-    metric = primary_metric(task.spec)
     zero_shot = _zero_shot(base, task, cell, results)
-    spec, trainer = task.spec, None
-    if cell.kind == "hard":
-        hard = HardConfig.from_dict(cell.config)
-        spec = hard_prompt_spec(base, task, hard, cell.seed)
-        injection, config = EMPTY, {**hard.to_dict(), "chosen_template": spec.template, "chosen_labels": spec.labels}
-        dev = zero_shot if spec is task.spec else evaluate(base, task, None, limit=cell.dev_limit, spec=spec,
-                                                          seed=DEV_SEED)
-        params, saved, file_bytes, lr = 0, 0, len(spec.template.encode()), None  # the "file" is the template
-    else:
-        options = {**cell.train, "steps": cell.steps, "lr": cell.lr, "seed": cell.seed, "eval_limit": cell.dev_limit,
-                   "final_eval": False, "checkpoint_every": 0, "progress": False}
-        trainable = build_trainable(cell, base, task)
-        trainer = BenchTrainer(base, task, config=TrainConfig(**options), trainable=trainable, eval_seed=DEV_SEED)
-        trainer.run()
-        # the run's history, as `softprompt train` writes it (without its curves: the report draws them)
-        atomic_write_text(results / "runs" / cell.id / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in trainer.history))
-        final = [r["eval"] for r in trainer.history if "eval" in r and r["step"] == cell.steps]
-        dev = final[0] if final else trainer.evaluate(trainable.collapse(), cell.dev_limit)
-        injection, config, lr = trainable.collapse(), trainable.config.to_dict(), trainer.config.lr
-        params = trainable.num_trainable()
-        saved, file_bytes = _artifact(trainer)
+    run = _hard if cell.kind == "hard" else _trained
+    spec, injection, outcome = run(cell, base, task, zero_shot, results)
     memory = peak_memory_bytes(base.device)
-    latency = _latency(base, task, injection, spec, cell.latency_examples)
     record = {
-        "cell": cell.id, "identity": cell.identity, "spec": asdict(cell),
-        "task": cell.task, "method": cell.method, "kind": cell.kind, "tool": "peft" if cell.kind.startswith("peft") else
-        "softprompt", "pair": cell.pair, "config": config, "init": config.get("init"), "seed": cell.seed,
-        "steps": cell.steps, "lr": lr, "batch_size": trainer.config.batch_size if trainer else None,
-        "metric": metric, "dev": dev, "zero_shot": zero_shot,
-        "dev_best": trainer.best_metric if trainer and trainer.has_eval else None,
-        "trainable_parameters": {"training": params, "saved": saved}, "file_bytes": file_bytes,
+        "cell": cell.id,
+        "identity": cell.identity,
+        "spec": asdict(cell),
+        "task": cell.task,
+        "method": cell.method,
+        "kind": cell.kind,
+        "tool": "peft" if cell.kind.startswith("peft") else "softprompt",
+        "pair": cell.pair,
+        "seed": cell.seed,
+        "steps": cell.steps,
+        "metric": primary_metric(task.spec),
+        "zero_shot": zero_shot,
+        **outcome,
         "peak_memory_bytes": memory,
-        "memory_kind": "cuda max_memory_allocated" if base.device.type == "cuda" else
-        ("ru_maxrss of the cell's own process" if isolated else "ru_maxrss of a shared process (not per cell)"),
-        "latency_seconds_per_example": latency, "latency_examples": cell.latency_examples,
-        "model": base.name, "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-        "versions": _versions(),
+        "memory_kind": "cuda max_memory_allocated"
+        if base.device.type == "cuda"
+        else ("ru_maxrss of the cell's own process" if isolated else "ru_maxrss of a shared process (not per cell)"),
+        "latency_seconds_per_example": _latency(base, task, injection, spec, cell.latency_examples),
+        "latency_examples": cell.latency_examples,
+        **_environment(base),
         "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": time.perf_counter() - t0,
     }
-    if trainer:
-        pure = trainer.train_seconds
-        record.update({"train_seconds": pure, "eval_seconds": trainer.eval_seconds,
-                       "seconds_per_step": pure / cell.steps,
-                       "cpu_seconds_per_step": trainer.train_cpu_seconds / cell.steps, "train_tokens": trainer.tokens,
-                       "tokens_per_second": trainer.tokens / pure, "history": f"runs/{cell.id}/metrics.jsonl"})
-    record["wall_seconds"] = time.perf_counter() - t0
     if isolated:  # the whole process: model loading, zero-shot, training, evaluation, latency
         usage = resource.getrusage(resource.RUSAGE_SELF)
         record["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     atomic_write_text(record_path(results, cell), json.dumps(record, indent=1))
     return record
+
+
+def _environment(base) -> dict:
+    """Where the cell ran: model, device, dtype, threads and package versions."""
+    return {
+        "model": base.name,
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "versions": _versions(),
+    }
+
+
+def _outcome(config: dict, lr, dev: dict, params: int, saved: int, file_bytes: int, trainer=None) -> dict:
+    """A cell's result fields: what ran, its dev metrics, its size, and its training times if it trained."""
+    return {
+        "config": config,
+        "init": config.get("init"),
+        "lr": lr,
+        "batch_size": trainer.config.batch_size if trainer else None,
+        "dev": dev,
+        "dev_best": trainer.best_metric if trainer and trainer.has_eval else None,
+        "trainable_parameters": {"training": params, "saved": saved},
+        "file_bytes": file_bytes,
+    }
+
+
+def _hard(cell: Cell, base, task, zero_shot: dict, results: Path) -> tuple:
+    """A hard-prompt cell (a template search): (its spec, no injection, its outcome)."""
+    hard = HardConfig.from_dict(cell.config)
+    spec = hard_prompt_spec(base, task, hard, cell.seed)
+    config = {**hard.to_dict(), "chosen_template": spec.template, "chosen_labels": spec.labels}
+    dev = zero_shot if spec is task.spec else evaluate(base, task, None, limit=cell.dev_limit, spec=spec, seed=DEV_SEED)
+    return spec, EMPTY, _outcome(config, None, dev, 0, 0, len(spec.template.encode()))  # the "file" is the template
+
+
+def _trained(cell: Cell, base, task, zero_shot: dict, results: Path) -> tuple:
+    """A trained cell: (the task's spec, the trained injection, its outcome with training times)."""
+    options = {
+        **cell.train,
+        "steps": cell.steps,
+        "lr": cell.lr,
+        "seed": cell.seed,
+        "eval_limit": cell.dev_limit,
+        "final_eval": False,
+        "checkpoint_every": 0,
+        "progress": False,
+    }
+    trainable = build_trainable(cell, base, task)
+    trainer = BenchTrainer(base, task, config=TrainConfig(**options), trainable=trainable, eval_seed=DEV_SEED)
+    trainer.run()
+    # the run's history, as `softprompt train` writes it (without its curves: the report draws them)
+    atomic_write_text(
+        results / "runs" / cell.id / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history)
+    )
+    final = [r["eval"] for r in trainer.history if "eval" in r and r["step"] == cell.steps]
+    dev = final[0] if final else trainer.evaluate(trainable.collapse(), cell.dev_limit)
+    saved, file_bytes = _artifact(trainer)
+    outcome = _outcome(
+        trainable.config.to_dict(), trainer.config.lr, dev, trainable.num_trainable(), saved, file_bytes, trainer
+    )
+    return task.spec, trainable.collapse(), outcome | _training_time(cell, trainer)
+
+
+def _training_time(cell: Cell, trainer: BenchTrainer) -> dict:
+    """The training loop's times (without evaluations) and throughput."""
+    pure = trainer.train_seconds
+    return {
+        "train_seconds": pure,
+        "eval_seconds": trainer.eval_seconds,
+        "seconds_per_step": pure / cell.steps,
+        "cpu_seconds_per_step": trainer.train_cpu_seconds / cell.steps,
+        "train_tokens": trainer.tokens,
+        "tokens_per_second": trainer.tokens / pure,
+        "history": f"runs/{cell.id}/metrics.jsonl",
+    }
 
 
 def _artifact(trainer: BenchTrainer) -> tuple[int, int]:
@@ -255,4 +316,3 @@ def main(argv: list[str] | None = None) -> int:
     results, spec = (argv or sys.argv[1:])[:2]
     run_cell(Cell(**json.loads(spec)), results, isolated=True)
     return 0
-

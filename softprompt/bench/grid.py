@@ -76,11 +76,14 @@ class Grid:
             _config_class(kind).from_dict(entry.get("config") or {})  # fail now, not hours into the grid
             for t in list(entry.get("tasks") or []) + list(entry.get("per_task") or {}):
                 if t not in self.tasks:
-                    raise ConfigError(f"Method '{name}' names task '{t}', which is not in `tasks:`.",
-                                      f"use one of {list(self.tasks)}.")
+                    raise ConfigError(
+                        f"Method '{name}' names task '{t}', which is not in `tasks:`.",
+                        f"use one of {list(self.tasks)}.",
+                    )
             if entry.get("pair") is not None and entry["pair"] not in self.methods:
-                raise ConfigError(f"Method '{name}' pairs with unknown method '{entry['pair']}'.",
-                                  f"use one of {list(self.methods)}.")
+                raise ConfigError(
+                    f"Method '{name}' pairs with unknown method '{entry['pair']}'.", f"use one of {list(self.methods)}."
+                )
         for name, entry in self.tasks.items():
             unknown = sorted(set(entry or {}) - TASK_KEYS)
             if unknown:
@@ -108,11 +111,26 @@ class Grid:
                     if not trained and seed != self.seeds[0]:
                         continue  # a hard prompt is scored, not trained: one cell per task
                     for steps in get("steps") if trained else [0]:
-                        out.append(Cell(task=task, spec=t.get("spec"), method=name, kind=kind, config=config, seed=seed if trained else 0,
-                                        steps=steps, lr=m.get("lr"), train=train if trained else {},
-                                        dev_limit=get("dev_limit"), model=self.model, dtype=self.dtype,
-                                        device=self.device, data_dir=self.data_dir,
-                                        latency_examples=get("latency_examples"), pair=m.get("pair")))
+                        out.append(
+                            Cell(
+                                task=task,
+                                spec=t.get("spec"),
+                                method=name,
+                                kind=kind,
+                                config=config,
+                                seed=seed if trained else 0,
+                                steps=steps,
+                                lr=m.get("lr"),
+                                train=train if trained else {},
+                                dev_limit=get("dev_limit"),
+                                model=self.model,
+                                dtype=self.dtype,
+                                device=self.device,
+                                data_dir=self.data_dir,
+                                latency_examples=get("latency_examples"),
+                                pair=m.get("pair"),
+                            )
+                        )
         return out
 
 
@@ -144,8 +162,9 @@ def finished(results: Path, cell: Cell) -> dict | None:
     return record if record.get("identity") == cell.identity else None
 
 
-def run_grid(cells: list[Cell], results: str | Path, isolate: bool = True, echo=print,
-             grid: list[Cell] | None = None) -> dict:
+def run_grid(
+    cells: list[Cell], results: str | Path, isolate: bool = True, echo=print, grid: list[Cell] | None = None
+) -> dict:
     """Run the cells that have no current record; returns counts of done, skipped and failed cells.
 
     isolate: run each cell in a fresh Python process (its peak memory is then its own), else in
@@ -187,11 +206,15 @@ def _run_isolated(cell: Cell, results: Path) -> str | None:
     log = results / "logs" / f"{cell.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs, spinning threads
-    # made a SmolLM2 training step 3-7x slower (measured); alone, the difference is small.
+    # slow every process's steps down; alone, the difference is small.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "-m", "softprompt.bench", str(results), json.dumps(asdict(cell))],
-                               stdout=f, stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call(
+            [sys.executable, "-m", "softprompt.bench", str(results), json.dumps(asdict(cell))],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if code == 0 and finished(results, cell):
         log.unlink()
         return None

@@ -32,7 +32,13 @@ class Group:
     def __init__(self, records: list[dict]):
         self.records = sorted(records, key=lambda r: r["seed"])
         r = self.records[0]
-        self.task, self.method, self.kind, self.tool, self.pair = r["task"], r["method"], r["kind"], r["tool"], r["pair"]
+        self.task, self.method, self.kind, self.tool, self.pair = (
+            r["task"],
+            r["method"],
+            r["kind"],
+            r["tool"],
+            r["pair"],
+        )
         self.metric = r["metric"]
         self.values = [x["dev"][self.metric] * _scale(self.metric) for x in self.records]
 
@@ -106,10 +112,13 @@ def check(ours: Group, peft: Group) -> dict:
     With a single seed on either side there is no spread to judge against: spread and metric_ok are None.
     """
     spread = _spread(ours, peft)
-    return {"metric_ok": None if spread is None else ours.mean() >= peft.mean() - spread, "spread": spread,
-            "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
-            "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
-            "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes")}
+    return {
+        "metric_ok": None if spread is None else ours.mean() >= peft.mean() - spread,
+        "spread": spread,
+        "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
+        "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
+        "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes"),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -138,7 +147,9 @@ def headline(groups: dict, tasks: list[str]) -> str:
     return _table(head, rows)
 
 
-def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tuple[str, ...] = ("prefix", "deep")) -> list[str]:
+def verdict(
+    groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tuple[str, ...] = ("prefix", "deep")
+) -> list[str]:
     """One line per task and prefix variant: which wins, by how much, against the seed-to-seed spread."""
     lines = []
     for task in tasks:
@@ -153,8 +164,10 @@ def verdict(groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tupl
             else:
                 who = f"{leader} ahead" if abs(diff) > spread else "a tie within the seed spread"
                 detail = f"seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seeds"
-            lines.append(f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
-                         f"(difference {diff:+.1f}, {detail}).")
+            lines.append(
+                f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
+                f"(difference {diff:+.1f}, {detail})."
+            )
     return lines
 
 
@@ -173,10 +186,20 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
     if records:
         md += _setup(records, grid)
-    md += ["## Prompt or prefix? (dev metric, mean ± half the seed range)", "", headline(groups, tasks), "",
-           *verdict(groups, tasks), ""]
-    md += ["## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)", "",
-           _peft_table(groups, _speed(results)), ""]
+    md += [
+        "## Prompt or prefix? (dev metric, mean ± half the seed range)",
+        "",
+        headline(groups, tasks),
+        "",
+        *verdict(groups, tasks),
+        "",
+    ]
+    md += [
+        "## softprompt vs PEFT (same model, data order, steps, batch, lr schedule, seeds)",
+        "",
+        _peft_table(groups, _speed(results)),
+        "",
+    ]
     for task in tasks:
         if _metric_of(groups, task):
             md += [f"## {task}", "", _task_table(groups, task), ""]
@@ -198,21 +221,39 @@ def _setup(records: list[dict], grid: list[dict]) -> list[str]:
     loads = [x["load_average"]["start"] for x in records]
     limits = {c["task"]: c["dev_limit"] for c in grid} or {x["task"]: x["spec"]["dev_limit"] for x in records}
     versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-    return [f"Model {r['model']} on {r['device']} ({r['dtype']}, {threads} torch threads); {versions}.",
-            f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, "
-            f"at batch {', '.join(map(str, batch))}, each method's own learning rate (PEFT entries: that of the "
-            "softprompt method they mirror), linear schedule with warmup, "
-            f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
-            f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
-            f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}; "
-            f"load average at cell start {min(loads):.1f}–{max(loads):.1f} (the machine was shared: times are "
-            "comparable within this report, not absolute). Memory: "
-            f"{r['memory_kind']}. Latency: seconds per example at batch size 1 on our inference path.", ""]
+    return [
+        f"Model {r['model']} on {r['device']} ({r['dtype']}, {threads} torch threads); {versions}.",
+        f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, "
+        f"at batch {', '.join(map(str, batch))}, each method's own learning rate (PEFT entries: that of the "
+        "softprompt method they mirror), linear schedule with warmup, "
+        f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
+        f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
+        f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}; "
+        f"load average at cell start {min(loads):.1f}–{max(loads):.1f} (the machine was shared: times are "
+        "comparable within this report, not absolute). Memory: "
+        f"{r['memory_kind']}. Latency: seconds per example at batch size 1 on our inference path.",
+        "",
+    ]
 
 
 def _task_table(groups: dict, task: str) -> str:
-    head = ["method", "tool", "init", "lr", "dev", "best eval", "zero-shot", "trainable (training / saved)", "file",
-            "s/step", "CPU s/step", "tokens/s", "peak memory", "latency / example", "seeds"]
+    head = [
+        "method",
+        "tool",
+        "init",
+        "lr",
+        "dev",
+        "best eval",
+        "zero-shot",
+        "trainable (training / saved)",
+        "file",
+        "s/step",
+        "CPU s/step",
+        "tokens/s",
+        "peak memory",
+        "latency / example",
+        "seeds",
+    ]
     rows = []
     for (t, m), g in groups.items():
         if t != task:
@@ -222,15 +263,25 @@ def _task_table(groups: dict, task: str) -> str:
         best = g.mean("dev_best")
         sps, cps, tps = g.mean("seconds_per_step"), g.mean("cpu_seconds_per_step"), g.mean("tokens_per_second")
         lr = g.first("lr")
-        rows.append([m, g.tool, str(g.first("init") or "–"), "–" if lr is None else f"{lr:g}", dev,
-                     "–" if best is None else f"{best * scale:.1f}",
-                     f"{g.first('zero_shot', g.metric) * scale:.1f}",
-                     f"{_si(g.first('trainable_parameters', 'training'))} / "
-                     f"{_si(g.first('trainable_parameters', 'saved'))}",
-                     _si(g.first("file_bytes"), "B"), "–" if sps is None else f"{sps:.2f}",
-                     "–" if cps is None else f"{cps:.2f}",
-                     "–" if tps is None else f"{tps:.0f}", f"{g.mean('peak_memory_bytes') / 2**30:.2f} GiB",
-                     f"{1000 * g.mean('latency_seconds_per_example'):.0f} ms", str(g.seeds)])
+        rows.append(
+            [
+                m,
+                g.tool,
+                str(g.first("init") or "–"),
+                "–" if lr is None else f"{lr:g}",
+                dev,
+                "–" if best is None else f"{best * scale:.1f}",
+                f"{g.first('zero_shot', g.metric) * scale:.1f}",
+                f"{_si(g.first('trainable_parameters', 'training'))} / {_si(g.first('trainable_parameters', 'saved'))}",
+                _si(g.first("file_bytes"), "B"),
+                "–" if sps is None else f"{sps:.2f}",
+                "–" if cps is None else f"{cps:.2f}",
+                "–" if tps is None else f"{tps:.0f}",
+                f"{g.mean('peak_memory_bytes') / 2**30:.2f} GiB",
+                f"{1000 * g.mean('latency_seconds_per_example'):.0f} ms",
+                str(g.seeds),
+            ]
+        )
     return _table(head, rows)
 
 
@@ -238,17 +289,36 @@ def _peft_table(groups: dict, speed: dict) -> str:
     """One row per pair. Time ratios: the grid's cells (wall, and CPU summed over threads; cells ran at different
     times, so on a shared machine these compare loads as much as code) and, where measured, the interleaved A/B
     run of benchmarks/peft_speed.py (same process, alternating steps)."""
-    head = ["task", "softprompt", "PEFT", "metric ours / PEFT", "spread", "metric ≥ PEFT − spread",
-            "s/step ours / PEFT (grid wall)", "(grid CPU)", "(interleaved)", "peak memory ours / PEFT"]
+    head = [
+        "task",
+        "softprompt",
+        "PEFT",
+        "metric ours / PEFT",
+        "spread",
+        "metric ≥ PEFT − spread",
+        "s/step ours / PEFT (grid wall)",
+        "(grid CPU)",
+        "(interleaved)",
+        "peak memory ours / PEFT",
+    ]
     rows = []
     for ours, peft in pairs(groups):
         c = check(ours, peft)
         ab = speed.get((ours.task, peft.kind))
-        rows.append([ours.task, ours.method, peft.method, f"{ours.fmt()} / {peft.fmt()}",
-                     "– (1 seed)" if c["spread"] is None else f"{c['spread']:.1f}",
-                     {None: "–", True: "yes", False: "**no**"}[c["metric_ok"]], _flag(c["time_ratio"], "slower"),
-                     _flag(c["cpu_ratio"], "slower"), _flag(ab and ab["ratio_wall"], "slower"),
-                     _flag(c["memory_ratio"], "more")])
+        rows.append(
+            [
+                ours.task,
+                ours.method,
+                peft.method,
+                f"{ours.fmt()} / {peft.fmt()}",
+                "– (1 seed)" if c["spread"] is None else f"{c['spread']:.1f}",
+                {None: "–", True: "yes", False: "**no**"}[c["metric_ok"]],
+                _flag(c["time_ratio"], "slower"),
+                _flag(c["cpu_ratio"], "slower"),
+                _flag(ab and ab["ratio_wall"], "slower"),
+                _flag(c["memory_ratio"], "more"),
+            ]
+        )
     return _table(head, rows) if rows else "(no paired cells yet)"
 
 
@@ -268,11 +338,13 @@ def _missing(results: Path, grid: list[dict], records: list[dict]) -> list[str]:
     if not missing:
         return ["All cells of the grid have records."]
     failed = {p.stem for p in (results / "logs").glob("*.log")} if (results / "logs").is_dir() else set()
-    return [f"## Missing cells ({len(missing)} of {len(grid)})", ""] + \
-        [f"- {m}" + (" (failed; see logs/)" if m in failed else "") for m in missing]
+    return [f"## Missing cells ({len(missing)} of {len(grid)})", ""] + [
+        f"- {m}" + (" (failed; see logs/)" if m in failed else "") for m in missing
+    ]
 
 
 # --- plots -----------------------------------------------------------------------------------------------------------
+
 
 def _history(results: Path, group: Group) -> list[list[dict]]:
     runs = []
@@ -303,8 +375,12 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
     if not groups:
         return
     colors = _colors(groups, plt.get_cmap("tab20"))
-    figures = [_plot_metric_vs_params(plt, groups, tasks, colors), _plot_curves(plt, results, groups, tasks, colors),
-               _plot_cost(plt, groups, tasks, colors), _plot_vs_peft(plt, groups, tasks)]
+    figures = [
+        _plot_metric_vs_params(plt, groups, tasks, colors),
+        _plot_curves(plt, results, groups, tasks, colors),
+        _plot_cost(plt, groups, tasks, colors),
+        _plot_vs_peft(plt, groups, tasks),
+    ]
     for fig, name in zip(figures, PLOTS):
         if fig is None:
             continue
@@ -328,10 +404,16 @@ def _plot_metric_vs_params(plt, groups: dict, tasks: list[str], colors: dict):
                 ax.axhline(g.mean(), ls="--", color="gray", label=f"{m} (0 params)")
                 continue
             lo, hi = min(g.values), max(g.values)
-            ax.errorbar([params], [g.mean()], yerr=[[g.mean() - lo], [hi - g.mean()]], fmt="x" if g.tool == "peft"
-                        else "o", color=colors[m], label=m, capsize=3)
-        ax.set(xscale="log", xlabel="trainable parameters (training)", title=task,
-               ylabel=_metric_of(groups, task))
+            ax.errorbar(
+                [params],
+                [g.mean()],
+                yerr=[[g.mean() - lo], [hi - g.mean()]],
+                fmt="x" if g.tool == "peft" else "o",
+                color=colors[m],
+                label=m,
+                capsize=3,
+            )
+        ax.set(xscale="log", xlabel="trainable parameters (training)", title=task, ylabel=_metric_of(groups, task))
     return fig
 
 
@@ -359,8 +441,14 @@ def _plot_curves(plt, results: Path, groups: dict, tasks: list[str], colors: dic
                 pts = _curve(runs, key, g)
                 if pts:
                     steps = sorted(pts)
-                    axes[row][col].plot(steps, [statistics.fmean(pts[s]) for s in steps], ls="--" if g.tool == "peft"
-                                        else "-", marker="o" if row == 0 else None, color=colors[m], label=m)
+                    axes[row][col].plot(
+                        steps,
+                        [statistics.fmean(pts[s]) for s in steps],
+                        ls="--" if g.tool == "peft" else "-",
+                        marker="o" if row == 0 else None,
+                        color=colors[m],
+                        label=m,
+                    )
         axes[0][col].set(title=task, xlabel="step", ylabel="dev " + _metric_of(groups, task))
         axes[1][col].set(xlabel="step", ylabel="train loss (mean since the last record)")
     return fig
@@ -391,16 +479,26 @@ def _plot_vs_peft(plt, groups: dict, tasks: list[str]):
     for col, task in enumerate(tasks):
         tp = [(o, p) for o, p in ps if o.task == task]
         x = range(len(tp))
-        for row, (label, get) in enumerate((("dev " + (tp[0][0].metric if tp else ""), lambda g: g.mean()),
-                                           ("seconds per step", lambda g: g.mean("seconds_per_step")),
-                                           ("peak memory (GiB)", lambda g: g.mean("peak_memory_bytes") / 2**30))):
+        for row, (label, get) in enumerate(
+            (
+                ("dev " + (tp[0][0].metric if tp else ""), lambda g: g.mean()),
+                ("seconds per step", lambda g: g.mean("seconds_per_step")),
+                ("peak memory (GiB)", lambda g: g.mean("peak_memory_bytes") / 2**30),
+            )
+        ):
             ax = axes[row][col]
             ax.bar([i - 0.2 for i in x], [get(o) for o, _ in tp], 0.4, label="softprompt", color="C0")
             ax.bar([i + 0.2 for i in x], [get(p) for _, p in tp], 0.4, label="PEFT", color="C1")
             if row == 0:
                 for shift, side in ((-0.2, 0), (0.2, 1)):
-                    ax.errorbar([i + shift for i in x], [pair[side].mean() for pair in tp],
-                                yerr=[pair[side].spread / 2 for pair in tp], fmt="none", color="k", capsize=3)
+                    ax.errorbar(
+                        [i + shift for i in x],
+                        [pair[side].mean() for pair in tp],
+                        yerr=[pair[side].spread / 2 for pair in tp],
+                        fmt="none",
+                        color="k",
+                        capsize=3,
+                    )
             ax.set_xticks(list(x), [o.method for o, _ in tp], rotation=30, fontsize=7)
             ax.set(ylabel=label, title=task if row == 0 else None)
     return fig

@@ -25,8 +25,11 @@ GROUPS = (train, search, serve, bench, interop)  # each has `add_commands(subpar
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = argparse.ArgumentParser(prog="softprompt", description="softprompt: prompt tuning of frozen models.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="softprompt",
+        description="softprompt: prompt tuning of frozen models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         if getattr(ns, "needs_task", False) and not ns.task:
-            raise ConfigError(f"`softprompt {ns.command}` needs a task.", "pass --task NAME_OR_SPEC (or `task:` in --config).")
+            raise ConfigError(
+                f"`softprompt {ns.command}` needs a task.", "pass --task NAME_OR_SPEC (or `task:` in --config)."
+            )
         ns.handler(ns)
         return 0
     except SoftpromptError as e:

@@ -8,6 +8,7 @@ way, saves the prompt file and prints one table. About 5 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..base import load_base
@@ -19,40 +20,66 @@ from ..train import TrainConfig, train
 from .options import save_prompt
 
 
-def run_demo(model: str = "smollm2", device: str | None = None, dtype: str | None = "auto", steps: int = 150,
-             out: str = "prompts/sst2-soft.safetensors", data_dir: str | None = None) -> dict:
+@contextmanager
+def _timed(times: dict, name: str):
+    """Add the wall time of the block to times[name] (seconds)."""
+    t = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t
+
+
+def run_demo(
+    model: str = "smollm2",
+    device: str | None = None,
+    dtype: str | None = "auto",
+    steps: int = 150,
+    out: str = "prompts/sst2-soft.safetensors",
+    data_dir: str | None = None,
+) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    times = {}
-    t = time.perf_counter()
-    task = load_task("sst2", data_dir)
-    base = load_base(model, device=device, dtype=dtype)
-    times["load model"] = time.perf_counter() - t
-    console.print(f"[bold]softprompt demo[/]: {base.name} on {base.device}, task {task.name} "
-                  f"({len(task.split('train')):,} train / {len(task.split('dev')):,} dev rows)")
-
-    t = time.perf_counter()
-    zero_shot = evaluate(base, task, None, split="dev", progress=True)
-    times["zero-shot eval"] = time.perf_counter() - t
+    console, times = Console(), {}
+    with _timed(times, "load model"):
+        task = load_task("sst2", data_dir)
+        base = load_base(model, device=device, dtype=dtype)
+    console.print(
+        f"[bold]softprompt demo[/]: {base.name} on {base.device}, task {task.name} "
+        f"({len(task.split('train')):,} train / {len(task.split('dev')):,} dev rows)"
+    )
+    with _timed(times, "zero-shot eval"):
+        zero_shot = evaluate(base, task, None, split="dev", progress=True)
     console.print(f"zero-shot template {task.spec.template!r}: accuracy {100 * zero_shot['accuracy']:.1f}%")
-
-    t = time.perf_counter()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = train(base, task, "soft", SoftPromptConfig(num_virtual_tokens=20, init="labels"),
-                   TrainConfig(steps=steps, batch_size=8, lr=3e-2, warmup_steps=10, eval_every=50, eval_limit=200,
-                               final_eval=False), run_dir=Path("runs") / f"demo-sst2-soft-{stamp}")
-    times["train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    tuned = evaluate(base, task, result.prompt, split="dev", progress=True)
-    times["tuned eval"] = time.perf_counter() - t
+    with _timed(times, "train"):
+        result = train(
+            base,
+            task,
+            "soft",
+            SoftPromptConfig(num_virtual_tokens=20, init="labels"),
+            TrainConfig(
+                steps=steps, batch_size=8, lr=3e-2, warmup_steps=10, eval_every=50, eval_limit=200, final_eval=False
+            ),
+            run_dir=Path("runs") / f"demo-sst2-soft-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
+    with _timed(times, "tuned eval"):
+        tuned = evaluate(base, task, result.prompt, split="dev", progress=True)
     result.prompt.metrics.update({"zero_shot": zero_shot, "dev": tuned})
     path = save_prompt(result.prompt, out)
-    d = info(result.prompt)
-    file_bytes = path.stat().st_size
+    _report(console, result, path, times)
+    return {
+        "zero_shot": zero_shot,
+        "tuned": tuned,
+        "file_bytes": path.stat().st_size,
+        "seconds": times,
+        "path": str(path),
+    }
 
+
+def _report(console, result, path: Path, times: dict) -> None:
+    """The demo's table: zero-shot against the trained prompt, in accuracy, size and time."""
+    from rich.table import Table
+
+    zero_shot, tuned = result.prompt.metrics["zero_shot"], result.prompt.metrics["dev"]
+    d, file_bytes = info(result.prompt), path.stat().st_size
     table = Table(title="SST-2 dev, all 872 rows")
     table.add_column("")
     table.add_column("zero-shot template", justify="right")
@@ -65,9 +92,9 @@ def run_demo(model: str = "smollm2", device: str | None = None, dtype: str | Non
     table.add_row("", "", f"1/{d['base_bytes'] / file_bytes:,.0f} bytes")
     table.add_row("wall time", f"{times['zero-shot eval']:.0f} s", f"{times['train'] + times['tuned eval']:.0f} s")
     console.print(table)
-    total = sum(times.values())
     console.print(f"full model copy: {d['base_parameters']:,} parameters, {d['base_bytes'] / 1e6:,.0f} MB")
-    console.print(f"train {times['train']:.0f} s ({result.seconds_per_step:.2f} s/step), tuned eval "
-                  f"{times['tuned eval']:.0f} s, model load {times['load model']:.0f} s; total {total:.0f} s")
+    console.print(
+        f"train {times['train']:.0f} s ({result.seconds_per_step:.2f} s/step), tuned eval "
+        f"{times['tuned eval']:.0f} s, model load {times['load model']:.0f} s; total {sum(times.values()):.0f} s"
+    )
     console.print(f"saved {path}; run record and curves in {result.run_dir}/")
-    return {"zero_shot": zero_shot, "tuned": tuned, "file_bytes": file_bytes, "seconds": times, "path": str(path)}

@@ -31,25 +31,39 @@ def cmd_import(ns) -> None:
 
 
 def _peft_parsers(sub) -> None:
-    e = sub.add_parser("export", help="write a prompt file in another library's format (PEFT)",
-                       description="Write a prompt file as a PEFT prompt-learning adapter (adapter_config.json + "
-                                   "adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.")
+    e = sub.add_parser(
+        "export",
+        help="write a prompt file in another library's format (PEFT)",
+        description="Write a prompt file as a PEFT prompt-learning adapter (adapter_config.json + "
+        "adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.",
+    )
     e.add_argument("--format", default="peft", choices=["peft"], help="target format")
     e.add_argument("file", help="prompt file (.safetensors)")
     e.add_argument("out_dir", help="folder to write the adapter to")
-    e.add_argument("--base-model-name", default=None,
-                   help="base_model_name_or_path to record (default: the model id in the prompt's fingerprint)")
+    e.add_argument(
+        "--base-model-name",
+        default=None,
+        help="base_model_name_or_path to record (default: the model id in the prompt's fingerprint)",
+    )
     e.set_defaults(handler=cmd_export)
 
-    i = sub.add_parser("import", help="turn a PEFT prompt-learning adapter into a prompt file",
-                       description="Read a PEFT prompt tuning, P-tuning or prefix tuning adapter (a local folder or a "
-                                   "hub repo) and save it as a softprompt prompt file for --model.")
-    i.add_argument("peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub "
-                                    "repo id")
+    i = sub.add_parser(
+        "import",
+        help="turn a PEFT prompt-learning adapter into a prompt file",
+        description="Read a PEFT prompt tuning, P-tuning or prefix tuning adapter (a local folder or a "
+        "hub repo) and save it as a softprompt prompt file for --model.",
+    )
+    i.add_argument(
+        "peft_dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub repo id"
+    )
     add_model_options(i)
     i.add_argument("--out", required=True, help="prompt file to write")
-    i.add_argument("--task", default=None, help="task (built-in name or spec file) whose template the prompt uses "
-                                                "(default: the adapter's softprompt metadata, else '{text}')")
+    i.add_argument(
+        "--task",
+        default=None,
+        help="task (built-in name or spec file) whose template the prompt uses "
+        "(default: the adapter's softprompt metadata, else '{text}')",
+    )
     i.add_argument("--data-dir", default=None, help="data folder of --task (only its template is used)")
     i.set_defaults(handler=cmd_import)
 
@@ -67,8 +81,9 @@ def add_commands(sub) -> None:
     _peft_parsers(sub)
     p = sub.add_parser("push", help="upload prompt files and their model card to a Hugging Face Hub repo")
     p.add_argument("source", help="prompt file or folder of prompt files")
-    p.add_argument("repo_id", help="hub repo, e.g. user/sst2-prompts (created if missing; token from HF_TOKEN or "
-                                   "`hf auth login`)")
+    p.add_argument(
+        "repo_id", help="hub repo, e.g. user/sst2-prompts (created if missing; token from HF_TOKEN or `hf auth login`)"
+    )
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--message", default=None, help="commit message")
     p.set_defaults(handler=cmd_push)

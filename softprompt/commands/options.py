@@ -19,6 +19,7 @@ TRUNCATE_HELP = "over-long input policy"
 
 # --- options from dataclasses --------------------------------------------------------------------------------------
 
+
 def _add_field(group, f: dataclasses.Field, hint, default, help_text: str) -> None:
     """One --option for a dataclass field; `X | None` fields also accept 'none'."""
     args = typing.get_args(hint)
@@ -28,8 +29,14 @@ def _add_field(group, f: dataclasses.Field, hint, default, help_text: str) -> No
     if typ is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     else:
-        group.add_argument(flag, dest=f.name, type=_optional(typ) if optional else typ, default=default,
-                           help=help_text, metavar=f.name.upper())
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=_optional(typ) if optional else typ,
+            default=default,
+            help=help_text,
+            metavar=f.name.upper(),
+        )
 
 
 def _optional(typ):
@@ -56,6 +63,7 @@ def pick(ns: argparse.Namespace, names) -> dict:
 
 # --- method options: the union of every method's fields, validated against the chosen one --------------------------
 
+
 def add_method_options(parser) -> list[str]:
     """--method plus every method's options; unset ones stay absent so each method keeps its own defaults."""
     from ..methods import METHODS
@@ -74,7 +82,9 @@ def add_method_options(parser) -> list[str]:
             first.setdefault(f.name, (f, hints[f.name]))
     for fname, by_help in helps.items():
         f, hint = first[fname]
-        parts = [f"[{'all methods' if len(ms) == len(METHODS) else ', '.join(ms)}] {text}" for text, ms in by_help.items()]
+        parts = [
+            f"[{'all methods' if len(ms) == len(METHODS) else ', '.join(ms)}] {text}" for text, ms in by_help.items()
+        ]
         _add_field(group, f, hint, argparse.SUPPRESS, "; ".join(parts))
     return list(helps)
 
@@ -88,12 +98,15 @@ def method_config_from(ns: argparse.Namespace, names: list[str]):
     wrong = sorted(set(given) - valid)
     if wrong:
         flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
-        raise ConfigError(f"Option(s) {flags} do not apply to method '{ns.method}'.",
-                          "drop them, or choose a method they belong to (see `softprompt train --help`).")
+        raise ConfigError(
+            f"Option(s) {flags} do not apply to method '{ns.method}'.",
+            "drop them, or choose a method they belong to (see `softprompt train --help`).",
+        )
     return cls(**given)
 
 
 # --- config files ----------------------------------------------------------------------------------------------------
+
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Read --config FILE (YAML or JSON) and make its keys the parser's defaults."""
@@ -110,17 +123,23 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - dests)
     if unknown:
-        raise ConfigError(f"Config file {path} has unknown option(s) {unknown}.",
-                          "use the long option names from --help (with - or _).")
+        raise ConfigError(
+            f"Config file {path} has unknown option(s) {unknown}.",
+            "use the long option names from --help (with - or _).",
+        )
     parser.set_defaults(**values)
 
 
 # --- shared option groups --------------------------------------------------------------------------------------------
 
+
 def add_model_options(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="smollm2",
-                   help="base model: 'smollm2' (embedded default), a local Hugging Face directory, or a hub id")
+    g.add_argument(
+        "--model",
+        default="smollm2",
+        help="base model: 'smollm2' (embedded default), a local Hugging Face directory, or a hub id",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto (float32 on CPU, bf16 on CUDA)")
 
@@ -131,8 +150,12 @@ def add_task_options(parser):
     g = parser.add_argument_group("task")
     # not `required=True`: argparse would demand the flag even when a --config file gives it
     g.add_argument("--task", help=f"built-in task ({', '.join(builtin_tasks())}) or a YAML/JSON task spec file")
-    g.add_argument("--data-dir", default=None, help="folder with the task's data files (default: $SOFTPROMPT_DATA, "
-                   "./shared/data or ../shared/data for built-in tasks; the spec's folder otherwise)")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the task's data files (default: $SOFTPROMPT_DATA, "
+        "./shared/data or ../shared/data for built-in tasks; the spec's folder otherwise)",
+    )
 
 
 def load_base(ns):
@@ -160,8 +183,9 @@ def fmt_metrics(m: dict | None) -> str:
         return "-"
     from ..evaluate import scalar_metrics
 
-    return ", ".join(f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}"
-                     for k, v in scalar_metrics(m).items())
+    return ", ".join(
+        f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}" for k, v in scalar_metrics(m).items()
+    )
 
 
 def add_truncate_option(parser) -> None:

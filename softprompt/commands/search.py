@@ -5,13 +5,32 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from ..search import (CANDIDATES_DIR, SLOT, AutoPromptConfig, Candidates, autoprompt, dev_split, fill, hard_prompt,
-                      score_spec, score_templates, slotted)
 from ..data import TaskSpec, load_task
 from ..explain import METRICS, explain
+from ..search import (
+    CANDIDATES_DIR,
+    SLOT,
+    AutoPromptConfig,
+    Candidates,
+    autoprompt,
+    dev_split,
+    fill,
+    hard_prompt,
+    score_spec,
+    score_templates,
+    slotted,
+)
 from ..store import Prompt, load_prompt
-from .options import (add_dataclass_options, add_model_options, add_task_options, console, fmt_metrics, load_base,
-                      pick, save_prompt)
+from .options import (
+    add_dataclass_options,
+    add_model_options,
+    add_task_options,
+    console,
+    fmt_metrics,
+    load_base,
+    pick,
+    save_prompt,
+)
 
 
 def _ci(m: dict | None) -> str:
@@ -31,12 +50,25 @@ def cmd_templates(ns) -> None:
     task = load_task(ns.task, ns.data_dir)
     candidates = Candidates.load(ns.candidates, task.spec)
     base = load_base(ns)
-    results, ref = score_templates(base, task, candidates, ns.search_size, ns.finalists, ns.split, ns.limit, ns.seed,
-                                   ns.batch_size, min_words=ns.search_min_words)
+    results, ref = score_templates(
+        base,
+        task,
+        candidates,
+        ns.search_size,
+        ns.finalists,
+        ns.split,
+        ns.limit,
+        ns.seed,
+        ns.batch_size,
+        min_words=ns.search_min_words,
+    )
     best = results[0]
     n_search, n_dev = best.search["n"], best.dev["n"]
-    t = Table(title=f"{task.name}: {len(candidates.templates)} templates x {candidates.num_combinations // len(candidates.templates)} "
-                    f"verbalizers; accuracy % [95% bootstrap CI]", show_lines=False)
+    t = Table(
+        title=f"{task.name}: {len(candidates.templates)} templates x "
+        f"{candidates.num_combinations // len(candidates.templates)} verbalizers; accuracy % [95% bootstrap CI]",
+        show_lines=False,
+    )
     for col in ("#", "template", "label words", f"search ({n_search} train rows)", f"{ns.split} ({n_dev} rows)"):
         t.add_column(col)
     for i, s in enumerate(results, 1):
@@ -44,12 +76,19 @@ def cmd_templates(ns) -> None:
     t.add_row("ref", repr(ref.spec.template) + " (the task's own)", _words(ref.spec), _ci(ref.search), _ci(ref.dev))
     c = console()
     c.print(t)
-    search = {"search": "templates", "candidates": str(ns.candidates or CANDIDATES_DIR / f"{task.name}.yaml"),
-              "search_size": n_search, "search_min_words": ns.search_min_words, "seed": ns.seed}
+    search = {
+        "search": "templates",
+        "candidates": str(ns.candidates or CANDIDATES_DIR / f"{task.name}.yaml"),
+        "search_size": n_search,
+        "search_min_words": ns.search_min_words,
+        "seed": ns.seed,
+    }
     metrics = {"search": best.search, ns.split: best.dev, f"{ns.split}_default_template": ref.dev}
     path = save_prompt(hard_prompt(base, best.spec, search, metrics), ns.out or f"prompts/{task.name}-hard.safetensors")
-    c.print(f"best: {best.spec.template!r} with {_words(best.spec)}: {ns.split} {_ci(best.dev)} vs the task's own "
-            f"{_ci(ref.dev)}; saved [bold]{path}[/]")
+    c.print(
+        f"best: {best.spec.template!r} with {_words(best.spec)}: {ns.split} {_ci(best.dev)} vs the task's own "
+        f"{_ci(ref.dev)}; saved [bold]{path}[/]"
+    )
 
 
 def cmd_autoprompt(ns) -> None:
@@ -62,25 +101,35 @@ def cmd_autoprompt(ns) -> None:
     start = fill(spec, slotted(ns.template or spec.template), "")
     before = score_spec(base, task, start, dev, batch_size=ns.batch_size, progress=True)
     after = score_spec(base, task, result.spec, dev, batch_size=ns.batch_size, progress=True)
-    search = {"search": "autoprompt", **dataclasses.asdict(config), "triggers": result.triggers,
-              "start_template": start.template, "selection": result.selection}
+    search = {
+        "search": "autoprompt",
+        **dataclasses.asdict(config),
+        "triggers": result.triggers,
+        "start_template": start.template,
+        "selection": result.selection,
+    }
     metrics = {ns.split: after, f"{ns.split}_start_template": before}
-    path = save_prompt(hard_prompt(base, result.spec, search, metrics),
-                       ns.out or f"prompts/{task.name}-autoprompt.safetensors")
+    path = save_prompt(
+        hard_prompt(base, result.spec, search, metrics), ns.out or f"prompts/{task.name}-autoprompt.safetensors"
+    )
     c = console()
     if result.selection:
         kept = result.selection[result.kept]
         of = f" (restart {kept['restart']} of {config.restarts})" if config.restarts > 1 else ""
-        c.print(f"kept the trigger {kept['trigger']!r}{of} of {len(result.selection)} visited: accuracy "
-                f"{100 * kept['accuracy']:.1f} on {config.select_rows} held-out search rows "
-                f"(the last one: {100 * result.selection[-1]['accuracy']:.1f})")
+        c.print(
+            f"kept the trigger {kept['trigger']!r}{of} of {len(result.selection)} visited: accuracy "
+            f"{100 * kept['accuracy']:.1f} on {config.select_rows} held-out search rows "
+            f"(the last one: {100 * result.selection[-1]['accuracy']:.1f})"
+        )
     c.print(f"start  {start.template!r}: {ns.split} accuracy {_ci(before)}")
-    c.print(f"found  {result.spec.template!r}: {ns.split} accuracy {_ci(after)} "
-            f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points); saved [bold]{path}[/]")
+    c.print(
+        f"found  {result.spec.template!r}: {ns.split} accuracy {_ci(after)} "
+        f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points); saved [bold]{path}[/]"
+    )
 
 
 def _common(p) -> None:
-    
+
     p.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
     add_task_options(p)
     add_model_options(p)
@@ -91,18 +140,28 @@ def _common(p) -> None:
 
 
 def add_commands(sub) -> None:
-    
-    s = sub.add_parser("search", help="hard prompt tuning: score templates and label words, or search trigger tokens",
-                       description="Search a plain-text prompt on a split carved from train; report it on dev and "
-                                   "save it as a prompt file of method `hard` (no tensors).")
+
+    s = sub.add_parser(
+        "search",
+        help="hard prompt tuning: score templates and label words, or search trigger tokens",
+        description="Search a plain-text prompt on a split carved from train; report it on dev and "
+        "save it as a prompt file of method `hard` (no tensors).",
+    )
     kinds = s.add_subparsers(dest="search_kind", metavar="KIND", required=True)
     t = kinds.add_parser("templates", help="score candidate templates x label words; keep the best")
     _common(t)
-    t.add_argument("--candidates", help="YAML file with `templates:` and optional `labels:` "
-                                        "(default: the task's built-in tasks/candidates/TASK.yaml)")
+    t.add_argument(
+        "--candidates",
+        help="YAML file with `templates:` and optional `labels:` "
+        "(default: the task's built-in tasks/candidates/TASK.yaml)",
+    )
     t.add_argument("--search-size", type=int, default=256, help="rows of train every candidate is scored on")
-    t.add_argument("--search-min-words", type=int, default=0, help="only search on train rows with at least this "
-                                                                    "many words of input")
+    t.add_argument(
+        "--search-min-words",
+        type=int,
+        default=0,
+        help="only search on train rows with at least this many words of input",
+    )
     t.add_argument("--finalists", type=int, default=3, help="best candidates also scored on the report split")
     t.add_argument("--seed", type=int, default=0, help="seed of the search split and the bootstrap")
     t.add_argument("--out", help="prompt file to write (default: prompts/TASK-hard.safetensors)")
@@ -110,13 +169,15 @@ def add_commands(sub) -> None:
     a = kinds.add_parser("autoprompt", help="gradient-guided trigger token search (AutoPrompt)")
     _common(a)
     add_dataclass_options(a, AutoPromptConfig, "autoprompt")
-    a.add_argument("--template", help=f"template with a {SLOT} slot for the triggers (default: the task's, "
-                                      "slot at its end)")
-    a.add_argument("--start", help="a hard prompt file (e.g. from `search templates`) whose template and words to start from")
+    a.add_argument(
+        "--template", help=f"template with a {SLOT} slot for the triggers (default: the task's, slot at its end)"
+    )
+    a.add_argument(
+        "--start", help="a hard prompt file (e.g. from `search templates`) whose template and words to start from"
+    )
     a.add_argument("--out", help="prompt file to write (default: prompts/TASK-autoprompt.safetensors)")
     a.set_defaults(handler=cmd_autoprompt, needs_task=True)
     _explain_parser(sub)
-
 
 
 def cmd_explain(ns) -> None:
@@ -143,9 +204,12 @@ def cmd_explain(ns) -> None:
 
 
 def _explain_parser(sub) -> None:
-    e = sub.add_parser("explain", help="read a soft prompt as its nearest vocabulary tokens and score that hard prompt",
-                       description="Map each virtual token of a soft prompt to its nearest vocabulary tokens (cosine "
-                                   "and L2), and score the projected hard prompt next to the soft prompt.")
+    e = sub.add_parser(
+        "explain",
+        help="read a soft prompt as its nearest vocabulary tokens and score that hard prompt",
+        description="Map each virtual token of a soft prompt to its nearest vocabulary tokens (cosine "
+        "and L2), and score the projected hard prompt next to the soft prompt.",
+    )
     e.add_argument("file", help="prompt file (.safetensors) with virtual-token embeddings")
     e.add_argument("--task", help="task to score on (default: the prompt's own task, as a built-in task)")
     e.add_argument("--data-dir", default=None, help="folder with the task's data files")

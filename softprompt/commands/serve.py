@@ -28,10 +28,14 @@ def _store_row(store, name: str, base=None) -> dict:
         return row | {"status": "refused", "reason": e.problem}
     d = info(prompt)
     spec = prompt.spec
-    return row | {"status": "ok" if base is not None else "readable", "method": d["method"],
-                  "virtual_tokens": d["virtual_tokens"] or 0,
-                  "kind": "classification" if spec.is_classification else "generation",
-                  "base_model": d["base_model"], "created": prompt.created}
+    return row | {
+        "status": "ok" if base is not None else "readable",
+        "method": d["method"],
+        "virtual_tokens": d["virtual_tokens"] or 0,
+        "kind": "classification" if spec.is_classification else "generation",
+        "base_model": d["base_model"],
+        "created": prompt.created,
+    }
 
 
 def cmd_store_list(ns) -> None:
@@ -52,8 +56,15 @@ def cmd_store_list(ns) -> None:
         if r["status"] == "refused":
             t.add_row(r["name"], "", "", "", fmt_bytes(r["bytes"]), "", f"[red]refused[/]: {r['reason']}")
         else:
-            t.add_row(r["name"], r["method"], str(r["virtual_tokens"]), r["kind"], fmt_bytes(r["bytes"]),
-                      str(r["base_model"]), r["status"])
+            t.add_row(
+                r["name"],
+                r["method"],
+                str(r["virtual_tokens"]),
+                r["kind"],
+                fmt_bytes(r["bytes"]),
+                str(r["base_model"]),
+                r["status"],
+            )
     console().print(t)
 
 
@@ -90,8 +101,10 @@ def cmd_serve(ns) -> None:
     config = ServerConfig(**pick(ns, [f.name for f in dataclasses.fields(ServerConfig)]))
     store = Store(ns.store)
     if not store.root.is_dir():
-        raise ConfigError(f"Store directory {store.root} does not exist.",
-                          "create it (softprompt train --out DIR/TASK.safetensors) or pass --store DIR.")
+        raise ConfigError(
+            f"Store directory {store.root} does not exist.",
+            "create it (softprompt train --out DIR/TASK.safetensors) or pass --store DIR.",
+        )
     api_key = os.environ.get(ns.api_key_env) if ns.api_key_env else None
     if ns.api_key_env and not api_key:
         raise ConfigError(f"--api-key-env names ${ns.api_key_env}, which is not set.", f"export {ns.api_key_env}=...")
@@ -100,11 +113,20 @@ def cmd_serve(ns) -> None:
     base = load_base(ns)
     mt = MultiTask(base, compile=not ns.no_compile, truncate=ns.truncate)
     report = mt.sync(store)
-    print(f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"
-          + (f"; refused: {', '.join(report['refused'])}" if report["refused"] else ""), file=sys.stderr)
+    print(
+        f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"
+        + (f"; refused: {', '.join(report['refused'])}" if report["refused"] else ""),
+        file=sys.stderr,
+    )
     app = create_app(mt, store, config, api_key=api_key)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=ns.access_log,
-                limit_concurrency=config.max_connections)
+    uvicorn.run(
+        app,
+        host=ns.host,
+        port=ns.port,
+        log_level=ns.log_level,
+        access_log=ns.access_log,
+        limit_concurrency=config.max_connections,
+    )
 
 
 def add_commands(sub) -> None:
@@ -127,22 +149,36 @@ def add_commands(sub) -> None:
     rm = action("rm", "remove tasks' prompt files (a running server drops them at its next scan)", cmd_store_rm)
     rm.add_argument("names", nargs="+", help="task names")
 
-    v = sub.add_parser("serve", help="serve every task of a store over an OpenAI-compatible HTTP API",
-                       description="Serve the prompt files of --store on one base model: POST /v1/completions, "
-                                   "/v1/chat/completions (model = task name), /v1/classify, GET /v1/models, /health. "
-                                   "Prompt files added, changed or removed in the store are picked up while running.")
+    v = sub.add_parser(
+        "serve",
+        help="serve every task of a store over an OpenAI-compatible HTTP API",
+        description="Serve the prompt files of --store on one base model: POST /v1/completions, "
+        "/v1/chat/completions (model = task name), /v1/classify, GET /v1/models, /health. "
+        "Prompt files added, changed or removed in the store are picked up while running.",
+    )
     v.add_argument("--store", default=DEFAULT_STORE, help="the store directory (default: prompts/)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000, help="port")
-    v.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="require `Authorization: Bearer KEY`, KEY read from this environment variable "
-                        "(not a flag: flags show in the process list)")
-    v.add_argument("--no-compile", action="store_true",
-                   help="keep soft prompts as input embeddings instead of compiling them to KV prefixes")
+    v.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="require `Authorization: Bearer KEY`, KEY read from this environment variable "
+        "(not a flag: flags show in the process list)",
+    )
+    v.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="keep soft prompts as input embeddings instead of compiling them to KV prefixes",
+    )
     add_truncate_option(v)
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    v.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                   help="uvicorn's one line per request (method, path, status; never bodies)")
+    v.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="uvicorn's one line per request (method, path, status; never bodies)",
+    )
     add_model_options(v)
     add_dataclass_options(v, ServerConfig, "limits and batching")
     v.set_defaults(handler=cmd_serve)

@@ -10,9 +10,20 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .options import (add_dataclass_options, add_method_options, add_model_options, add_task_options,
-                      add_truncate_option, console, fmt_bytes, fmt_metrics, load_base, method_config_from, pick,
-                      save_prompt)
+from .options import (
+    add_dataclass_options,
+    add_method_options,
+    add_model_options,
+    add_task_options,
+    add_truncate_option,
+    console,
+    fmt_bytes,
+    fmt_metrics,
+    load_base,
+    method_config_from,
+    pick,
+    save_prompt,
+)
 
 
 def cmd_train(ns, method_names: list[str]) -> None:
@@ -31,8 +42,10 @@ def cmd_train(ns, method_names: list[str]) -> None:
     c = console()
     c.print(f"saved [bold]{path}[/] ({fmt_bytes(path.stat().st_size)}); run record in {run_dir}/")
     m = result.prompt.metrics
-    c.print(f"zero-shot: {fmt_metrics(m.get('zero_shot'))}   tuned: {fmt_metrics(m.get(cfg.eval_split))}   "
-            f"{result.seconds_per_step:.2f} s/step")
+    c.print(
+        f"zero-shot: {fmt_metrics(m.get('zero_shot'))}   tuned: {fmt_metrics(m.get(cfg.eval_split))}   "
+        f"{result.seconds_per_step:.2f} s/step"
+    )
 
 
 def cmd_eval(ns) -> None:
@@ -44,8 +57,16 @@ def cmd_eval(ns) -> None:
     base = load_base(ns)
     prompt = load_prompt(ns.prompt, base) if ns.prompt else None
     t = time.perf_counter()
-    metrics = evaluate(base, task, prompt, split=ns.split, limit=ns.limit, batch_size=ns.batch_size,
-                       truncate=ns.truncate, progress=True)
+    metrics = evaluate(
+        base,
+        task,
+        prompt,
+        split=ns.split,
+        limit=ns.limit,
+        batch_size=ns.batch_size,
+        truncate=ns.truncate,
+        progress=True,
+    )
     metrics["seconds"] = round(time.perf_counter() - t, 2)
     print(json.dumps({"task": task.name, "split": ns.split, "prompt": ns.prompt or "(template only)", **metrics}))
 
@@ -62,7 +83,9 @@ def cmd_generate(ns) -> None:
     if not ns.prompt and not ns.task:
         raise ConfigError("generate needs a prompt file or a task.", "pass --prompt FILE, or --task for its template.")
     if ns.max_new_tokens is not None and ns.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}.", "pass 1 or more (or leave it out).")
+        raise ConfigError(
+            f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}.", "pass 1 or more (or leave it out)."
+        )
     base = load_base(ns)
     if ns.prompt:
         prompt = load_prompt(ns.prompt, base)
@@ -73,8 +96,16 @@ def cmd_generate(ns) -> None:
     rendered = [t if ns.raw else spec.render_input(t) for t in texts]
     enc = Encoder(spec, base, ns.truncate)
     g = torch.Generator(device=base.device).manual_seed(ns.seed)
-    outs = generate_texts(base, enc, rendered, injection, ns.max_new_tokens or spec.max_new_tokens,
-                          use_cache=not ns.no_cache, sampling=Sampling(ns.temperature, ns.top_p, ns.top_k), generator=g)
+    outs = generate_texts(
+        base,
+        enc,
+        rendered,
+        injection,
+        ns.max_new_tokens or spec.max_new_tokens,
+        use_cache=not ns.no_cache,
+        sampling=Sampling(ns.temperature, ns.top_p, ns.top_k),
+        generator=g,
+    )
     for o in outs:
         print(json.dumps({"output": o}) if ns.json else o)
 
@@ -99,8 +130,11 @@ def cmd_info(ns) -> None:
     t.add_row("file size", fmt_bytes(d["file_bytes"]))
     if d["base_parameters"]:
         t.add_row("full copy of the base model", f"{d['base_parameters']:,} parameters, {fmt_bytes(d['base_bytes'])}")
-        t.add_row("prompt / full copy", f"{100 * d['fraction_of_base']:.4f}% of the parameters, "
-                                        f"1/{d['base_bytes'] / d['file_bytes']:,.0f} of the bytes")
+        t.add_row(
+            "prompt / full copy",
+            f"{100 * d['fraction_of_base']:.4f}% of the parameters, "
+            f"1/{d['base_bytes'] / d['file_bytes']:,.0f} of the bytes",
+        )
     for k, v in d["metrics"].items():
         t.add_row(f"metrics: {k}", fmt_metrics(v))
     console().print(t)
@@ -115,10 +149,13 @@ def cmd_demo(ns) -> None:
 def _train_parser(sub) -> None:
     from ..train import TrainConfig
 
-    t = sub.add_parser("train", help="train a prompt on a task and save it as one small file",
-                       description="Train a prompt (soft prompt, prefix, ...) on a task with a frozen base model. "
-                                   "Evaluates the zero-shot template and the tuned prompt, writes metrics.jsonl, "
-                                   "curves.png and a resumable checkpoint to --run-dir, and the prompt to --out.")
+    t = sub.add_parser(
+        "train",
+        help="train a prompt on a task and save it as one small file",
+        description="Train a prompt (soft prompt, prefix, ...) on a task with a frozen base model. "
+        "Evaluates the zero-shot template and the tuned prompt, writes metrics.jsonl, "
+        "curves.png and a resumable checkpoint to --run-dir, and the prompt to --out.",
+    )
     t.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
     add_task_options(t)
     add_model_options(t)
@@ -127,8 +164,12 @@ def _train_parser(sub) -> None:
     g = t.add_argument_group("output")
     g.add_argument("--out", help="prompt file to write (default: prompts/TASK-METHOD.safetensors)")
     g.add_argument("--run-dir", help="folder for metrics, curves and checkpoints (default: runs/TASK-METHOD)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from the run folder's checkpoint when it holds the same run")
+    g.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="resume from the run folder's checkpoint when it holds the same run",
+    )
     t.set_defaults(handler=lambda ns: cmd_train(ns, method_names), needs_task=True)
 
 
@@ -138,8 +179,12 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--prompt", help="prompt file (its template formats the inputs)")
     add_task_options(gen)
     add_model_options(gen)
-    gen.add_argument("inputs", nargs="*", help="inputs: the value of a one-field template, or a JSON object of "
-                                               "fields; read from stdin (one per line) when none are given")
+    gen.add_argument(
+        "inputs",
+        nargs="*",
+        help="inputs: the value of a one-field template, or a JSON object of "
+        "fields; read from stdin (one per line) when none are given",
+    )
     gen.add_argument("--raw", action="store_true", help="inputs are complete prompt texts; do not apply the template")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's max_new_tokens")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -173,5 +218,7 @@ def add_commands(sub) -> None:
     add_model_options(d)
     d.add_argument("--steps", type=int, default=150, help="training steps")
     d.add_argument("--out", default="prompts/sst2-soft.safetensors", help="where to save the prompt")
-    d.add_argument("--data-dir", default=None, help="folder holding sst2/ (default: $SOFTPROMPT_DATA or ../shared/data)")
+    d.add_argument(
+        "--data-dir", default=None, help="folder holding sst2/ (default: $SOFTPROMPT_DATA or ../shared/data)"
+    )
     d.set_defaults(handler=cmd_demo)

@@ -8,5 +8,19 @@ from .encoding import TRUNCATIONS, Encoder, collate, frequent_token_ids
 from .streams import ShuffledExamples, StreamedExamples
 from .tasks import BUILTIN_DIR, MASK_FIELD, Split, Task, TaskSpec, builtin_tasks, default_data_root, load_task
 
-__all__ = ["BUILTIN_DIR", "MASK_FIELD", "TRUNCATIONS", "Encoder", "ShuffledExamples", "Split", "StreamedExamples",
-           "Task", "TaskSpec", "builtin_tasks", "collate", "default_data_root", "frequent_token_ids", "load_task"]
+__all__ = [
+    "BUILTIN_DIR",
+    "MASK_FIELD",
+    "TRUNCATIONS",
+    "Encoder",
+    "ShuffledExamples",
+    "Split",
+    "StreamedExamples",
+    "Task",
+    "TaskSpec",
+    "builtin_tasks",
+    "collate",
+    "default_data_root",
+    "frequent_token_ids",
+    "load_task",
+]

@@ -14,8 +14,6 @@ from .tasks import TaskSpec
 TRUNCATIONS = ("error", "left", "right")  # what to do with an input over the limit
 
 
-
-
 class Encoder:
     """Turns a task's texts into `Example`s for one base model, through its family's conventions.
 
@@ -43,8 +41,10 @@ class Encoder:
         ids = [self.target_ids(w, eos=False) for w in self.spec.labels.values()]
         empty = [w for w, v in zip(self.spec.labels.values(), ids) if not v]
         if empty:
-            raise ConfigError(f"Task '{self.spec.name}': the label word(s) {empty} have no tokens.",
-                              "give every class a non-empty word in `labels`.")
+            raise ConfigError(
+                f"Task '{self.spec.name}': the label word(s) {empty} have no tokens.",
+                "give every class a non-empty word in `labels`.",
+            )
         return ids
 
     def fit(self, ids: list[int], slot: int, budget: int | None) -> tuple[list[int], int]:
@@ -55,13 +55,16 @@ class Encoder:
         if self.truncate == "error" or budget <= 0 or cut > slot:
             raise InputTooLongError(
                 f"An input of {len(ids)} tokens does not fit the {budget} tokens left by the context, the "
-                "virtual tokens and the target.", "pass --truncate left (or right), --max-length, or shorten the input.")
+                "virtual tokens and the target.",
+                "pass --truncate left (or right), --max-length, or shorten the input.",
+            )
         if self.truncate == "left":
             return ids[cut:], slot - cut
-        return ids[:slot - cut] + ids[slot:], slot - cut
+        return ids[: slot - cut] + ids[slot:], slot - cut
 
-    def example(self, text: str, injection: Injection = EMPTY, reserve: int = 0, target: list[int] | None = None) \
-            -> Example:
+    def example(
+        self, text: str, injection: Injection = EMPTY, reserve: int = 0, target: list[int] | None = None
+    ) -> Example:
         """A rendered prompt as an `Example` to score or continue: fitted to what the context leaves after the prompt's
         positions and `reserve` tokens (the target or new tokens); never empty, since the next token is read at the
         slot."""
@@ -69,8 +72,9 @@ class Encoder:
         budget = self.family.source_budget(injection, reserve, self.max_length)
         ids, slot = self.fit(ids, slot, budget)
         if not ids and injection.num_embeds == 0:
-            raise DataError("An input has no tokens (an empty text, and a template that adds none).",
-                            "pass a non-empty input.")
+            raise DataError(
+                "An input has no tokens (an empty text, and a template that adds none).", "pass a non-empty input."
+            )
         return Example(ids, slot, list(target or []), injection)
 
     def training_example(self, prompt: str, target: str, injection: Injection = EMPTY) -> Example:
@@ -86,14 +90,14 @@ def collate(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None =
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
+            ids[i, T - len(s) :] = torch.tensor(s)
+            mask[i, T - len(s) :] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     if labels is not None:
         lab = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for i, l in enumerate(labels):
-            if l:
-                lab[i, T - len(l):] = torch.tensor(l)
+        for i, target in enumerate(labels):
+            if target:
+                lab[i, T - len(target) :] = torch.tensor(target)
         out["labels"] = lab
     return out
 

@@ -8,20 +8,19 @@ draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import DataError
 
-if TYPE_CHECKING:  # tasks.py makes these streams
-    from .tasks import Split, Task
-
 
 class ShuffledExamples:
-    """Example j of a seeded stream over an in-memory split: a fresh permutation every epoch."""
+    """Example j of a seeded stream over an in-memory split: a fresh permutation every epoch.
 
-    def __init__(self, split: Split, seed: int):
+    split: a `tasks.Split` (its `prompts` and `targets`); tasks.py makes the streams, so this module names no task type.
+    """
+
+    def __init__(self, split, seed: int):
         self.split, self.seed = split, seed
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -48,9 +47,11 @@ class StreamedExamples:
     the last restarts the stream and skips ahead (which a resumed run does once). Every process
     of a distributed run reads the whole stream and keeps its own micro-batches, so the order of
     examples is the same for any number of processes.
+
+    task: the `tasks.Task` whose split `split` this streams (its rows, column checks and label indices).
     """
 
-    def __init__(self, task: Task, split: str, seed: int):
+    def __init__(self, task, split: str, seed: int):
         self.task, self.name, self.seed = task, split, seed
         self._ds = task._dataset(split, streaming=True).shuffle(seed=seed, buffer_size=task.spec.shuffle_buffer)
         self._it, self._next, self._epoch = None, 0, -1  # iterator over the current epoch; index of its next row
@@ -79,8 +80,11 @@ class StreamedExamples:
             except DataError:
                 raise
             except Exception as e:  # parse errors surface while streaming, in the types of the format's reader
-                raise DataError(f"Could not read split '{self.name}' of task '{self.task.name}' while streaming: "
-                                f"{type(e).__name__}: {e}", "check the data file (or hub dataset) it names.") from e
+                raise DataError(
+                    f"Could not read split '{self.name}' of task '{self.task.name}' while streaming: "
+                    f"{type(e).__name__}: {e}",
+                    "check the data file (or hub dataset) it names.",
+                ) from e
             self._next += 1
             return row
 

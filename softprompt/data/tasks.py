@@ -25,6 +25,13 @@ from ..example import MASK
 from .streams import ShuffledExamples, StreamedExamples
 
 BUILTIN_DIR = Path(__file__).parents[1] / "tasks"
+# How each kind of data file is read (`datasets` builder, its options); a trailing .gz is read through
+_READERS = {
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    ".csv": ("csv", {"keep_default_na": False}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+}
 # The label word's place in a template: `{mask}`, rendered as `example.MASK`.
 MASK_FIELD = "mask"
 
@@ -38,7 +45,11 @@ def default_data_root() -> Path | None:
     if env := os.environ.get("SOFTPROMPT_DATA"):
         return Path(env)
     here = Path(__file__).resolve().parent
-    for cand in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", here.parents[1] / "shared" / "data"):
+    for cand in (
+        Path.cwd() / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        here.parents[1] / "shared" / "data",
+    ):
         if cand.is_dir():
             return cand
     return None
@@ -67,31 +78,44 @@ class TaskSpec:
         if not self.template:
             raise ConfigError(f"Task '{self.name}' has no template.", "add `template:` with {field} placeholders.")
         if (self.labels is None) == (self.target_column is None):
-            raise ConfigError(f"Task '{self.name}' must have exactly one of `labels` (classification) "
-                              "or `target_column` (generation).", "set one of them in the task spec.")
+            raise ConfigError(
+                f"Task '{self.name}' must have exactly one of `labels` (classification) "
+                "or `target_column` (generation).",
+                "set one of them in the task spec.",
+            )
         if self.labels is not None:
             if len(self.labels) < 2:
                 raise ConfigError(f"Task '{self.name}' has fewer than 2 labels.", "list every class in `labels`.")
             self.labels = {str(k): str(v) for k, v in self.labels.items()}
             words = list(self.labels.values())
             if len(set(words)) != len(words):
-                raise ConfigError(f"Task '{self.name}' maps two labels to the same verbalizer word.",
-                                  "give every class its own word in `labels`.")
+                raise ConfigError(
+                    f"Task '{self.name}' maps two labels to the same verbalizer word.",
+                    "give every class its own word in `labels`.",
+                )
         try:
             parsed = [(text, f) for text, f, _, _ in string.Formatter().parse(self.template)]
         except ValueError as e:
-            raise ConfigError(f"Task '{self.name}': template is not a valid format string ({e}).",
-                              "write fields as {name} and literal braces as {{ and }}.") from e
+            raise ConfigError(
+                f"Task '{self.name}': template is not a valid format string ({e}).",
+                "write fields as {name} and literal braces as {{ and }}.",
+            ) from e
         fields = [f for _, f in parsed if f is not None]
         if any(f == "" or not f.isidentifier() for f in fields):
-            raise ConfigError(f"Task '{self.name}': template fields must be names like {{sentence}}.",
-                              "name every placeholder in the template.")
+            raise ConfigError(
+                f"Task '{self.name}': template fields must be names like {{sentence}}.",
+                "name every placeholder in the template.",
+            )
         if fields.count(MASK_FIELD) > 1:
-            raise ConfigError(f"Task '{self.name}': the template has {fields.count(MASK_FIELD)} {{mask}} slots.",
-                              "put one {mask} where the label word goes.")
+            raise ConfigError(
+                f"Task '{self.name}': the template has {fields.count(MASK_FIELD)} {{mask}} slots.",
+                "put one {mask} where the label word goes.",
+            )
         self.template_fields = [f for f in fields if f != MASK_FIELD]
         # text after the {mask} slot: only a masked LM reads any (a causal LM's label word follows the prompt)
-        after = [text for text, _ in parsed[[f for _, f in parsed].index(MASK_FIELD) + 1:]] if MASK_FIELD in fields else []
+        after = (
+            [text for text, _ in parsed[[f for _, f in parsed].index(MASK_FIELD) + 1 :]] if MASK_FIELD in fields else []
+        )
         self.mask_inside = any(after)
 
     @property
@@ -127,15 +151,21 @@ class TaskSpec:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"Input is not valid JSON: {e}", "pass a JSON object of the template's fields.") from e
+                raise ConfigError(
+                    f"Input is not valid JSON: {e}", "pass a JSON object of the template's fields."
+                ) from e
         if isinstance(value, str):
             if len(fields) != 1:
-                raise ConfigError(f"The template has fields {fields}; a plain string can only fill one.",
-                                  'pass a JSON object, e.g. \'{"premise": "...", "hypothesis": "..."}\'.')
+                raise ConfigError(
+                    f"The template has fields {fields}; a plain string can only fill one.",
+                    'pass a JSON object, e.g. \'{"premise": "...", "hypothesis": "..."}\'.',
+                )
             value = {self.column(fields[0]): value}
         if not isinstance(value, dict):
-            raise ConfigError(f"An input must be a string or an object of template fields, got {type(value).__name__}.",
-                              f"pass a string, or an object with the fields {fields}.")
+            raise ConfigError(
+                f"An input must be a string or an object of template fields, got {type(value).__name__}.",
+                f"pass a string, or an object with the fields {fields}.",
+            )
         missing = [f for f in fields if self.column(f) not in value]
         if missing:
             raise ConfigError(f"Input lacks the template field(s) {missing}.", f"give all of {fields}.")
@@ -149,7 +179,7 @@ class TaskSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaskSpec":
+    def from_dict(cls, d: dict) -> TaskSpec:
         check_keys(cls, d, "task spec")
         if "name" not in d or "template" not in d:
             raise ConfigError("A task spec needs `name` and `template`.", "add them to the spec file.")
@@ -168,10 +198,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, indices) -> "Split":
+    def subset(self, indices) -> Split:
         idx = list(indices)
-        return Split([self.rows[i] for i in idx], [self.prompts[i] for i in idx], [self.targets[i] for i in idx],
-                     None if self.labels is None else [self.labels[i] for i in idx])
+        return Split(
+            [self.rows[i] for i in idx],
+            [self.prompts[i] for i in idx],
+            [self.targets[i] for i in idx],
+            None if self.labels is None else [self.labels[i] for i in idx],
+        )
 
 
 class Task:
@@ -196,12 +230,14 @@ class Task:
     def split(self, name: str) -> Split:
         if name not in self._splits:
             if name not in self.spec.splits:
-                raise DataError(f"Task '{self.name}' has no split '{name}'.",
-                                f"use one of {list(self.spec.splits)} or add it under `splits:`.")
+                raise DataError(
+                    f"Task '{self.name}' has no split '{name}'.",
+                    f"use one of {list(self.spec.splits)} or add it under `splits:`.",
+                )
             self._splits[name] = self._render(name, self._read(name))
         return self._splits[name]
 
-    def examples(self, name: str, seed: int) -> "ShuffledExamples | StreamedExamples":
+    def examples(self, name: str, seed: int) -> ShuffledExamples | StreamedExamples:
         """The split as a seeded, endless stream of (prompt, target) pairs: what training draws from."""
         if self.spec.streaming:
             if name not in self.spec.splits:
@@ -230,32 +266,40 @@ class Task:
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors come back to us as DataError
         if isinstance(source, dict):  # a hub dataset, e.g. {hub: glue, config: sst2, split: validation}
             try:
-                ds = datasets.load_dataset(source["hub"], source.get("config"), split=source.get("split", split),
-                                           streaming=streaming)
+                return datasets.load_dataset(
+                    source["hub"], source.get("config"), split=source.get("split", split), streaming=streaming
+                )
             except Exception as e:  # datasets raises many types for network and name errors
-                raise DataError(f"Could not load hub dataset {source} for split '{split}': {e}",
-                                "check the name and your network, or point the split at a local file.") from e
-            return ds
+                raise DataError(
+                    f"Could not load hub dataset {source} for split '{split}': {e}",
+                    "check the name and your network, or point the split at a local file.",
+                ) from e
         path = self._path(source)
         if not path.exists():
-            raise DataError(f"Data file for split '{split}' of task '{self.name}' not found: {path}",
-                            "fix the path in the task spec, or set SOFTPROMPT_DATA / --data-dir to the data folder.")
-        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+            raise DataError(
+                f"Data file for split '{split}' of task '{self.name}' not found: {path}",
+                "fix the path in the task spec, or set SOFTPROMPT_DATA / --data-dir to the data folder.",
+            )
+        return self._read_file(path, split, streaming)
+
+    def _read_file(self, path: Path, split: str, streaming: bool):
+        """A local data file through `datasets`' csv or json builder, with read errors as one-line `DataError`s."""
+        import datasets
+
+        kind = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        if kind not in _READERS:
+            raise DataError(
+                f"Unsupported data file type '{path.suffix}': {path}",
+                "use .csv, .tsv, .jsonl or .json (optionally .gz).",
+            )
+        builder, options = _READERS[kind]
         try:
-            if suffix in (".tsv", ".tsv.gz"):
-                ds = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
-                                           split="train", keep_default_na=False, streaming=streaming)
-            elif suffix in (".csv", ".csv.gz"):
-                ds = datasets.load_dataset("csv", data_files=str(path), split="train", keep_default_na=False,
-                                           streaming=streaming)
-            elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
-                ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=streaming)
-            else:
-                raise DataError(f"Unsupported data file type '{path.suffix}': {path}",
-                                "use .csv, .tsv, .jsonl or .json (optionally .gz).")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **options)
         except UnicodeDecodeError as e:
-            raise DataError(f"Data file is not UTF-8 text: {path} ({e.reason} at byte {e.start}).",
-                            "re-encode it as UTF-8 (e.g. `iconv -t utf-8`).") from e
+            raise DataError(
+                f"Data file is not UTF-8 text: {path} ({e.reason} at byte {e.start}).",
+                "re-encode it as UTF-8 (e.g. `iconv -t utf-8`).",
+            ) from e
         except DataError:
             raise
         except Exception as e:
@@ -264,9 +308,10 @@ class Task:
             cause = e.__cause__ or e
             if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(e).lower():
                 raise DataError(f"Data file is not UTF-8 text: {path}.", "re-encode it as UTF-8.") from e
-            raise DataError(f"Could not parse {path}: {type(e).__name__}: {e}",
-                            "check that it is valid CSV/TSV (with a header row) or JSON lines.") from e
-        return ds
+            raise DataError(
+                f"Could not parse {path}: {type(e).__name__}: {e}",
+                "check that it is valid CSV/TSV (with a header row) or JSON lines.",
+            ) from e
 
     def check_columns(self, split: str, row: dict | None) -> None:
         """Raise unless `row` (the split's first) has every column the spec reads."""
@@ -277,16 +322,20 @@ class Task:
         needed.append(spec.label_column if spec.is_classification else spec.target_column)
         missing = [c for c in needed if c not in row]
         if missing:
-            raise DataError(f"Split '{split}' of task '{self.name}' has no column(s) {missing}; it has {sorted(row)}.",
-                            "fix the template fields, `columns`, `label_column` or `target_column` in the task spec.")
+            raise DataError(
+                f"Split '{split}' of task '{self.name}' has no column(s) {missing}; it has {sorted(row)}.",
+                "fix the template fields, `columns`, `label_column` or `target_column` in the task spec.",
+            )
 
     def label_index(self, split: str, n: int, row: dict) -> int:
         """Class index of row number `n` (from 0) of a classification split."""
         raw = str(row[self.spec.label_column])
         index = self.spec.class_names
         if raw not in self.spec.labels:
-            raise DataError(f"Row {n + 1} of split '{split}' has label {raw!r}, which is not in the label map "
-                            f"{index}.", "add it under `labels:` in the task spec, or fix the data.")
+            raise DataError(
+                f"Row {n + 1} of split '{split}' has label {raw!r}, which is not in the label map {index}.",
+                "add it under `labels:` in the task spec, or fix the data.",
+            )
         return index.index(raw)
 
     def _render(self, split: str, rows: list[dict]) -> Split:
@@ -308,12 +357,16 @@ def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
         d = yaml.safe_load(builtin.read_text())
         base_dir = Path(data_dir) if data_dir else default_data_root()
         if base_dir is None:
-            raise DataError(f"Cannot find the data for built-in task '{name_or_path}'.",
-                            "set SOFTPROMPT_DATA (or --data-dir) to the folder holding sst2/, trec/, rte/, e2e_nlg/.")
+            raise DataError(
+                f"Cannot find the data for built-in task '{name_or_path}'.",
+                "set SOFTPROMPT_DATA (or --data-dir) to the folder holding sst2/, trec/, rte/, e2e_nlg/.",
+            )
         return Task(TaskSpec.from_dict(d), base_dir)
     if not p.exists():
-        raise ConfigError(f"Unknown task '{name_or_path}': not a built-in task and no such spec file.",
-                          f"use one of {builtin_tasks()} or the path of a YAML/JSON task spec.")
+        raise ConfigError(
+            f"Unknown task '{name_or_path}': not a built-in task and no such spec file.",
+            f"use one of {builtin_tasks()} or the path of a YAML/JSON task spec.",
+        )
     try:
         d = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:

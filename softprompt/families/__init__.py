@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .causal import Causal
-from .masked_lm import MaskedLM
 from .family import Family, KVLayout
+from .masked_lm import MaskedLM
 from .seq2seq import Seq2Seq
 
 # Tried in order: BERT-style models also have a causal-LM class (as decoders), so encoders come first.
@@ -22,8 +22,10 @@ def family_class(config) -> type[Family]:
     for family in FAMILIES:
         if family.matches(config):
             return family
-    raise ConfigError(f"Model type '{config.model_type}' is not a causal LM, a seq2seq model or a masked LM that "
-                      "transformers knows.", "pass a causal LM, a seq2seq model (T5, BART) or a masked LM (BERT, RoBERTa).")
+    raise ConfigError(
+        f"Model type '{config.model_type}' is not a causal LM, a seq2seq model or a masked LM that transformers knows.",
+        "pass a causal LM, a seq2seq model (T5, BART) or a masked LM (BERT, RoBERTa).",
+    )
 
 
 __all__ = ["FAMILIES", "Causal", "Family", "KVLayout", "MaskedLM", "Seq2Seq", "family_class"]

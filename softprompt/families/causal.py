@@ -62,7 +62,9 @@ class Causal(Family):
     def matches(cls, config) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        return not getattr(config, "is_encoder_decoder", False) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        return (
+            not getattr(config, "is_encoder_decoder", False) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        )
 
     # --- the model's layers -----------------------------------------------------------------------------------------
     @cached_property
@@ -84,11 +86,18 @@ class Causal(Family):
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         with torch.no_grad():
             self.call(cache, input_ids=ids, use_cache=True)
-        layers = [i for i, layer in enumerate(cache.layers)
-                  if isinstance(layer, DynamicLayer) and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
-                  and layer.keys.shape[-2] > 0]
-        return layers, [(cache.layers[i].keys.shape[1], cache.layers[i].keys.shape[3], cache.layers[i].values.shape[3])
-                        for i in layers]
+        layers = [
+            i
+            for i, layer in enumerate(cache.layers)
+            if isinstance(layer, DynamicLayer)
+            and isinstance(layer.keys, torch.Tensor)
+            and layer.keys.dim() == 4
+            and layer.keys.shape[-2] > 0
+        ]
+        return layers, [
+            (cache.layers[i].keys.shape[1], cache.layers[i].keys.shape[3], cache.layers[i].values.shape[3])
+            for i in layers
+        ]
 
     @property
     def prefix_layers(self) -> list[int]:
@@ -97,8 +106,9 @@ class Causal(Family):
     @cached_property
     def recurrent(self) -> bool:
         """Whether some layers keep a recurrent state (state-space or linear attention) instead of keys and values."""
-        return len(self.prefix_layers) < len(self._layer_rules) or \
-            any(t in RECURRENT or t.startswith("hybrid") for t, _ in self._layer_rules)
+        return len(self.prefix_layers) < len(self._layer_rules) or any(
+            t in RECURRENT or t.startswith("hybrid") for t, _ in self._layer_rules
+        )
 
     @property
     def compiles(self) -> bool:  # a recurrent layer's state after the virtual tokens is no key/value prefix
@@ -108,8 +118,10 @@ class Causal(Family):
         return self._probe[1]
 
     def _no_prefix_layers(self) -> str:
-        return (f"This {self.config.model_type} model has no attention layers, so KV-prefix methods (prefix, deep) "
-                "have nothing to put keys and values into.")
+        return (
+            f"This {self.config.model_type} model has no attention layers, so KV-prefix methods (prefix, deep) "
+            "have nothing to put keys and values into."
+        )
 
     @cached_property
     def _windowed(self) -> bool:
@@ -120,8 +132,11 @@ class Causal(Family):
         cache = DynamicCache(config=self.model.config)
         if keep_all:
             for i, layer in enumerate(cache.layers):
-                if type(layer) is not DynamicLayer and isinstance(layer, DynamicLayer) \
-                        and not isinstance(layer, LinearAttentionCacheLayerMixin):
+                if (
+                    type(layer) is not DynamicLayer
+                    and isinstance(layer, DynamicLayer)
+                    and not isinstance(layer, LinearAttentionCacheLayerMixin)
+                ):
                     cache.layers[i] = DynamicLayer()
         return cache
 
@@ -140,7 +155,7 @@ class Causal(Family):
         return Cache(layers=layers)
 
     def _decoding_cache(self, prefix, keep_all: bool = False) -> DynamicCache:
-        """A cache to decode into, holding `prefix`; windowed layers keep every slot when a prefix (or `keep_all`) asks."""
+        """A cache to decode into, holding `prefix`; windowed layers keep every slot under a prefix (or `keep_all`)."""
         cache = self._new_cache(keep_all=keep_all or (self._windowed and prefix is not None))
         for i, (k, v) in zip(self.prefix_layers, prefix or []):
             cache.layers[i].update(k.contiguous(), v.contiguous())
@@ -150,18 +165,24 @@ class Causal(Family):
     def check_spec(self, spec) -> None:
         super().check_spec(spec)
         if spec.mask_inside:
-            raise ConfigError(f"Task '{spec.name}': a causal LM reads the label word after the prompt, but the template "
-                              "has text after {mask}.", "put {mask} at the end of the template, or drop it.")
+            raise ConfigError(
+                f"Task '{spec.name}': a causal LM reads the label word after the prompt, but the template "
+                "has text after {mask}.",
+                "put {mask} at the end of the template, or drop it.",
+            )
 
     def source_ids(self, text: str, chat: bool = False) -> tuple[list[int], int]:
         text = text.removesuffix(MASK)
         tok = self.tokenizer
         if chat:
             if not getattr(tok, "chat_template", None):
-                raise ConfigError("The task says `chat: true`, but this tokenizer has no chat template.",
-                                  "set `chat: false` in the task spec, or use an instruction-tuned model.")
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True,
-                                          return_dict=False)
+                raise ConfigError(
+                    "The task says `chat: true`, but this tokenizer has no chat template.",
+                    "set `chat: false` in the task spec, or use an instruction-tuned model.",
+                )
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
         else:
             ids = tok(text, add_special_tokens=True)["input_ids"]
         return list(ids), len(ids)
@@ -173,30 +194,15 @@ class Causal(Family):
     # --- layout -----------------------------------------------------------------------------------------------------
     def layout(self, examples: list[Example], labels: bool = False) -> Layout:
         """Lay out a batch: each row's source (+ target with `labels`), left-padded, with its prompt."""
-        device, dtype = self.device, self.dtype
-        rows = [e.injection.to(device, dtype) for e in examples]
-        seqs = [e.source[:e.slot] + (e.target if labels else []) for e in examples]
-        B, T = len(seqs), max(len(s) for s in seqs)
-        ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
-        tgt = torch.full((B, T), -100, dtype=torch.long)
-        for i, (s, e) in enumerate(zip(seqs, examples)):
-            if s:
-                ids[i, T - len(s):] = torch.tensor(s)
-                if labels and e.target:
-                    tgt[i, T - len(e.target):] = torch.tensor(e.target)
+        device = self.device
+        rows = [e.injection.to(device, self.dtype) for e in examples]
+        seqs = [e.source[: e.slot] + (e.target if labels else []) for e in examples]
+        ids, tgt = self._left_padded(seqs, [e.target if labels else [] for e in examples])  # (B, T) each
+        T = ids.shape[1]
         lens = torch.tensor([len(s) for s in seqs], device=device)  # (B,) real tokens per row
         n_emb = torch.tensor([r.num_embeds for r in rows], device=device)  # (B,)
-        n_kv = torch.tensor([r.num_kv for r in rows], device=device)  # (B,)
         kv_pos = torch.tensor([r.kv_positions for r in rows], device=device)  # (B,)
-        if bool(((n_emb + lens) == 0).any()):
-            raise ConfigError("An input has no tokens (an empty text, and a template and prompt that add none).",
-                              "pass a non-empty input.")
-        limit = self.max_positions
-        longest = int((kv_pos + n_emb + lens).max())
-        if limit is not None and longest > limit:
-            raise InputTooLongError(
-                f"An input needs {longest} positions (virtual tokens + text), more than the model's context of {limit}.",
-                "shorten the input, use fewer virtual tokens, or set a truncation policy (--truncate left).")
+        self._check_lengths(n_emb + lens, kv_pos)
 
         tok_emb = self.embed(ids.to(device))  # (B, T, D)
         D = tok_emb.shape[-1]
@@ -219,27 +225,67 @@ class Causal(Family):
         if labels:
             picked = tgt.to(device).gather(1, idx.clamp(max=max(T - 1, 0))) if T else torch.full_like(idx, -100)
             out_labels = torch.where(in_text, picked, torch.full_like(picked, -100))
-
-        prefix, kv_mask = None, seq_mask[:, :0]
-        slot_positions = positions[:, :0]
-        if any(r.kv is not None for r in rows):
-            if len({id(r.kv) for r in rows}) == 1:
-                kv = rows[0].kv.unsqueeze(0).expand(B, *rows[0].kv.shape)  # one prompt for all rows: a view, no copy
-            else:
-                shape = next(r.kv for r in rows if r.kv is not None).shape
-                kv = stack_padded([r.kv for r in rows], 3, tok_emb, shape)  # (B, L, 2, H_kv, K, hd)
-            if kv.shape[1] != len(self.prefix_layers):
-                raise ConfigError(f"A KV prefix has {kv.shape[1]} layers; this model takes {len(self.prefix_layers)}.",
-                                  "use the base model the prompt was trained for.")
-            prefix = [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
-            j = torch.arange(kv.shape[4], device=device)[None, :]  # (1, K)
-            kv_mask = j < n_kv[:, None]  # (B, K)
-            slot_positions = kv_pos[:, None] - n_kv[:, None] + j  # the prefix ends right before the text
+        prefix, kv_mask, slot_positions = self._kv_prefix(rows, tok_emb, kv_pos)
         mask = torch.cat([kv_mask, seq_mask], dim=1).long()
         return Layout(embeds, mask, positions, prefix, slot_positions, out_labels)
 
-    def _attention_masks(self, layout: Layout, q_positions: torch.Tensor, k_positions: torch.Tensor,
-                         k_valid: torch.Tensor, q_valid: torch.Tensor, inputs_embeds: torch.Tensor):
+    def _left_padded(self, seqs: list[list[int]], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) left-padded with the pad token; labels (B, T): each row's target at its end, else -100."""
+        B, T = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        tgt = torch.full((B, T), -100, dtype=torch.long)
+        for i, (s, t) in enumerate(zip(seqs, targets)):
+            if s:
+                ids[i, T - len(s) :] = torch.tensor(s)
+            if t:
+                tgt[i, T - len(t) :] = torch.tensor(t)
+        return ids, tgt
+
+    def _check_lengths(self, lengths: torch.Tensor, kv_pos: torch.Tensor) -> None:
+        """Refuse a row with no positions or with more than the model's context; lengths, kv_pos: (B,)."""
+        if bool((lengths == 0).any()):
+            raise ConfigError(
+                "An input has no tokens (an empty text, and a template and prompt that add none).",
+                "pass a non-empty input.",
+            )
+        limit, longest = self.max_positions, int((kv_pos + lengths).max())
+        if limit is not None and longest > limit:
+            raise InputTooLongError(
+                f"An input needs {longest} positions (virtual tokens + text), more than the model's context of "
+                f"{limit}.",
+                "shorten the input, use fewer virtual tokens, or set a truncation policy (--truncate left).",
+            )
+
+    def _kv_prefix(self, rows: list[Injection], tok_emb: torch.Tensor, kv_pos: torch.Tensor):
+        """The rows' KV prompts: per-layer (keys, values) or None, key mask (B, K), the prefix's positions (B, K)."""
+        B, device = len(rows), tok_emb.device
+        if all(r.kv is None for r in rows):
+            empty = torch.zeros(B, 0, dtype=torch.long, device=device)
+            return None, empty.bool(), empty
+        if len({id(r.kv) for r in rows}) == 1:
+            kv = rows[0].kv.unsqueeze(0).expand(B, *rows[0].kv.shape)  # one prompt for all rows: a view, no copy
+        else:
+            shape = next(r.kv for r in rows if r.kv is not None).shape
+            kv = stack_padded([r.kv for r in rows], 3, tok_emb, shape)  # (B, L, 2, H_kv, K, hd)
+        if kv.shape[1] != len(self.prefix_layers):
+            raise ConfigError(
+                f"A KV prefix has {kv.shape[1]} layers; this model takes {len(self.prefix_layers)}.",
+                "use the base model the prompt was trained for.",
+            )
+        n_kv = torch.tensor([r.num_kv for r in rows], device=device)  # (B,)
+        j = torch.arange(kv.shape[4], device=device)[None, :]  # (1, K)
+        slot_positions = kv_pos[:, None] - n_kv[:, None] + j  # (B, K) the prefix ends right before the text
+        return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])], j < n_kv[:, None], slot_positions
+
+    def _attention_masks(
+        self,
+        layout: Layout,
+        q_positions: torch.Tensor,
+        k_positions: torch.Tensor,
+        k_valid: torch.Tensor,
+        q_valid: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+    ):
         """Masks computed from positions for every layer type: what windowed layers need under a KV prefix.
 
         q_positions, q_valid: (B, Q); k_positions, k_valid: (B, KV). Returns one 4D mask (all attention
@@ -263,9 +309,11 @@ class Causal(Family):
         types = getattr(self.config, "layer_types", None)
         if types is None or len(set(types)) == 1:
             if len(rules) > 1:
-                raise ConfigError(f"The attention layers of this {self.config.model_type} model use different windows "
-                                  f"{sorted(rules, key=str)} but take a single mask.",
-                                  "use soft prompts (--method soft) on this model.")
+                raise ConfigError(
+                    f"The attention layers of this {self.config.model_type} model use different windows "
+                    f"{sorted(rules, key=str)} but take a single mask.",
+                    "use soft prompts (--method soft) on this model.",
+                )
             return allowed(*rules.pop())
         masks = {}
         for kind in set(types):
@@ -275,8 +323,10 @@ class Causal(Family):
             elif kind in RECURRENT:
                 masks[kind] = create_recurrent_attention_mask(self.model.config, inputs_embeds, layout.mask)
             else:
-                raise ConfigError(f"KV prefixes are not supported on '{kind}' layers ({self.config.model_type}).",
-                                  "use soft prompts (--method soft) on this model.")
+                raise ConfigError(
+                    f"KV prefixes are not supported on '{kind}' layers ({self.config.model_type}).",
+                    "use soft prompts (--method soft) on this model.",
+                )
         return masks
 
     def _mask_format(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -286,14 +336,29 @@ class Causal(Family):
         if impl == "eager":
             zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
             return torch.where(allowed, zero, torch.finfo(self.dtype).min)
-        raise ConfigError(f"KV prefixes on a model with sliding-window or chunked attention need explicit masks, which "
-                          f"the '{impl}' attention implementation does not take.", "load the model with --attn sdpa.")
+        raise ConfigError(
+            f"KV prefixes on a model with sliding-window or chunked attention need explicit masks, which "
+            f"the '{impl}' attention implementation does not take.",
+            "load the model with --attn sdpa.",
+        )
 
-    def _run(self, layout: Layout, cache: Cache | None, logits_to_keep: int, use_cache: bool,
-             inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None, mask=None):
+    def _run(
+        self,
+        layout: Layout,
+        cache: Cache | None,
+        logits_to_keep: int,
+        use_cache: bool,
+        inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask=None,
+    ):
         """One forward. Returns (logits (B, logits_to_keep or S, V), cache)."""
         embeds = layout.inputs_embeds if inputs_embeds is None else inputs_embeds
-        kwargs = {"inputs_embeds": embeds, "attention_mask": layout.mask if mask is None else mask, "use_cache": use_cache}
+        kwargs = {
+            "inputs_embeds": embeds,
+            "attention_mask": layout.mask if mask is None else mask,
+            "use_cache": use_cache,
+        }
         if self.accepts("position_ids"):
             kwargs["position_ids"] = layout.positions if positions is None else positions
         if self.accepts("logits_to_keep"):
@@ -305,18 +370,20 @@ class Causal(Family):
         return logits, getattr(out, self._cache_name, None)
 
     def _full_mask(self, layout: Layout):
-        """The attention mask of a whole laid-out batch: the 2D padding mask, or position masks where windows need them."""
+        """The attention mask of a laid-out batch: the 2D padding mask, or position masks where windows need them."""
         if layout.prefix is None or not self._windowed:
             return layout.mask
         K = layout.slot_positions.shape[1]
         k_pos = torch.cat([layout.slot_positions, layout.positions], dim=1)
         seq_valid = layout.mask[:, K:].bool()
-        return self._attention_masks(layout, layout.positions, k_pos, layout.mask.bool(), seq_valid,
-                                     layout.inputs_embeds)
+        return self._attention_masks(
+            layout, layout.positions, k_pos, layout.mask.bool(), seq_valid, layout.inputs_embeds
+        )
 
     def _forward(self, layout: Layout, logits_to_keep: int):
-        logits, _ = self._run(layout, self._read_only_cache(layout.prefix), logits_to_keep, False,
-                              mask=self._full_mask(layout))
+        logits, _ = self._run(
+            layout, self._read_only_cache(layout.prefix), logits_to_keep, False, mask=self._full_mask(layout)
+        )
         return logits
 
     # --- the loss and the scorer --------------------------------------------------------------------------------------
@@ -339,11 +406,13 @@ class Causal(Family):
             return
         need = max(e.slot + e.injection.num_positions + n for e, n in zip(examples, max_new_tokens))
         if need > limit:
-            raise InputTooLongError(f"Prompt, virtual tokens and max_new_tokens need {need} positions; the model has "
-                                    f"{limit}.", "shorten the input or lower max_tokens.")
+            raise InputTooLongError(
+                f"Prompt, virtual tokens and max_new_tokens need {need} positions; the model has {limit}.",
+                "shorten the input or lower max_tokens.",
+            )
 
     def start_decoding(self, examples: list[Example], use_cache: bool = True):
-        examples = [Example(e.source[:e.slot], e.slot, [], e.injection) for e in examples]
+        examples = [Example(e.source[: e.slot], e.slot, [], e.injection) for e in examples]
         lengths = [e.slot + e.injection.num_embeds for e in examples]
         if use_cache and self.recurrent and len(set(lengths)) > 1:
             # transformers' recurrent cache layers keep the pads of a left-padded prefill in their state, and the
@@ -375,8 +444,10 @@ class Causal(Family):
                 logits[g] = part
             return logits
         if not state.use_cache:
-            state.examples = [Example(e.source + [int(t)], e.slot + 1, [], e.injection)
-                              for e, t in zip(state.examples, tokens.tolist())]
+            state.examples = [
+                Example(e.source + [int(t)], e.slot + 1, [], e.injection)
+                for e, t in zip(state.examples, tokens.tolist())
+            ]
             return self._forward(self.layout(state.examples), 1)[:, -1]
         layout = state.layout
         B = tokens.shape[0]
@@ -388,8 +459,9 @@ class Causal(Family):
         if state.four_d:
             state.k_positions = torch.cat([state.k_positions, q_pos], dim=1)
             state.k_valid = torch.cat([state.k_valid, state.k_valid.new_ones(B, 1)], dim=1)
-            mask = self._attention_masks(layout, q_pos, state.k_positions, state.k_valid,
-                                         torch.ones_like(q_pos, dtype=torch.bool), embeds)
+            mask = self._attention_masks(
+                layout, q_pos, state.k_positions, state.k_valid, torch.ones_like(q_pos, dtype=torch.bool), embeds
+            )
         logits, state.cache = self._run(layout, state.cache, 1, True, inputs_embeds=embeds, positions=q_pos, mask=mask)
         return logits[:, -1]
 
@@ -406,8 +478,9 @@ class Causal(Family):
         layout = self.layout([Example([], 0, [], inj)])
         cache = self._decoding_cache(layout.prefix, keep_all=True)  # every token's keys, also past a window
         self._run(layout, cache, 1, True, mask=self._full_mask(layout))
-        return torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
-                            for i in self.prefix_layers])
+        return torch.stack(
+            [torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]]) for i in self.prefix_layers]
+        )
 
     def compile(self, injection: Injection) -> Injection:
         """The prompt as a pure KV prefix: its virtual tokens' keys/values computed once.

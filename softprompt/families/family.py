@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from typing import ClassVar
 
 import torch
@@ -75,13 +75,14 @@ class StatelessRecurrence:
         return recurrent_states
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_only(layer_class: type) -> type:
     """The variant of a cache layer class for forwards that do not decode: a read-only prefix, no recurrent state."""
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    mixins = ((StatelessRecurrence,) if issubclass(layer_class, LinearAttentionCacheLayerMixin) else ()) + \
-        ((ReadOnlyPrefix,) if issubclass(layer_class, DynamicLayer) else ())
+    mixins = ((StatelessRecurrence,) if issubclass(layer_class, LinearAttentionCacheLayerMixin) else ()) + (
+        (ReadOnlyPrefix,) if issubclass(layer_class, DynamicLayer) else ()
+    )
     return type(f"ReadOnly{layer_class.__name__}", (*mixins, layer_class), {})
 
 
@@ -106,7 +107,7 @@ def stack_padded(tensors: list[torch.Tensor | None], dim: int, like: torch.Tenso
     return torch.stack(rows)
 
 
-@lru_cache(maxsize=None)
+@cache
 def forward_parameters(model_class: type) -> frozenset[str]:
     """Names the model class's forward accepts (transformers 5.x calls the cache `cache`, 4.x `past_key_values`)."""
     return frozenset(inspect.signature(model_class.forward).parameters)
@@ -184,8 +185,11 @@ class Family:
         if not shapes:
             raise ConfigError(self._no_prefix_layers(), fix)
         if len(set(shapes)) > 1 or shapes[0][1] != shapes[0][2]:
-            raise ConfigError(f"The attention layers of this {self.config.model_type} model store keys and values of "
-                              f"different shapes {sorted(set(shapes))} (heads, key dim, value dim).", fix)
+            raise ConfigError(
+                f"The attention layers of this {self.config.model_type} model store keys and values of "
+                f"different shapes {sorted(set(shapes))} (heads, key dim, value dim).",
+                fix,
+            )
         return KVLayout(len(shapes), shapes[0][0], shapes[0][1])
 
     def _prefix_shapes(self) -> list[tuple[int, int, int]]:  # pragma: no cover - abstract
@@ -197,23 +201,32 @@ class Family:
 
     def check_injection(self, injection: Injection, what: str = "This prompt") -> None:
         """Refuse an injection that does not fit this model, with the fix."""
-        if injection.embeds is not None and (injection.embeds.dim() != 2 or injection.embeds.shape[1] != self.hidden_size):
-            raise ConfigError(f"{what} has virtual-token embeddings of shape {tuple(injection.embeds.shape)}; the model "
-                              f"takes (P, {self.hidden_size}).", "use the base model the prompt was trained for.")
+        if injection.embeds is not None and (
+            injection.embeds.dim() != 2 or injection.embeds.shape[1] != self.hidden_size
+        ):
+            raise ConfigError(
+                f"{what} has virtual-token embeddings of shape {tuple(injection.embeds.shape)}; the model "
+                f"takes (P, {self.hidden_size}).",
+                "use the base model the prompt was trained for.",
+            )
         if injection.kv is not None:
             lay = self.kv_layout
             shape = tuple(injection.kv.shape)
             if len(shape) != 5 or shape[:3] + shape[4:] != (lay.num_layers, 2, lay.num_kv_heads, lay.head_dim):
-                raise ConfigError(f"{what} has KV prefixes of shape {shape}, which does not fit the model "
-                                  f"({lay.num_layers} layers x 2 x {lay.num_kv_heads} KV heads x P x {lay.head_dim}).",
-                                  "use the base model the prompt was trained for.")
+                raise ConfigError(
+                    f"{what} has KV prefixes of shape {shape}, which does not fit the model "
+                    f"({lay.num_layers} layers x 2 x {lay.num_kv_heads} KV heads x P x {lay.head_dim}).",
+                    "use the base model the prompt was trained for.",
+                )
 
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:
-        """Refuse a task spec this family cannot run (a generation task on an encoder, a template without a mask slot)."""
+        """Refuse a task spec this family cannot run (generation on an encoder, a template without a mask slot)."""
         if not self.generates and not spec.is_classification:
-            raise ConfigError(f"Task '{spec.name}' is a generation task, but a {self.name} model has no decoder to "
-                              "generate with.", "use a causal LM or a seq2seq model (T5, BART) for generation tasks.")
+            raise ConfigError(
+                f"Task '{spec.name}' is a generation task, but a {self.name} model has no decoder to generate with.",
+                "use a causal LM or a seq2seq model (T5, BART) for generation tasks.",
+            )
 
     def source_ids(self, text: str, chat: bool = False) -> tuple[list[int], int]:  # pragma: no cover - abstract
         """(token ids of a rendered template, the slot where the target goes). `text` may hold `data.MASK` once."""
@@ -280,7 +293,7 @@ class Family:
 
     # --- decoding ---------------------------------------------------------------------------------------------------
     def start_decoding(self, examples: list[Example], use_cache: bool = True):
-        """Begin greedy/sampled decoding after each example's source. Returns (state, logits of the first new token (B, V))."""
+        """Begin decoding after each example's source. Returns (state, logits of the first new token (B, V))."""
         raise ConfigError(f"A {self.name} model cannot generate text.", "use a causal LM or a seq2seq model.")
 
     def continue_decoding(self, state, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -399,12 +412,16 @@ def prompt_first(family: Family, seqs: list[list[int]], rows: list[Injection]) -
     ids = torch.full((B, S), family.tokenizer.pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, S), dtype=torch.long, device=device)
     for i, (r, s) in enumerate(zip(rows, seqs)):
-        ids[i, r.num_embeds:r.num_embeds + len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :r.num_embeds + len(s)] = 1
+        ids[i, r.num_embeds : r.num_embeds + len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : r.num_embeds + len(s)] = 1
     embeds = family.embed(ids)  # (B, S, D)
     if any(r.embeds is not None for r in rows):
-        parts = [torch.cat([r.embeds.to(device, embeds.dtype), embeds[i, r.num_embeds:]]) if r.embeds is not None
-                 else embeds[i] for i, r in enumerate(rows)]
+        parts = [
+            torch.cat([r.embeds.to(device, embeds.dtype), embeds[i, r.num_embeds :]])
+            if r.embeds is not None
+            else embeds[i]
+            for i, r in enumerate(rows)
+        ]
         embeds = torch.stack(parts)
     return embeds, mask
 

@@ -23,8 +23,8 @@ from functools import cached_property
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..example import MASK, Example
 from ..errors import ConfigError
+from ..example import MASK, Example
 from .family import Family, ReadOnlyPrefixLayer, by_prefix_length, prefix_of, prompt_first
 
 
@@ -37,8 +37,11 @@ class MaskedLM(Family):
     def matches(cls, config) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-        return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
+        return (
+            config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_decoder", False)
             and not getattr(config, "is_encoder_decoder", False)
+        )
 
     @property
     def max_positions(self) -> int | None:
@@ -50,8 +53,10 @@ class MaskedLM(Family):
     @cached_property
     def mask_id(self) -> int:
         if self.tokenizer.mask_token_id is None:
-            raise ConfigError("This tokenizer has no mask token, so the masked LM has nowhere to predict a label word.",
-                              "use the tokenizer the model was trained with.")
+            raise ConfigError(
+                "This tokenizer has no mask token, so the masked LM has nowhere to predict a label word.",
+                "use the tokenizer the model was trained with.",
+            )
         return self.tokenizer.mask_token_id
 
     def _prefix_shapes(self) -> list[tuple[int, int, int]]:
@@ -60,33 +65,44 @@ class MaskedLM(Family):
         ids = torch.tensor([[self.mask_id, self.mask_id]], device=self.device)
         with torch.no_grad():
             self.call(cache, input_ids=ids)
-        return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in cache.layers
-                if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+        return [
+            (layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3])
+            for layer in cache.layers
+            if isinstance(getattr(layer, "keys", None), torch.Tensor)
+        ]
 
     def _no_prefix_layers(self) -> str:
-        return (f"This {self.config.model_type} encoder's attention takes no key/value cache, so KV-prefix methods "
-                "(prefix, deep) cannot reach it.")
+        return (
+            f"This {self.config.model_type} encoder's attention takes no key/value cache, so KV-prefix methods "
+            "(prefix, deep) cannot reach it."
+        )
 
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:
         super().check_spec(spec)
         if not spec.has_mask:
-            raise ConfigError(f"Task '{spec.name}': a masked LM predicts the label word at a mask, but the template has "
-                              "no {mask} slot.", "add {mask} where the label word goes, e.g. "
-                                                 "\"{sentence} It was {mask}.\"")
+            raise ConfigError(
+                f"Task '{spec.name}': a masked LM predicts the label word at a mask, but the template has "
+                "no {mask} slot.",
+                'add {mask} where the label word goes, e.g. "{sentence} It was {mask}."',
+            )
         if spec.chat:
-            raise ConfigError(f"Task '{spec.name}' says `chat: true`; chat templates are for causal LMs.",
-                              "set `chat: false` for a masked LM.")
+            raise ConfigError(
+                f"Task '{spec.name}' says `chat: true`; chat templates are for causal LMs.",
+                "set `chat: false` for a masked LM.",
+            )
 
     def source_ids(self, text: str, chat: bool = False) -> tuple[list[int], int]:
         # Tokenized with one mask token in the slot, so that the tokenizer treats the text around it as it would
         # (special tokens, a mask that absorbs the space before it); the mask is then taken out again.
         ids = list(self.tokenizer(text.replace(MASK, self.tokenizer.mask_token), add_special_tokens=True)["input_ids"])
         if ids.count(self.mask_id) != 1:
-            raise ConfigError("An input must hold exactly one {mask} slot (and no literal mask token).",
-                              "remove mask tokens from the input text.")
+            raise ConfigError(
+                "An input must hold exactly one {mask} slot (and no literal mask token).",
+                "remove mask tokens from the input text.",
+            )
         slot = ids.index(self.mask_id)
-        return ids[:slot] + ids[slot + 1:], slot
+        return ids[:slot] + ids[slot + 1 :], slot
 
     def target_ids(self, text: str, eos: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -96,7 +112,7 @@ class MaskedLM(Family):
         """MLM logits (B, S, V) of examples sharing one KV-prefix length, `n_masks[i]` masks at row i's slot, and the
         column of each row's first mask."""
         rows = [e.injection for e in examples]
-        seqs = [e.source[:e.slot] + [self.mask_id] * n + e.source[e.slot:] for e, n in zip(examples, n_masks)]
+        seqs = [e.source[: e.slot] + [self.mask_id] * n + e.source[e.slot :] for e, n in zip(examples, n_masks)]
         embeds, mask = prompt_first(self, seqs, rows)
         prefix = prefix_of(rows, self.device, self.dtype)
         cache = None
@@ -111,7 +127,7 @@ class MaskedLM(Family):
             # token ids, not embeddings: some models (RoBERTa) number positions differently for the two
             ids = torch.full(embeds.shape[:2], self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
             for i, s in enumerate(seqs):
-                ids[i, :len(s)] = torch.tensor(s)
+                ids[i, : len(s)] = torch.tensor(s)
             out = self.call(cache, input_ids=ids, attention_mask=mask)
         else:
             out = self.call(cache, inputs_embeds=embeds, attention_mask=mask)
@@ -128,7 +144,7 @@ class MaskedLM(Family):
             picked = logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))  # (B, K, V)
             targets = torch.full((len(group), K), -100, dtype=torch.long, device=self.device)
             for i, e in enumerate(group):
-                targets[i, :len(e.target)] = torch.tensor(e.target)
+                targets[i, : len(e.target)] = torch.tensor(e.target)
             return picked, targets, mask
 
         return by_prefix_length(examples, run)

@@ -25,11 +25,10 @@ from functools import cached_property
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-from ..example import MASK, Example
 from ..errors import ConfigError, InputTooLongError
+from ..example import MASK, Example
 from ..injection import Injection
-from .family import Family, ReadOnlyPrefixLayer, by_prefix_length, group_by, prefix_of, \
-    prompt_first
+from .family import Family, ReadOnlyPrefixLayer, by_prefix_length, group_by, prefix_of, prompt_first
 
 
 class Seq2Seq(Family):
@@ -40,8 +39,10 @@ class Seq2Seq(Family):
     def matches(cls, config) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
-        return bool(getattr(config, "is_encoder_decoder", False)) and \
-            config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        return (
+            bool(getattr(config, "is_encoder_decoder", False))
+            and config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        )
 
     @property
     def max_positions(self) -> int | None:
@@ -52,8 +53,10 @@ class Seq2Seq(Family):
     def start_id(self) -> int:
         start = self.model.config.decoder_start_token_id
         if start is None:
-            raise ConfigError("This seq2seq model's config has no decoder_start_token_id.",
-                              "set decoder_start_token_id in its config.json.")
+            raise ConfigError(
+                "This seq2seq model's config has no decoder_start_token_id.",
+                "set decoder_start_token_id in its config.json.",
+            )
         return start
 
     @cached_property
@@ -73,11 +76,16 @@ class Seq2Seq(Family):
     def check_spec(self, spec) -> None:
         super().check_spec(spec)
         if spec.mask_inside:
-            raise ConfigError(f"Task '{spec.name}': a seq2seq model writes the label word as its output, but the "
-                              "template has text after {mask}.", "put {mask} at the end of the template, or drop it.")
+            raise ConfigError(
+                f"Task '{spec.name}': a seq2seq model writes the label word as its output, but the "
+                "template has text after {mask}.",
+                "put {mask} at the end of the template, or drop it.",
+            )
         if spec.chat:
-            raise ConfigError(f"Task '{spec.name}' says `chat: true`; chat templates are for causal LMs.",
-                              "set `chat: false` for a seq2seq model.")
+            raise ConfigError(
+                f"Task '{spec.name}' says `chat: true`; chat templates are for causal LMs.",
+                "set `chat: false` for a seq2seq model.",
+            )
 
     def source_ids(self, text: str, chat: bool = False) -> tuple[list[int], int]:
         ids = self.tokenizer(text.removesuffix(MASK), add_special_tokens=True)["input_ids"]
@@ -96,13 +104,13 @@ class Seq2Seq(Family):
     def _encode(self, examples: list[Example]):
         """The encoder over `[virtual tokens | source]`: (encoder outputs, attention mask (B, S))."""
         rows = [e.injection for e in examples]
-        embeds, mask = prompt_first(self, [e.source[:e.slot] for e in examples], rows)
+        embeds, mask = prompt_first(self, [e.source[: e.slot] for e in examples], rows)
         encoder = self.model.get_encoder()
         return encoder(inputs_embeds=embeds, attention_mask=mask), mask
 
     @staticmethod
     def _decoding_cache(prefix) -> EncoderDecoderCache:
-        """A cache to decode into: the prefix in the decoder's self-attention; cross-attention fills on the first step."""
+        """A cache to decode into: the prefix in the decoder's self-attention; cross-attention fills when first run."""
         cache = DynamicCache()
         for i, (k, v) in enumerate(prefix or []):
             cache.update(k.contiguous(), v.contiguous(), i)
@@ -136,8 +144,14 @@ class Seq2Seq(Family):
         K = rows[0].num_kv
         cache = self._read_only_cache(prefix)
         mask = torch.cat([dec_mask.new_ones(len(rows), K), dec_mask], dim=1)  # (B, K + T)
-        out = self.call(cache, encoder_outputs=outputs, attention_mask=enc_mask, decoder_input_ids=dec_ids,
-                        decoder_attention_mask=mask, use_cache=False)
+        out = self.call(
+            cache,
+            encoder_outputs=outputs,
+            attention_mask=enc_mask,
+            decoder_input_ids=dec_ids,
+            decoder_attention_mask=mask,
+            use_cache=False,
+        )
         return out.logits
 
     def _teacher_forced(self, examples: list[Example], encoded=None):
@@ -146,8 +160,8 @@ class Seq2Seq(Family):
         dec = torch.full((len(examples), T), self.tokenizer.pad_token_id, dtype=torch.long)
         targets = torch.full((len(examples), T), -100, dtype=torch.long)
         for i, e in enumerate(examples):
-            dec[i, :len(e.target)] = torch.tensor([self.start_id] + e.target[:-1])  # teacher forcing
-            targets[i, :len(e.target)] = torch.tensor(e.target)
+            dec[i, : len(e.target)] = torch.tensor([self.start_id] + e.target[:-1])  # teacher forcing
+            targets[i, : len(e.target)] = torch.tensor(e.target)
         mask = (targets != -100).to(self.device)
         logits = self._decoder_logits(examples, dec.to(self.device), mask.long(), encoded)
         return logits, targets.to(self.device), mask
@@ -164,8 +178,9 @@ class Seq2Seq(Family):
             pairs = [(r, c) for r, i in enumerate(g) for c in range(len(rows[i][1]))]
             take = torch.tensor([r for r, _ in pairs], device=self.device)
             encoded = (type(outputs)(last_hidden_state=outputs.last_hidden_state[take]), enc_mask[take])
-            logits, targets, mask = self._teacher_forced([examples[r].with_target(rows[g[r]][1][c]) for r, c in pairs],
-                                                         encoded)
+            logits, targets, mask = self._teacher_forced(
+                [examples[r].with_target(rows[g[r]][1][c]) for r, c in pairs], encoded
+            )
             logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
             per_pair = (logp * mask).sum(1)  # (N,)
             for r, i in enumerate(g):
@@ -187,16 +202,19 @@ class Seq2Seq(Family):
         for e, n in zip(examples, max_new_tokens):
             need = max(e.slot + e.injection.num_embeds, e.injection.num_kv + n)
             if need > limit:
-                raise InputTooLongError(f"The input or its {n} new tokens need {need} positions; the model has {limit}.",
-                                        "shorten the input or lower max_tokens.")
+                raise InputTooLongError(
+                    f"The input or its {n} new tokens need {need} positions; the model has {limit}.",
+                    "shorten the input or lower max_tokens.",
+                )
 
     def start_decoding(self, examples: list[Example], use_cache: bool = True):
         """One decode state per group of equal KV-prefix length; every step runs each group."""
         groups = []
         for g in group_by([e.injection.num_kv for e in examples]):
             group = [examples[i] for i in g]
-            groups.append(_Group(g, group, self._encode(group), prefix_of([e.injection for e in group], self.device,
-                                                                           self.dtype)))
+            groups.append(
+                _Group(g, group, self._encode(group), prefix_of([e.injection for e in group], self.device, self.dtype))
+            )
         state = _Decoding(groups, len(examples), use_cache)
         start = torch.full((len(examples),), self.start_id, dtype=torch.long, device=self.device)
         return state, self._step(state, start)
@@ -215,8 +233,14 @@ class Seq2Seq(Family):
                 if g.cache is None:
                     g.cache = self._decoding_cache(g.prefix)
                 mask = torch.ones(B, K + g.tokens.shape[1], dtype=torch.long, device=self.device)
-                out = self.call(g.cache, encoder_outputs=g.encoded[0], attention_mask=g.encoded[1],
-                                decoder_input_ids=new, decoder_attention_mask=mask, use_cache=True)
+                out = self.call(
+                    g.cache,
+                    encoder_outputs=g.encoded[0],
+                    attention_mask=g.encoded[1],
+                    decoder_input_ids=new,
+                    decoder_attention_mask=mask,
+                    use_cache=True,
+                )
                 g.cache = getattr(out, self._cache_name, g.cache)
                 step = out.logits[:, -1]
             else:

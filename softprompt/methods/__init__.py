@@ -7,8 +7,8 @@ package names methods.
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .method import InitContext, MethodConfig, PromptMethod
 from .deep import DeepPrompt, DeepPromptConfig
+from .method import InitContext, MethodConfig, PromptMethod
 from .prefix import PrefixConfig, PrefixTuning
 from .ptuning import PTuning, PTuningConfig
 from .soft import SoftPrompt, SoftPromptConfig
@@ -29,11 +29,26 @@ def build_method(name: str, config: MethodConfig | dict | None, ctx: InitContext
     elif isinstance(config, dict):
         config = cls.config_class.from_dict(config)
     elif not isinstance(config, cls.config_class):
-        raise ConfigError(f"Method '{name}' takes a {cls.config_class.__name__}, got {type(config).__name__}.",
-                          f"pass a {cls.config_class.__name__}.")
+        raise ConfigError(
+            f"Method '{name}' takes a {cls.config_class.__name__}, got {type(config).__name__}.",
+            f"pass a {cls.config_class.__name__}.",
+        )
     return cls(config, ctx)
 
 
-__all__ = ["METHODS", "DeepPrompt", "DeepPromptConfig", "InitContext", "MethodConfig", "PTuning", "PTuningConfig",
-           "PrefixConfig", "PrefixTuning", "PromptMethod", "SoftPrompt", "SoftPromptConfig", "build_method",
-           "get_method"]
+__all__ = [
+    "METHODS",
+    "DeepPrompt",
+    "DeepPromptConfig",
+    "InitContext",
+    "MethodConfig",
+    "PTuning",
+    "PTuningConfig",
+    "PrefixConfig",
+    "PrefixTuning",
+    "PromptMethod",
+    "SoftPrompt",
+    "SoftPromptConfig",
+    "build_method",
+    "get_method",
+]

@@ -4,8 +4,9 @@ Liu, Ji, Fu, Tam, Du, Yang & Tang 2022, "P-Tuning v2: Prompt Tuning Can Be Compa
 Fine-tuning Universally Across Scales and Tasks" (ACL 2022; arXiv:2110.07602). Trainable keys and
 values are prepended in every layer, trained directly (no reparametrization).
 
-Shapes: kv (L, 2, H_kv, P, hd) -> Injection.kv, the same, taking positions 0..P-1 (see prefix.py). L layers, H_kv key/value heads (fewer than
-query heads under grouped-query attention), hd the head size; all read from the model config.
+Shapes: kv (L, 2, H_kv, P, hd) -> Injection.kv, the same, taking positions 0..P-1 (see prefix.py). L layers,
+H_kv key/value heads (fewer than query heads under grouped-query attention), hd the head size; all read from the
+model config.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ KV_INITS = ("vocab", "labels", "text", "random", "zero")
 @dataclass
 class DeepPromptConfig(MethodConfig):
     num_virtual_tokens: int = field(default=10, metadata={"help": "number of virtual tokens P"})
-    init: str = field(default="vocab", metadata={
-        "help": "initialization of the prefixes: the frozen model's keys/values of vocab (sampled frequent "
-                "tokens), labels (class words first), text (--init-text) or random embeddings, or zero"})
+    init: str = field(
+        default="vocab",
+        metadata={
+            "help": "initialization of the prefixes: the frozen model's keys/values of vocab (sampled frequent "
+            "tokens), labels (class words first), text (--init-text) or random embeddings, or zero"
+        },
+    )
     init_text: str | None = field(default=None, metadata={"help": "text whose tokens' keys/values start the prompt"})
 
     def __post_init__(self):

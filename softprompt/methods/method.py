@@ -8,8 +8,8 @@ and dropped), while `state_dict()` keeps everything for resumable checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
@@ -28,13 +28,17 @@ class MethodConfig:
 
     def __post_init__(self):
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.",
-                              "pass --num-virtual-tokens N with N >= 1 (20 is a good start).")
+            raise ConfigError(
+                f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.",
+                "pass --num-virtual-tokens N with N >= 1 (20 is a good start).",
+            )
         # methods that start from a text have `init` and `init_text`; a text given with another init would be ignored
         init, text = getattr(self, "init", None), getattr(self, "init_text", None)
         if text is not None and init != "text":
-            raise ConfigError(f"--init-text was given with --init {init}, which does not use it.",
-                              "pass --init text to start from the text, or drop --init-text.")
+            raise ConfigError(
+                f"--init-text was given with --init {init}, which does not use it.",
+                "pass --init text to start from the text, or drop --init-text.",
+            )
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         """Validate an enum-like option, naming the flag to fix."""
@@ -44,7 +48,7 @@ class MethodConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MethodConfig":
+    def from_dict(cls, d: dict) -> MethodConfig:
         check_keys(cls, d, f"{cls.__name__} option")
         return cls(**d)
 
@@ -99,17 +103,21 @@ class InitContext:
         if pool is None or len(pool) == 0:
             # Without task text, byte-level BPE merge order is a fair proxy for frequency.
             special = set(self.base.tokenizer.all_special_ids)
-            pool = torch.tensor([i for i in range(min(len(self.base.tokenizer), top + len(special)))
-                                 if i not in special])
+            pool = torch.tensor(
+                [i for i in range(min(len(self.base.tokenizer), top + len(special))) if i not in special]
+            )
         pool = pool[:top]
-        pick = pool[torch.randint(len(pool), (n,), generator=self.generator)] if n > len(pool) else \
-            pool[torch.randperm(len(pool), generator=self.generator)[:n]]
+        pick = (
+            pool[torch.randint(len(pool), (n,), generator=self.generator)]
+            if n > len(pool)
+            else pool[torch.randperm(len(pool), generator=self.generator)[:n]]
+        )
         return self._embeddings()[pick]
 
     def text(self, n: int, text: str | None) -> torch.Tensor:
         """(n, D) embeddings of the tokens of `text`, cut or cycled to n."""
         if not text:
-            raise ConfigError("init 'text' needs a text.", "pass --init-text \"...\" (e.g. a task instruction).")
+            raise ConfigError("init 'text' needs a text.", 'pass --init-text "..." (e.g. a task instruction).')
         ids = self.token_ids(text)
         if len(ids) == 0:
             raise ConfigError(f"init text {text!r} has no tokens.", "pass a non-empty --init-text.")
@@ -121,8 +129,10 @@ class InitContext:
         Lester et al. 2021, section 3: "class label" initialization.
         """
         if not self.label_words:
-            raise ConfigError("init 'labels' needs class labels, but this task has none (generation task).",
-                              "use --init vocab, random or text for generation tasks.")
+            raise ConfigError(
+                "init 'labels' needs class labels, but this task has none (generation task).",
+                "use --init vocab, random or text for generation tasks.",
+            )
         emb = self._embeddings()
         words = [emb[self.token_ids(w)].mean(0) for w in self.label_words[:n]]
         rest = self.vocab(n - len(words)) if n > len(words) else emb[:0]
@@ -133,8 +143,12 @@ class InitContext:
         classification task, vocab otherwise)."""
         if mode == "auto":
             mode = "labels" if self.label_words else "vocab"
-        return {"random": lambda: self.random(n), "vocab": lambda: self.vocab(n),
-                "text": lambda: self.text(n, text), "labels": lambda: self.labels(n)}[mode]()
+        return {
+            "random": lambda: self.random(n),
+            "vocab": lambda: self.vocab(n),
+            "text": lambda: self.text(n, text),
+            "labels": lambda: self.labels(n),
+        }[mode]()
 
     def key_values(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
         """(L, 2, H_kv, n, hd) initial per-layer prefixes: the frozen model's keys/values of the tokens that

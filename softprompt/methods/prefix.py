@@ -12,9 +12,9 @@ Shapes: E (P, D) -> MLP -> (P, L * 2 * H_kv * hd) -> Injection.kv (L, 2, H_kv, P
 Positions: the prefix occupies positions 0..P-1 and the text starts at P, as in Li & Liang's GPT-2
 code and PEFT (both let the model count positions from the cache length). Initialized from real
 tokens' keys/values, the prefix then starts out exactly as if those tokens preceded the text; with
-the text at 0 instead, rotary models would see keys from "the future" (measured on SmolLM2, SST-2,
-200 dev rows: a vocab-initialized 10-token prefix scores 76% at positions 0..9 vs 67% overlapping
-the text, against 77.5% zero-shot). Under left padding every row's text still starts at P.
+the text at 0 instead, rotary models would see the prefix's keys at the text's own positions
+(benchmarks/results/prefix_positions.md scores both placements at init). Under left padding every
+row's text still starts at P.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from .method import InitContext, PromptMethod
 
 @dataclass
 class PrefixConfig(DeepPromptConfig):
-    prefix_hidden: int = field(default=512, metadata={"help": "middle width of the reparametrization MLP "
-                                                              "(the paper uses 512 or 800)"})
+    prefix_hidden: int = field(
+        default=512, metadata={"help": "middle width of the reparametrization MLP (the paper uses 512 or 800)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()

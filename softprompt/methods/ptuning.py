@@ -23,10 +23,12 @@ from .soft import SoftPromptConfig
 
 @dataclass
 class PTuningConfig(SoftPromptConfig):
-    encoder: str = field(default="lstm", metadata={"help": "prompt encoder: lstm (bidirectional LSTM + MLP, the "
-                                                           "paper's) or mlp"})
-    encoder_hidden: int | None = field(default=None, metadata={"help": "encoder width (default: the model's "
-                                                                       "hidden size)"})
+    encoder: str = field(
+        default="lstm", metadata={"help": "prompt encoder: lstm (bidirectional LSTM + MLP, the paper's) or mlp"}
+    )
+    encoder_hidden: int | None = field(
+        default=None, metadata={"help": "encoder width (default: the model's hidden size)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -21,12 +21,17 @@ INITS = ("auto", "random", "vocab", "text", "labels")
 
 @dataclass
 class SoftPromptConfig(MethodConfig):
-    init: str = field(default="auto", metadata={
-        "help": "initialization: random (Gaussian at the embedding scale), vocab (embeddings of tokens sampled "
-                "from the task's 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
-                "first, then sampled vocab; Lester et al.'s best), auto (labels for classification, else vocab)"})
-    init_text: str | None = field(default=None, metadata={"help": "text whose token embeddings start the prompt "
-                                                                  "(init text)"})
+    init: str = field(
+        default="auto",
+        metadata={
+            "help": "initialization: random (Gaussian at the embedding scale), vocab (embeddings of tokens sampled "
+            "from the task's 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
+            "first, then sampled vocab; Lester et al.'s best), auto (labels for classification, else vocab)"
+        },
+    )
+    init_text: str | None = field(
+        default=None, metadata={"help": "text whose token embeddings start the prompt (init text)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()

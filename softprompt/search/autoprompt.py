@@ -45,6 +45,7 @@ VOCABULARIES = ("frequent", "words", "all")
 
 # --- AutoPrompt ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class AutoPromptConfig:
     """Options of the trigger-token search (see the module docstring)."""
@@ -54,35 +55,72 @@ class AutoPromptConfig:
     num_candidates: int = field(default=24, metadata={"help": "tokens proposed per step from the gradient (top-k)"})
     grad_rows: int = field(default=32, metadata={"help": "search rows whose gradient proposes the candidates"})
     eval_rows: int = field(default=16, metadata={"help": "search rows on which every candidate is scored per step"})
-    verify_candidates: int = field(default=3, metadata={"help": "best candidates re-scored against the current "
-                                                                "trigger on fresh rows (guards against lucky rows)"})
+    verify_candidates: int = field(
+        default=3,
+        metadata={
+            "help": "best candidates re-scored against the current trigger on fresh rows (guards against lucky rows)"
+        },
+    )
     verify_rows: int = field(default=64, metadata={"help": "fresh search rows for that comparison"})
     search_size: int = field(default=512, metadata={"help": "rows of the train split the search may look at"})
-    select_rows: int = field(default=0, metadata={"help": "of those, rows held out of the flips: at the end, every "
-                                                         "trigger the search went through is scored on them and the "
-                                                         "best is kept (early stopping; 0: keep the last trigger)"})
-    search_min_words: int = field(default=0, metadata={"help": "only search on train rows with at least this many "
-                                                               "words of input"})
+    select_rows: int = field(
+        default=0,
+        metadata={
+            "help": "of those, rows held out of the flips: at the end, every "
+            "trigger the search went through is scored on them and the "
+            "best is kept (early stopping; 0: keep the last trigger)"
+        },
+    )
+    search_min_words: int = field(
+        default=0, metadata={"help": "only search on train rows with at least this many words of input"}
+    )
     init_token: str = field(default=" the", metadata={"help": "text of the token every trigger starts as"})
-    vocab: str = field(default="frequent", metadata={"help": "trigger vocabulary: frequent (words among the 5,000 "
-                                                             "most frequent tokens of the train inputs), words (a "
-                                                             "space and letters) or all (any printable token)"})
-    restarts: int = field(default=1, metadata={"help": "independent searches from the start trigger, each with its "
-                                                       "own draws (restart r is seeded seed + 1000 r); with "
-                                                       "--select-rows, the trigger best on the held-out rows across "
-                                                       "all of them is kept"})
-    seed: int = field(default=0, metadata={"help": "seed of the search split and of the search (batches and "
-                                                   "positions)"})
+    vocab: str = field(
+        default="frequent",
+        metadata={
+            "help": "trigger vocabulary: frequent (words among the 5,000 "
+            "most frequent tokens of the train inputs), words (a "
+            "space and letters) or all (any printable token)"
+        },
+    )
+    restarts: int = field(
+        default=1,
+        metadata={
+            "help": "independent searches from the start trigger, each with its "
+            "own draws (restart r is seeded seed + 1000 r); with "
+            "--select-rows, the trigger best on the held-out rows across "
+            "all of them is kept"
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the search split and of the search (batches and positions)"}
+    )
 
     def __post_init__(self):
-        check_at_least(self, 1, "num_triggers", "iterations", "restarts", "num_candidates", "grad_rows", "eval_rows",
-                       "verify_candidates", "verify_rows", "search_size")
+        check_at_least(
+            self,
+            1,
+            "num_triggers",
+            "iterations",
+            "restarts",
+            "num_candidates",
+            "grad_rows",
+            "eval_rows",
+            "verify_candidates",
+            "verify_rows",
+            "search_size",
+        )
         if not 0 <= self.select_rows < self.search_size:
-            raise ConfigError(f"select_rows must be >= 0 and leave search rows, got {self.select_rows} of "
-                              f"search_size {self.search_size}.", "lower --select-rows or raise --search-size.")
+            raise ConfigError(
+                f"select_rows must be >= 0 and leave search rows, got {self.select_rows} of "
+                f"search_size {self.search_size}.",
+                "lower --select-rows or raise --search-size.",
+            )
         if self.restarts > 1 and not self.select_rows:
-            raise ConfigError(f"{self.restarts} restarts need held-out rows to choose between their triggers.",
-                              "pass --select-rows (e.g. 256) or --restarts 1.")
+            raise ConfigError(
+                f"{self.restarts} restarts need held-out rows to choose between their triggers.",
+                "pass --select-rows (e.g. 256) or --restarts 1.",
+            )
         check_choice(self, "vocab", VOCABULARIES, "trigger vocabulary")
 
 
@@ -91,7 +129,9 @@ class AutoPromptResult:
     spec: TaskSpec  # the template with the triggers written in
     triggers: list[int]  # token ids
     history: list[dict]  # per step: restart, position, kept token, loss of the current trigger on that step's rows
-    selection: list[dict] = field(default_factory=list)  # per trigger visited, in order: restart, held-out accuracy, loss
+    selection: list[dict] = field(
+        default_factory=list
+    )  # per trigger visited, in order: restart, held-out accuracy, loss
     kept: int | None = None  # index into `selection` of the trigger returned (None: no held-out rows, the last one)
 
 
@@ -109,7 +149,9 @@ def fill(spec: TaskSpec, template: str, text: str) -> TaskSpec:
     return with_template(spec, template.replace(SLOT, _escape(text)))
 
 
-def trigger_vocabulary(tokenizer, vocab: str = "words", texts: list[str] | None = None, top: int = 5000) -> torch.Tensor:
+def trigger_vocabulary(
+    tokenizer, vocab: str = "words", texts: list[str] | None = None, top: int = 5000
+) -> torch.Tensor:
     """(V,) bool: tokens a trigger may take.
 
     Every such token decodes to printable text that encodes back to that one token (so the saved
@@ -121,8 +163,10 @@ def trigger_vocabulary(tokenizer, vocab: str = "words", texts: list[str] | None 
     texts_of = tokenizer.batch_decode([[i] for i in range(V)])
     special = set(tokenizer.all_special_ids)
     word = re.compile(r"^ [A-Za-z]{2,}$")
-    ok = [i not in special and t.isprintable() and "\ufffd" not in t and (vocab == "all" or bool(word.match(t)))
-          for i, t in enumerate(texts_of)]
+    ok = [
+        i not in special and t.isprintable() and "\ufffd" not in t and (vocab == "all" or bool(word.match(t)))
+        for i, t in enumerate(texts_of)
+    ]
     back = tokenizer([t if k else "" for t, k in zip(texts_of, ok)], add_special_tokens=False)["input_ids"]
     allowed = torch.tensor([k and b == [i] for i, (k, b) in enumerate(zip(ok, back))])
     if vocab == "frequent":
@@ -147,14 +191,20 @@ def _split_rows(base, spec: TaskSpec, template: str, data: Split, gold: list[int
     for r, y in zip(data.rows, gold):
         before, after = fill(spec, template, _MARK).render(r).split(_MARK)
         pre, _ = family.source_ids(before) if before else ([], 0)
-        prefix = (Injection(kv=family.kv_of_embeddings(base.embed(torch.tensor(pre, device=base.device))),
-                            kv_positions=len(pre)) if pre else EMPTY)
+        prefix = (
+            Injection(
+                kv=family.kv_of_embeddings(base.embed(torch.tensor(pre, device=base.device))), kv_positions=len(pre)
+            )
+            if pre
+            else EMPTY
+        )
         out.append(_Row(prefix, base.tokenizer(after, add_special_tokens=False)["input_ids"] if after else [], y))
     return out
 
 
-def _scores(base, rows: list[_Row], verb: list[list[int]], triggers: list[list[int]],
-            injections: list[Injection]) -> torch.Tensor:
+def _scores(
+    base, rows: list[_Row], verb: list[list[int]], triggers: list[list[int]], injections: list[Injection]
+) -> torch.Tensor:
     """(B, C) class log-likelihoods of rows whose triggers (token ids, or part of each row's prompt) precede the text
     after the slot."""
     examples = [Example(t + r.post, len(t) + len(r.post), [], inj) for t, r, inj in zip(triggers, rows, injections)]
@@ -175,22 +225,28 @@ def trigger_gradient(base, rows: list[_Row], verb: list[list[int]], triggers: li
 
 
 @torch.inference_mode()
-def trigger_scores(base, rows: list[_Row], verb: list[list[int]], options: list[list[int]],
-                   batch_size: int = 64) -> torch.Tensor:
+def trigger_scores(
+    base, rows: list[_Row], verb: list[list[int]], options: list[list[int]], batch_size: int = 64
+) -> torch.Tensor:
     """Class log-likelihoods of every trigger sequence in `options` on every row: (len(options), len(rows), C)."""
     pairs = [(o, r) for o in options for r in rows]
     scores = torch.empty(len(pairs), len(verb))
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        scores[i:i + len(chunk)] = _scores(base, [r for _, r in chunk], verb, [o for o, _ in chunk],
-                                           [r.prefix for _, r in chunk]).float().cpu()
+        chunk = pairs[i : i + batch_size]
+        scores[i : i + len(chunk)] = (
+            _scores(base, [r for _, r in chunk], verb, [o for o, _ in chunk], [r.prefix for _, r in chunk])
+            .float()
+            .cpu()
+        )
     return scores.view(len(options), len(rows), len(verb))
 
 
 def _mean_losses(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     """Mean class cross-entropy per option of (O, N, C) scores on `rows`: (O,)."""
     gold = torch.tensor([r.gold for r in rows]).repeat(len(scores))
-    return torch.nn.functional.cross_entropy(scores.flatten(0, 1), gold, reduction="none").view(scores.shape[:2]).mean(1)
+    return (
+        torch.nn.functional.cross_entropy(scores.flatten(0, 1), gold, reduction="none").view(scores.shape[:2]).mean(1)
+    )
 
 
 def trigger_losses(base, rows: list[_Row], verb: list[list[int]], options: list[list[int]]) -> torch.Tensor:
@@ -198,8 +254,15 @@ def trigger_losses(base, rows: list[_Row], verb: list[list[int]], options: list[
     return _mean_losses(trigger_scores(base, rows, verb, options), rows)
 
 
-def _contest(base, draw, verb: list[list[int]], allowed: torch.Tensor, triggers: list[int], config: AutoPromptConfig,
-             g: torch.Generator) -> tuple[int, list[list[int]], torch.Tensor]:
+def _contest(
+    base,
+    draw,
+    verb: list[list[int]],
+    allowed: torch.Tensor,
+    triggers: list[int],
+    config: AutoPromptConfig,
+    g: torch.Generator,
+) -> tuple[int, list[list[int]], torch.Tensor]:
     """One AutoPrompt step: the current `triggers` (option 0) against the best few one-token flips at a random
     position. Returns (that position, the options, their mean losses on fresh search rows (O,))."""
     grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
@@ -208,7 +271,7 @@ def _contest(base, draw, verb: list[list[int]], allowed: torch.Tensor, triggers:
     gain = -(base.embedding_matrix.detach() @ grad[pos]).float().cpu()  # (V,)
     gain[~allowed] = -float("inf")
     gain[triggers[pos]] = -float("inf")
-    candidates = [triggers[:pos] + [w] + triggers[pos + 1:] for w in gain.topk(config.num_candidates).indices.tolist()]
+    candidates = [triggers[:pos] + [w] + triggers[pos + 1 :] for w in gain.topk(config.num_candidates).indices.tolist()]
     # successive halving: all candidates on a few rows, the best few against the current trigger on fresh rows
     screen = trigger_losses(base, draw(config.eval_rows), verb, candidates)
     options = [triggers] + [candidates[i] for i in screen.argsort()[: config.verify_candidates].tolist()]
@@ -218,12 +281,16 @@ def _contest(base, draw, verb: list[list[int]], allowed: torch.Tensor, triggers:
 def _checked_template(base, spec: TaskSpec, template: str | None) -> str:
     """The template with its one trigger slot, after refusing what AutoPrompt cannot search."""
     if spec.chat:
-        raise ConfigError("AutoPrompt searches plain-text templates; this task wraps prompts in a chat template.",
-                          "use a task spec with `chat: false`.")
+        raise ConfigError(
+            "AutoPrompt searches plain-text templates; this task wraps prompts in a chat template.",
+            "use a task spec with `chat: false`.",
+        )
     if not base.family.compiles:
-        raise ConfigError(f"AutoPrompt keeps the text before its triggers as keys/values, which is exact only for causal "
-                          f"attention; this base model ('{base.name}') is not a transformer causal LM.",
-                          "search templates instead (`softprompt search templates`), or use a causal LM.")
+        raise ConfigError(
+            f"AutoPrompt keeps the text before its triggers as keys/values, which is exact only for causal "
+            f"attention; this base model ('{base.name}') is not a transformer causal LM.",
+            "search templates instead (`softprompt search templates`), or use a causal LM.",
+        )
     template = slotted(template or spec.template)
     if template.count(SLOT) != 1:
         raise ConfigError(f"The template has {template.count(SLOT)} {SLOT} slots.", f"put exactly one {SLOT} in it.")
@@ -234,8 +301,10 @@ def _checked_template(base, spec: TaskSpec, template: str | None) -> str:
 def _start_trigger(tok, config: AutoPromptConfig, allowed: torch.Tensor) -> list[int]:
     init = tok(config.init_token, add_special_tokens=False)["input_ids"]
     if len(init) != 1 or not allowed[init[0]]:
-        raise ConfigError(f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",
-                          "pass a single common word with its leading space, e.g. ' the'.")
+        raise ConfigError(
+            f"--init-token {config.init_token!r} is not one token of the trigger vocabulary.",
+            "pass a single common word with its leading space, e.g. ' the'.",
+        )
     return init * config.num_triggers
 
 
@@ -260,8 +329,16 @@ def _search(base, rows: list[_Row], verb, allowed, start: list[int], config: Aut
             triggers = options[best]
             if best:
                 visited.append((restart, triggers))
-            history.append({"restart": restart, "step": step, "position": pos, "token": tok.decode([triggers[pos]]),
-                            "loss": float(losses[best]), "loss_before": float(losses[0])})
+            history.append(
+                {
+                    "restart": restart,
+                    "step": step,
+                    "position": pos,
+                    "token": tok.decode([triggers[pos]]),
+                    "loss": float(losses[best]),
+                    "loss_before": float(losses[0]),
+                }
+            )
             bar.update()
             bar.set_postfix(restart=restart, loss=f"{float(losses[best]):.3f}", trigger=repr(tok.decode(triggers)))
     bar.close()
@@ -279,27 +356,42 @@ def _select(base, held: list[_Row], verb, visited: list[tuple[int, list[int]]]) 
     scores = trigger_scores(base, held, verb, [list(t) for t in distinct])  # (O, N, C)
     acc = (scores.argmax(-1) == torch.tensor([r.gold for r in held])).float().mean(1)  # (O,)
     held_out = dict(zip(distinct, zip(acc.tolist(), _mean_losses(scores, held).tolist())))
-    selection = [{"restart": r, "trigger": base.tokenizer.decode(t), "accuracy": held_out[tuple(t)][0],
-                  "loss": held_out[tuple(t)][1]} for r, t in visited]
+    selection = [
+        {
+            "restart": r,
+            "trigger": base.tokenizer.decode(t),
+            "accuracy": held_out[tuple(t)][0],
+            "loss": held_out[tuple(t)][1],
+        }
+        for r, t in visited
+    ]
     kept = max(range(len(visited)), key=lambda i: (selection[i]["accuracy"], -selection[i]["loss"]))
     return selection, kept
 
 
-def autoprompt(base, task: Task, config: AutoPromptConfig, spec: TaskSpec | None = None, template: str | None = None,
-               progress: bool = True) -> AutoPromptResult:
+def autoprompt(
+    base,
+    task: Task,
+    config: AutoPromptConfig,
+    spec: TaskSpec | None = None,
+    template: str | None = None,
+    progress: bool = True,
+) -> AutoPromptResult:
     """Search `config.num_triggers` trigger tokens for `template` (default: `spec`'s, slot at its end)."""
     spec = spec or task.spec
     template = _checked_template(base, spec, template)
     data = search_split(task, config.search_size, config.seed, config.search_min_words)
     train = task.split("train")
-    allowed = trigger_vocabulary(base.tokenizer, config.vocab,
-                                 [" ".join(str(r[task.spec.column(f)]) for f in spec.template_fields)
-                                  for r in train.rows])
+    allowed = trigger_vocabulary(
+        base.tokenizer,
+        config.vocab,
+        [" ".join(str(r[task.spec.column(f)]) for f in spec.template_fields) for r in train.rows],
+    )
     start = _start_trigger(base.tokenizer, config, allowed)
     verb = Encoder(spec, base).verbalizer_ids
     rows = _split_rows(base, spec, template, data, gold_classes(task, spec, data))
     # the search split is a seeded random sample, so its first rows are as random a hold-out as any
-    held, rows = rows[:config.select_rows], rows[config.select_rows:]
+    held, rows = rows[: config.select_rows], rows[config.select_rows :]
     history, visited = _search(base, rows, verb, allowed, start, config, progress)
     selection, kept = _select(base, held, verb, visited) if held else ([], None)
     triggers = visited[-1 if kept is None else kept][1]

@@ -17,8 +17,8 @@ from ..evaluate import classification_metrics, classify, subset
 from ..injection import EMPTY, Injection
 from ..store import Prompt
 
-
 # --- splits and confidence intervals ------------------------------------------------------------------------------
+
 
 def search_split(task: Task, size: int, seed: int = 0, min_words: int = 0, split: str = "train") -> Split:
     """A seeded random sample of `size` rows of the train split: what searches may look at.
@@ -27,18 +27,23 @@ def search_split(task: Task, size: int, seed: int = 0, min_words: int = 0, split
     split is mostly short phrases, its dev split whole sentences).
     """
     if not task.spec.is_classification:
-        raise ConfigError(f"Task '{task.name}' is a generation task; hard prompt search scores classification tasks.",
-                          "pass a task with `labels:`.")
+        raise ConfigError(
+            f"Task '{task.name}' is a generation task; hard prompt search scores classification tasks.",
+            "pass a task with `labels:`.",
+        )
     if not task.has_split(split):
-        raise ConfigError(f"Task '{task.name}' has no '{split}' split to search on.",
-                          f"add a `{split}:` file to the task spec; search never looks at the dev split.")
+        raise ConfigError(
+            f"Task '{task.name}' has no '{split}' split to search on.",
+            f"add a `{split}:` file to the task spec; search never looks at the dev split.",
+        )
     rows = task.split(split)
     if min_words:
         cols = [task.spec.column(f) for f in task.spec.template_fields]
         rows = rows.subset(i for i, r in enumerate(rows.rows) if sum(len(str(r[c]).split()) for c in cols) >= min_words)
         if not len(rows):
-            raise ConfigError(f"No '{split}' row of task '{task.name}' has {min_words} or more words.",
-                              "lower --search-min-words.")
+            raise ConfigError(
+                f"No '{split}' row of task '{task.name}' has {min_words} or more words.", "lower --search-min-words."
+            )
     return subset(rows, task.spec, size, seed)
 
 
@@ -58,8 +63,15 @@ def scored_metrics(scores: torch.Tensor, gold: list[int], seed: int = 0) -> dict
     return m
 
 
-def score_spec(base, task: Task, spec: TaskSpec, data: Split, injection: Injection = EMPTY, batch_size: int = 32,
-               progress: bool = False) -> dict:
+def score_spec(
+    base,
+    task: Task,
+    spec: TaskSpec,
+    data: Split,
+    injection: Injection = EMPTY,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
     return scored_metrics(*classify(base, task, spec, data, injection, batch_size, progress=progress))
 
 
@@ -68,6 +80,7 @@ def dev_split(task: Task, split: str = "dev", limit: int | None = None, seed: in
 
 
 # --- hard prompt files --------------------------------------------------------------------------------------------
+
 
 def hard_prompt(base, spec: TaskSpec, search: dict, metrics: dict) -> Prompt:
     """A prompt file of method `hard`: no tensors, the found template and label words in its task spec."""

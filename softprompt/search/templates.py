@@ -28,6 +28,7 @@ MAX_COMBINATIONS = 100_000
 
 # --- template and verbalizer scoring ------------------------------------------------------------------------------
 
+
 @dataclass
 class Candidates:
     """Templates, and per class the candidate label words (the task's own word is always among them).
@@ -47,13 +48,15 @@ class Candidates:
         return path if path.exists() else None
 
     @classmethod
-    def load(cls, path: str | Path | None, spec: TaskSpec) -> "Candidates":
+    def load(cls, path: str | Path | None, spec: TaskSpec) -> Candidates:
         """From a YAML file; None = the built-in candidates of the task (`tasks/candidates/NAME.yaml`)."""
         if path is None:
             path = cls.builtin_path(spec)
             if path is None:
-                raise ConfigError(f"Task '{spec.name}' has no built-in candidate templates.",
-                                  "pass --candidates FILE (a YAML list of `templates:`, optional `labels:`).")
+                raise ConfigError(
+                    f"Task '{spec.name}' has no built-in candidate templates.",
+                    "pass --candidates FILE (a YAML list of `templates:`, optional `labels:`).",
+                )
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Candidates file not found: {path}", "pass an existing YAML file to --candidates.")
@@ -66,14 +69,18 @@ class Candidates:
         labels = {str(k): v for k, v in (d.get("labels") or {}).items()}
         unknown = sorted(set(labels) - set(spec.class_names))
         if unknown:
-            raise ConfigError(f"Candidates file {path} has words for unknown classes {unknown}.",
-                              f"key `labels:` by the task's classes {spec.class_names}.")
+            raise ConfigError(
+                f"Candidates file {path} has words for unknown classes {unknown}.",
+                f"key `labels:` by the task's classes {spec.class_names}.",
+            )
         words = []
         for name, own in spec.labels.items():
             given = labels.get(name, [])
             if isinstance(given, str) or not all(isinstance(w, (str, int, float)) for w in given):
-                raise ConfigError(f"Candidates file {path}: words of class {name!r} must be a list.",
-                                  f"write `{name}: [word1, word2]`.")
+                raise ConfigError(
+                    f"Candidates file {path}: words of class {name!r} must be a list.",
+                    f"write `{name}: [word1, word2]`.",
+                )
             words.append(list(dict.fromkeys([own, *map(str, given)])))
         for t in d["templates"]:
             if not isinstance(t, str):
@@ -111,15 +118,25 @@ def best_verbalizers(scores: torch.Tensor, gold: list[int], options: list[list[i
     return combos[best].tolist(), float(acc[best])
 
 
-def rank_templates(base, task: Task, candidates: Candidates, search_size: int = 256, seed: int = 0,
-                   batch_size: int = 32, progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Split]:
+def rank_templates(
+    base,
+    task: Task,
+    candidates: Candidates,
+    search_size: int = 256,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    min_words: int = 0,
+) -> tuple[list[Scored], Split]:
     """Every template with its best label words, scored on the search split (carved from train), best first.
 
     Returns the ranking and the search split. Nothing here looks at dev.
     """
     if candidates.num_combinations > MAX_COMBINATIONS:
-        raise ConfigError(f"{candidates.num_combinations:,} template x verbalizer combinations are too many to score.",
-                          f"list fewer templates or words (at most {MAX_COMBINATIONS:,} combinations).")
+        raise ConfigError(
+            f"{candidates.num_combinations:,} template x verbalizer combinations are too many to score.",
+            f"list fewer templates or words (at most {MAX_COMBINATIONS:,} combinations).",
+        )
     data = search_split(task, search_size, seed, min_words)
     pool = list(dict.fromkeys(w for ws in candidates.words for w in ws))  # every distinct word, once
     options = [[pool.index(w) for w in ws] for ws in candidates.words]
@@ -137,9 +154,19 @@ def rank_templates(base, task: Task, candidates: Candidates, search_size: int = 
     return results, data
 
 
-def score_templates(base, task: Task, candidates: Candidates, search_size: int = 256, finalists: int = 3,
-                    split: str = "dev", limit: int | None = None, seed: int = 0, batch_size: int = 32,
-                    progress: bool = True, min_words: int = 0) -> tuple[list[Scored], Scored]:
+def score_templates(
+    base,
+    task: Task,
+    candidates: Candidates,
+    search_size: int = 256,
+    finalists: int = 3,
+    split: str = "dev",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    min_words: int = 0,
+) -> tuple[list[Scored], Scored]:
     """Rank templates (each with its best label words) on the search split; score finalists on dev.
 
     Returns (all candidates best first, with dev metrics for the top `finalists`), and the
@@ -151,6 +178,9 @@ def score_templates(base, task: Task, candidates: Candidates, search_size: int =
     dev = dev_split(task, split, limit, seed)
     for s in results[:finalists]:
         s.dev = score_spec(base, task, s.spec, dev, batch_size=batch_size, progress=progress)
-    reference = Scored(task.spec, score_spec(base, task, task.spec, data, batch_size=batch_size),
-                       score_spec(base, task, task.spec, dev, batch_size=batch_size, progress=progress))
+    reference = Scored(
+        task.spec,
+        score_spec(base, task, task.spec, data, batch_size=batch_size),
+        score_spec(base, task, task.spec, dev, batch_size=batch_size, progress=progress),
+    )
     return results, reference

@@ -113,8 +113,12 @@ class Batcher:
                     self._run(batch)
             except Exception as e:  # noqa: BLE001 - answer the batch's requests and keep serving the next ones
                 log.exception("batch of %d rows failed", len(batch))
-                err = ApiError(500, f"Internal error while running the batch: {type(e).__name__}.", "internal_error",
-                               "server_error")
+                err = ApiError(
+                    500,
+                    f"Internal error while running the batch: {type(e).__name__}.",
+                    "internal_error",
+                    "server_error",
+                )
                 for job in batch:
                     if not job.finished:
                         job.finished = True
@@ -146,8 +150,12 @@ class Batcher:
             self._generate(jobs)
 
     def _generate(self, jobs: list[Job]) -> None:
-        steps = self.mt.decode_rows([(j.entry, j.example) for j in jobs], [j.max_new_tokens for j in jobs],
-                                    [j.sampling for j in jobs], generator=self.generator)
+        steps = self.mt.decode_rows(
+            [(j.entry, j.example) for j in jobs],
+            [j.max_new_tokens for j in jobs],
+            [j.sampling for j in jobs],
+            generator=self.generator,
+        )
         try:
             for nxt, active in steps:
                 for job, token, alive in zip(jobs, nxt.tolist(), active.tolist()):

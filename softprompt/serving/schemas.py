@@ -10,8 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 class ApiError(Exception):
     """An error response: {"error": {"message", "type", "code", "param"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
         self.headers = headers
@@ -87,8 +94,12 @@ REQUESTS = (CompletionRequest, ChatRequest, ClassifyRequest)
 def request_body(schema: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that reads its body itself (`read`: a size limit, errors in OpenAI's
     shape) instead of through FastAPI's parameters, which would leave it out of the schema."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}},
+        }
+    }
 
 
 def openapi_schema(app: FastAPI) -> dict:

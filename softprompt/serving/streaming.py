@@ -42,7 +42,7 @@ class TextStream:
                 self.stopped = True
                 return self._emit(text[:at])
         hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit(text[:len(text) - hold])
+        return self._emit(text[: len(text) - hold])
 
     def flush(self) -> str:
         return "" if self.stopped else self._emit(self._text())
@@ -50,7 +50,7 @@ class TextStream:
     def _emit(self, text: str) -> str:
         if not text.startswith(self.sent):  # the tokenizer re-spaced earlier text; never resend it
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
 
@@ -83,7 +83,9 @@ async def events(jobs: list[Job], queue: asyncio.Queue):
 class Completion:
     """The choices of one /v1/completions or /v1/chat/completions request, in OpenAI's format."""
 
-    def __init__(self, entry: Entry, jobs: list[Job], queue: asyncio.Queue, tokenizer, body: SampledRequest, chat: bool):
+    def __init__(
+        self, entry: Entry, jobs: list[Job], queue: asyncio.Queue, tokenizer, body: SampledRequest, chat: bool
+    ):
         self.entry, self.jobs, self.queue, self.chat, self.stream = entry, jobs, queue, chat, body.stream
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -96,12 +98,21 @@ class Completion:
             return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         if not self.stream:
             return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                "finish_reason": finish}
+        return {
+            "index": index,
+            "delta": {} if text is None else {"content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
 
     def envelope(self, choices: list[dict], usage: bool = False) -> dict:
-        kind = "chat.completion.chunk" if self.chat and self.stream else "chat.completion" if self.chat else \
-            "text_completion"
+        kind = (
+            "chat.completion.chunk"
+            if self.chat and self.stream
+            else "chat.completion"
+            if self.chat
+            else "text_completion"
+        )
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.entry.name, "choices": choices}
         if usage:
             prompt, done = sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts)
@@ -140,8 +151,15 @@ class Completion:
         status = "cancelled"  # unless we get to the end: the client went away
         try:
             if self.chat:  # OpenAI opens each chat choice with the assistant's role
-                opening = [{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None} for j in self.jobs]
+                opening = [
+                    {
+                        "index": j.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for j in self.jobs
+                ]
                 yield _sse(self.envelope(opening))
             async for index, delta, finish in self.deltas():
                 if delta:
@@ -159,10 +177,17 @@ class Completion:
             self.log(status)
 
     def log(self, status: str) -> None:
-        log.info("%s %s task=%s rows=%d prompt_tokens=%d completion_tokens=%d %s %.0f ms", self.id,
-                 "chat" if self.chat else "completions", self.entry.name, len(self.jobs),
-                 sum(len(j.example.source) for j in self.jobs), sum(len(t.ids) for t in self.texts), status,
-                 1000 * (time.perf_counter() - self.t0))
+        log.info(
+            "%s %s task=%s rows=%d prompt_tokens=%d completion_tokens=%d %s %.0f ms",
+            self.id,
+            "chat" if self.chat else "completions",
+            self.entry.name,
+            len(self.jobs),
+            sum(len(j.example.source) for j in self.jobs),
+            sum(len(t.ids) for t in self.texts),
+            status,
+            1000 * (time.perf_counter() - self.t0),
+        )
 
 
 def _sse(payload: dict) -> str:

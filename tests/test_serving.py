@@ -11,104 +11,25 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import uvicorn
+from helpers import KEY, Gate, Live, auth, build_tiny, make_prompt, registry, wait_for
 
-import softprompt as sp
 from softprompt.commands import main
-from softprompt.data import TaskSpec
-from softprompt.injection import EMPTY
-from softprompt.methods import METHODS, InitContext, build_method
-from softprompt.multitask import MultiTask
-from softprompt.serving import ServerConfig
-from softprompt.serving import Batcher, Job, TextStream, create_app
+from softprompt.serving import Batcher, Job, ServerConfig, TextStream, create_app
 from softprompt.store import Store
-
-from conftest import build_tiny
-
-KEY = "test-key-123"
-
-
-# spec_like and make_prompt as in test_multitask (tests do not import each other)
-def spec_like(task_spec: TaskSpec, **changes) -> TaskSpec:
-    return TaskSpec.from_dict(task_spec.portable() | changes)
-
-
-def make_prompt(base, spec: TaskSpec, method: str | None, P: int = 0, seed: int = 0) -> sp.Prompt:
-    """A prompt of `method` with P virtual tokens, moved away from its init; method None: a template alone."""
-    if method is None:
-        return sp.Prompt(EMPTY, "hard", {}, spec.portable(), base.fingerprint.to_dict())
-    config = METHODS[method].config_class(num_virtual_tokens=P, init="vocab")
-    m = build_method(method, config, InitContext(base, spec.verbalizers, None, seed=seed))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return sp.Prompt(m.collapse(), method, config.to_dict(), spec.portable(), base.fingerprint.to_dict(),
-                     trainable_parameters=m.num_trainable())
-
-
-class Live:
-    """uvicorn serving `app` in a thread on a free loopback port (`config`: more uvicorn.Config options)."""
-
-    def __init__(self, app, **config):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def llama(tokenizer):
-    return build_tiny("llama", tokenizer)
-
-
-@pytest.fixture(scope="module")
-def store(llama, sst2, e2e, tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("store"))
-    store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
-    store.save("sst2-hard", make_prompt(llama, spec_like(sst2.spec, template="Is it good? {sentence}\nAnswer:"), None))
-    store.save("e2e-prefix", make_prompt(llama, e2e.spec, "prefix", 5, seed=1))
-    store.save("e2e-soft", make_prompt(llama, e2e.spec, "soft", 4, seed=2))
-    return store
-
-
-def registry(base, store):
-    mt = MultiTask(base)
-    mt.sync(store)
-    return mt
 
 
 @pytest.fixture(scope="module")
 def live(llama, store):
     mt = registry(llama, store)
-    with Live(create_app(mt, store, ServerConfig(max_tokens=64, max_request_bytes=4096, max_prompts=4),
-                         api_key=KEY)) as server:
+    with Live(
+        create_app(mt, store, ServerConfig(max_tokens=64, max_request_bytes=4096, max_prompts=4), api_key=KEY)
+    ) as server:
         server.mt = mt
         yield server
-
-
-def auth():
-    return {"Authorization": f"Bearer {KEY}"}
 
 
 def test_the_openai_client_works_unchanged(live):
@@ -124,20 +45,23 @@ def test_the_openai_client_works_unchanged(live):
     assert out.usage.completion_tokens == 10 or out.choices[0].finish_reason == "stop"
     stream = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == expected
-    stop = expected[len(expected) // 2:][:3]  # a stop string ends the text before it, as OpenAI's does
+    stop = expected[len(expected) // 2 :][:3]  # a stop string ends the text before it, as OpenAI's does
     cut = client.completions.create(model="e2e-prefix", prompt=mr, max_tokens=10, temperature=0, stop=[stop])
-    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == expected[: expected.index(stop)] and cut.choices[0].finish_reason == "stop"
 
     expected_chat = live.mt.generate([("e2e-soft", mr)], max_new_tokens=8)[0].lstrip()
-    chat = client.chat.completions.create(model="e2e-soft", messages=[{"role": "user", "content": mr}],
-                                          max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(
+        model="e2e-soft", messages=[{"role": "user", "content": mr}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.content == expected_chat and chat.choices[0].message.role == "assistant"
-    chunks = client.chat.completions.create(model="e2e-soft", messages=[{"role": "user", "content": mr}],
-                                            max_tokens=8, temperature=0, stream=True)
+    chunks = client.chat.completions.create(
+        model="e2e-soft", messages=[{"role": "user", "content": mr}], max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat
 
-    sampled = client.completions.create(model="e2e-soft", prompt=[mr, "name[Fun]"], max_tokens=5, temperature=1.0,
-                                        top_p=0.9, n=2)
+    sampled = client.completions.create(
+        model="e2e-soft", prompt=[mr, "name[Fun]"], max_tokens=5, temperature=1.0, top_p=0.9, n=2
+    )
     assert sorted(c.index for c in sampled.choices) == [0, 1, 2, 3]
 
     with pytest.raises(openai.NotFoundError, match=r"Unknown task 'nope'.*e2e-prefix"):
@@ -158,22 +82,29 @@ def test_classify_returns_label_and_probabilities(live):
     assert r.status_code == 400 and "generation task" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/completions", b"{not json", 400, "not valid JSON"),
-    ("/v1/completions", b"[1, 2]", 400, "Invalid request"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft"}), 400, "prompt"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "max_tokens": 65}), 400, "at most 64"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "n": 5}), 400, "allows 4"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x" * 5000}), 413, "larger than 4096"),
-    ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "Known tasks"),
-    ("/v1/completions", json.dumps({"model": "/etc/passwd", "prompt": "x"}), 404, "Unknown task"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "temperature": -1}), 400, "temperature"),
-    ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "stop": list("abcde")}), 400, "at most 4"),
-    ("/v1/chat/completions", json.dumps({"model": "e2e-soft", "messages": [{"role": "system", "content": "x"}]}),
-     400, "no user message"),
-    ("/v1/classify", json.dumps({"model": "sst2-soft", "input": {"text": "x"}}), 400, "template field"),
-    ("/v1/classify", json.dumps({"model": "sst2-soft", "input": ["x"] * 5}), 400, "1 to 4 inputs"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", b"[1, 2]", 400, "Invalid request"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft"}), 400, "prompt"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "max_tokens": 65}), 400, "at most 64"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "n": 5}), 400, "allows 4"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x" * 5000}), 413, "larger than 4096"),
+        ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "Known tasks"),
+        ("/v1/completions", json.dumps({"model": "/etc/passwd", "prompt": "x"}), 404, "Unknown task"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "temperature": -1}), 400, "temperature"),
+        ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "stop": list("abcde")}), 400, "at most 4"),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "e2e-soft", "messages": [{"role": "system", "content": "x"}]}),
+            400,
+            "no user message",
+        ),
+        ("/v1/classify", json.dumps({"model": "sst2-soft", "input": {"text": "x"}}), 400, "template field"),
+        ("/v1/classify", json.dumps({"model": "sst2-soft", "input": ["x"] * 5}), 400, "1 to 4 inputs"),
+    ],
+)
 def test_bad_requests_get_clear_errors(live, path, body, status, message):
     r = httpx.post(live.url + path, content=body, headers=auth() | {"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -191,32 +122,12 @@ def test_api_key_is_required_on_the_api_but_not_health(live):
 def test_request_bodies_are_not_logged_unless_asked(live, caplog):
     secret = "name[Secret Restaurant 4711]"
     with caplog.at_level(logging.DEBUG):
-        r = httpx.post(live.url + "/v1/completions", json={"model": "e2e-soft", "prompt": secret, "max_tokens": 2},
-                       headers=auth())
+        r = httpx.post(
+            live.url + "/v1/completions", json={"model": "e2e-soft", "prompt": secret, "max_tokens": 2}, headers=auth()
+        )
     assert r.status_code == 200
     assert any("e2e-soft" in rec.getMessage() for rec in caplog.records)  # the request is logged...
     assert not any("Secret Restaurant" in rec.getMessage() for rec in caplog.records)  # ...its body is not
-
-
-class Gate:
-    """Holds the batcher's decode loop until released, to fill the queue deterministically."""
-
-    def __init__(self, mt):
-        self.event = threading.Event()
-        inner = mt.decode_rows
-
-        def held(*args, **kwargs):
-            self.event.wait(timeout=30)
-            return inner(*args, **kwargs)
-
-        mt.decode_rows = held
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_full_queue_answers_429_and_the_server_recovers(llama, store):
@@ -245,6 +156,7 @@ def test_new_changed_and_removed_prompt_files_are_picked_up(llama, sst2, e2e, tm
     mt = registry(llama, store)
     app = create_app(mt, store, ServerConfig(reload_interval=0.05))
     with Live(app) as server:
+
         def tasks():
             return sorted(m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"])
 
@@ -272,11 +184,18 @@ def test_new_changed_and_removed_prompt_files_are_picked_up(llama, sst2, e2e, tm
 
 def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(llama, store):
     mt = registry(llama, store)
-    reqs = [("e2e-prefix", "name[The Eagle]"), ("e2e-soft", "name[Fun], food[italian]"), ("sst2-soft", "great"),
-            ("sst2-hard", "boring"), ("e2e-soft", "name[X]")]
+    reqs = [
+        ("e2e-prefix", "name[The Eagle]"),
+        ("e2e-soft", "name[Fun], food[italian]"),
+        ("sst2-soft", "great"),
+        ("sst2-hard", "boring"),
+        ("e2e-soft", "name[X]"),
+    ]
     events: list = []
-    jobs = [Job(mt.get(t), mt.get(t).encode(v, 6), i, events.append, classify=t.startswith("sst2"),
-                max_new_tokens=6) for i, (t, v) in enumerate(reqs)]
+    jobs = [
+        Job(mt.get(t), mt.get(t).encode(v, 6), i, events.append, classify=t.startswith("sst2"), max_new_tokens=6)
+        for i, (t, v) in enumerate(reqs)
+    ]
     batcher = Batcher(mt, None, ServerConfig(max_batch_size=8, max_wait_ms=0))
     batcher.submit(jobs)  # queued before the worker starts: it must take them all at once
     batcher.start()
@@ -308,8 +227,11 @@ def test_store_commands(store, model_dir, tokenizer, sst2, capsys, tmp_path):
     assert main(["store", "list", "--store", str(store.root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"]: (r["method"], r["virtual_tokens"], r["kind"]) for r in rows} == {
-        "e2e-prefix": ("prefix", 5, "generation"), "e2e-soft": ("soft", 4, "generation"),
-        "sst2-hard": ("hard", 0, "classification"), "sst2-soft": ("soft", 3, "classification")}
+        "e2e-prefix": ("prefix", 5, "generation"),
+        "e2e-soft": ("soft", 4, "generation"),
+        "sst2-hard": ("hard", 0, "classification"),
+        "sst2-soft": ("soft", 3, "classification"),
+    }
     assert main(["store", "show", "sst2-soft", "--store", str(store.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters_saved"] == 3 * 64
     copy = Store(tmp_path)
@@ -358,9 +280,26 @@ def test_softprompt_serve_command_end_to_end(store, model_dir):
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": str(root), "SERVE_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--store", str(store.root), "--model",
-                             str(model_dir), "--port", str(port), "--api-key-env", "SERVE_KEY", "--no-access-log"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            "serve",
+            "--store",
+            str(store.root),
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--api-key-env",
+            "SERVE_KEY",
+            "--no-access-log",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 

@@ -15,32 +15,105 @@ import types
 
 import pytest
 import torch
+from helpers import DATA, build_tiny
 
 import softprompt as sp
 from softprompt.commands import main
 from softprompt.methods import InitContext
 from softprompt.train import Trainer
 
-from conftest import DATA, build_tiny
-
-TRAIN = ["train", "--task", "sst2", "--data-dir", str(DATA), "--method", "soft", "--num-virtual-tokens", "3",
-         "--init", "vocab", "--steps", "3", "--batch-size", "2", "--lr", "5e-2", "--eval-every", "0", "--eval-limit", "8",
-         "--final-eval-limit", "8", "--checkpoint-every", "2", "--log-every", "1", "--seed", "0"]
+TRAIN = [
+    "train",
+    "--task",
+    "sst2",
+    "--data-dir",
+    str(DATA),
+    "--method",
+    "soft",
+    "--num-virtual-tokens",
+    "3",
+    "--init",
+    "vocab",
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--lr",
+    "5e-2",
+    "--eval-every",
+    "0",
+    "--eval-limit",
+    "8",
+    "--final-eval-limit",
+    "8",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "1",
+    "--seed",
+    "0",
+]
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(model_dir, tmp_path, capsys):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     two = subprocess.run(
         # --multi_gpu is the launcher that starts N processes (torchrun); without GPUs they run on CPU with gloo.
         # (`--cpu` alone starts one process unless MPI is set up.)
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "softprompt", *TRAIN, "--model", model_dir,
-         "--grad-accum", "1", "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "softprompt",
+            *TRAIN,
+            "--model",
+            model_dir,
+            "--grad-accum",
+            "1",
+            "--out",
+            str(tmp_path / "two.safetensors"),
+            "--run-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert main([*TRAIN, "--model", model_dir, "--grad-accum", "2", "--no-progress",
-                 "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "one")]) == 0
+    assert (
+        main(
+            [
+                *TRAIN,
+                "--model",
+                model_dir,
+                "--grad-accum",
+                "2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "one.safetensors"),
+                "--run-dir",
+                str(tmp_path / "one"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     a, b = (sp.load_prompt(tmp_path / f"{n}.safetensors").injection.embeds for n in ("two", "one"))
@@ -48,9 +121,24 @@ def test_two_processes_match_one_with_twice_the_accumulation(model_dir, tmp_path
     print(f"2 processes x accumulation 1 vs 1 process x accumulation 2: max |diff| {diff:.2e}")  # shown with -s
     assert diff < 1e-6
     # control: half the data per step (one process, accumulation 1) gives a visibly different prompt
-    assert main([*TRAIN, "--model", model_dir, "--no-progress", "--out", str(tmp_path / "half.safetensors"),
-                 "--run-dir", str(tmp_path / "half")]) == 0
-    assert (sp.load_prompt(tmp_path / "half.safetensors").injection.embeds - b).abs().max().item() > 100 * max(diff, 1e-8)
+    assert (
+        main(
+            [
+                *TRAIN,
+                "--model",
+                model_dir,
+                "--no-progress",
+                "--out",
+                str(tmp_path / "half.safetensors"),
+                "--run-dir",
+                str(tmp_path / "half"),
+            ]
+        )
+        == 0
+    )
+    assert (sp.load_prompt(tmp_path / "half.safetensors").injection.embeds - b).abs().max().item() > 100 * max(
+        diff, 1e-8
+    )
 
     # only the first process writes and prints: one record per step, one "saved" line, one progress bar
     records = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -87,14 +175,19 @@ def test_sharded_embeddings_are_gathered_for_init_and_fingerprint(tokenizer, mon
             for p in self.params:
                 p.data = torch.empty(0)
 
-    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(zero=types.SimpleNamespace(
-        GatheredParameters=GatheredParameters)))
+    monkeypatch.setitem(
+        sys.modules,
+        "deepspeed",
+        types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=GatheredParameters)),
+    )
     assert sharded.embedding_matrix.numel() == 0
     assert sharded.fingerprint.embedding_sha256 == plain.fingerprint.embedding_sha256
     assert sharded.fingerprint.config_hash == plain.fingerprint.config_hash
     for mode in ("labels", "vocab", "random", "text"):
-        a, b = (InitContext(x, [" good", " bad"], ["a good film", "a bad plot"], seed=2).embeddings(mode, 4, "great")
-                for x in (sharded, plain))
+        a, b = (
+            InitContext(x, [" good", " bad"], ["a good film", "a bad plot"], seed=2).embeddings(mode, 4, "great")
+            for x in (sharded, plain)
+        )
         assert torch.equal(a, b), mode
     assert gathers and sharded.embedding_matrix.numel() == 0  # gathered only inside the block
 
@@ -122,16 +215,34 @@ if int(os.environ["RANK"]) == 0:
 else:
     base.fingerprint
 """)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "out.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     plain = sp.load_base(model_dir, device="cpu")
     assert out["sharded"] and out["sha"] == plain.fingerprint.embedding_sha256
-    assert torch.equal(torch.tensor(out["init"]), InitContext(plain, [" good"], ["a good film"], seed=2).embeddings(
-        "labels", 3))
+    assert torch.equal(
+        torch.tensor(out["init"]), InitContext(plain, [" good"], ["a good film"], seed=2).embeddings("labels", 3)
+    )
 
 
 def test_deepspeed_and_fsdp_launches_are_refused_with_the_ddp_command(base, sst2):

@@ -8,14 +8,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import pytest
 import torch
 
 import softprompt as sp
 from softprompt.multitask import MultiTask
 from softprompt.store import Store
-
-from conftest import build_tiny
 
 TASK = "churn"
 SIZES = (1, 7, 40, 150)  # virtual tokens of each version: files of ~1 KB to ~40 KB, so writes take a while
@@ -25,9 +22,14 @@ WRITES = 40  # per writer process
 def version(base, sst2, i: int) -> sp.Prompt:
     """Version i: every number of its tensor is i, so a torn file would show as a wrong value or shape."""
     P = SIZES[i]
-    return sp.Prompt(injection=sp.Injection(embeds=torch.full((P, base.hidden_size), float(i))), method="soft",
-                     method_config={"num_virtual_tokens": P, "init": "vocab", "init_text": None},
-                     task=sst2.spec.portable(), base=base.fingerprint.to_dict(), metrics={"version": i})
+    return sp.Prompt(
+        injection=sp.Injection(embeds=torch.full((P, base.hidden_size), float(i))),
+        method="soft",
+        method_config={"num_virtual_tokens": P, "init": "vocab", "init_text": None},
+        task=sst2.spec.portable(),
+        base=base.fingerprint.to_dict(),
+        metrics={"version": i},
+    )
 
 
 def check(prompt: sp.Prompt) -> int:
@@ -54,11 +56,6 @@ def reader(root: str, stop: str) -> dict[int, int]:
         seen[i] = seen.get(i, 0) + 1
         n += 1
     return seen
-
-
-@pytest.fixture(scope="module")
-def llama(tokenizer):
-    return build_tiny("llama", tokenizer)
 
 
 def test_concurrent_writers_and_readers_never_see_a_torn_file(llama, sst2, tmp_path):

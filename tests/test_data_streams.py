@@ -7,13 +7,12 @@ import json
 import datasets
 import pytest
 import torch
+from helpers import DATA, build_tiny
 
 import softprompt as sp
 from softprompt.data import StreamedExamples
 from softprompt.errors import DataError
 from softprompt.train import Trainer
-
-from conftest import DATA, build_tiny
 
 
 def jsonl_task(tmp_path, n=30, streaming=True, buffer=8, extra=""):
@@ -21,7 +20,8 @@ def jsonl_task(tmp_path, n=30, streaming=True, buffer=8, extra=""):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "task.yaml").write_text(
         f"name: toy\nsplits: {{train: train.jsonl}}\ntemplate: '{{text}} is'\nlabels: {{neg: ' bad', pos: ' good'}}\n"
-        f"streaming: {str(streaming).lower()}\nshuffle_buffer: {buffer}\n{extra}")
+        f"streaming: {str(streaming).lower()}\nshuffle_buffer: {buffer}\n{extra}"
+    )
     return sp.load_task(str(tmp_path / "task.yaml"))
 
 
@@ -42,11 +42,14 @@ def test_stream_is_a_seeded_shuffle_of_every_row_each_epoch(tmp_path):
 def test_training_on_a_stream_resumes_to_the_same_prompt(tokenizer, tmp_path, monkeypatch):
     base = build_tiny("llama", tokenizer)
     spec = tmp_path / "sst2.yaml"
-    spec.write_text(f"name: sst2s\nsplits: {{train: {DATA}/sst2/train.tsv}}\ntemplate: 'Review: {{sentence}}\\n"
-                    "Sentiment:'\nlabels: {0: negative, 1: positive}\nstreaming: true\nshuffle_buffer: 64\n")
+    spec.write_text(
+        f"name: sst2s\nsplits: {{train: {DATA}/sst2/train.tsv}}\ntemplate: 'Review: {{sentence}}\\n"
+        "Sentiment:'\nlabels: {0: negative, 1: positive}\nstreaming: true\nshuffle_buffer: 64\n"
+    )
     task = sp.load_task(str(spec))
-    cfg = sp.TrainConfig(steps=4, batch_size=2, lr=5e-2, eval_every=0, final_eval=False, progress=False,
-                         checkpoint_every=2)
+    cfg = sp.TrainConfig(
+        steps=4, batch_size=2, lr=5e-2, eval_every=0, final_eval=False, progress=False, checkpoint_every=2
+    )
     method = sp.SoftPromptConfig(num_virtual_tokens=3)
     full = sp.train(base, task, "soft", method, cfg, run_dir=tmp_path / "a")
 
@@ -75,8 +78,10 @@ def test_hub_datasets_are_streamed_through_the_same_path(tmp_path, monkeypatch):
         return ds.to_iterable_dataset() if streaming else ds
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    (tmp_path / "t.yaml").write_text("name: glue_sst2\nsplits: {train: {hub: nyu-mll/glue, config: sst2, split: train}}\n"
-                                     "template: '{sentence}'\nlabels: {0: ' no', 1: ' yes'}\nstreaming: true\n")
+    (tmp_path / "t.yaml").write_text(
+        "name: glue_sst2\nsplits: {train: {hub: nyu-mll/glue, config: sst2, split: train}}\n"
+        "template: '{sentence}'\nlabels: {0: ' no', 1: ' yes'}\nstreaming: true\n"
+    )
     ex = sp.load_task(str(tmp_path / "t.yaml")).examples("train", seed=0)
     assert sorted(ex.get(j)[0] for j in range(10)) == sorted(f"s{i}" for i in range(10))
     assert calls[0] == ("nyu-mll/glue", "sst2", "train", True)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA, build_tiny
 from fastapi.testclient import TestClient
+from helpers import DATA, build_tiny
 
 import softprompt as sp
 from softprompt.commands import main
 from softprompt.multitask import MultiTask
-from softprompt.serving import ServerConfig
-from softprompt.serving import create_app
+from softprompt.serving import ServerConfig, create_app
 from softprompt.store import Store
 
 FAST = ["--steps", "2", "--batch-size", "2", "--eval-limit", "4", "--final-eval-limit", "8", "--no-progress"]
@@ -36,15 +35,58 @@ def run(capsys, *argv) -> str:
 def test_train_eval_generate_and_serve_on_a_seq2seq_model(model_dir, tmp_path, capsys, sst2, e2e):
     store = tmp_path / "store"
     common = ["--model", model_dir, "--data-dir", str(DATA), "--device", "cpu"]
-    run(capsys, "train", *common, "--task", "sst2", "--method", "soft", "--num-virtual-tokens", "4", *FAST,
-        "--run-dir", str(tmp_path / "runs-sst2"), "--out", str(store / "sst2.safetensors"))
-    run(capsys, "train", *common, "--task", "e2e_nlg", "--method", "prefix", "--num-virtual-tokens", "4", *FAST,
-        "--run-dir", str(tmp_path / "runs-e2e"), "--out", str(store / "e2e.safetensors"))
-    metrics = json.loads(run(capsys, "eval", *common, "--task", "sst2", "--prompt", str(store / "sst2.safetensors"),
-                             "--limit", "8").strip().splitlines()[-1])
+    run(
+        capsys,
+        "train",
+        *common,
+        "--task",
+        "sst2",
+        "--method",
+        "soft",
+        "--num-virtual-tokens",
+        "4",
+        *FAST,
+        "--run-dir",
+        str(tmp_path / "runs-sst2"),
+        "--out",
+        str(store / "sst2.safetensors"),
+    )
+    run(
+        capsys,
+        "train",
+        *common,
+        "--task",
+        "e2e_nlg",
+        "--method",
+        "prefix",
+        "--num-virtual-tokens",
+        "4",
+        *FAST,
+        "--run-dir",
+        str(tmp_path / "runs-e2e"),
+        "--out",
+        str(store / "e2e.safetensors"),
+    )
+    metrics = json.loads(
+        run(capsys, "eval", *common, "--task", "sst2", "--prompt", str(store / "sst2.safetensors"), "--limit", "8")
+        .strip()
+        .splitlines()[-1]
+    )
     assert metrics["n"] == 8 and 0 <= metrics["accuracy"] <= 1
-    out = run(capsys, "generate", "--model", model_dir, "--device", "cpu", "--prompt", str(store / "e2e.safetensors"),
-              "--max-new-tokens", "4", "--json", "name[The Eagle], eatType[pub]")
+    out = run(
+        capsys,
+        "generate",
+        "--model",
+        model_dir,
+        "--device",
+        "cpu",
+        "--prompt",
+        str(store / "e2e.safetensors"),
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "name[The Eagle], eatType[pub]",
+    )
     assert "output" in json.loads(out.strip().splitlines()[-1])
     prompt = sp.load_prompt(store / "e2e.safetensors")
     assert prompt.base["family"] == "seq2seq" and prompt.injection.kv is not None
@@ -57,9 +99,11 @@ def test_train_eval_generate_and_serve_on_a_seq2seq_model(model_dir, tmp_path, c
     assert mt.sync(Store(store))["added"] == ["e2e", "sst2"]
     with TestClient(create_app(mt, Store(store), ServerConfig(max_tokens=8))) as client:
         label = client.post("/v1/classify", json={"model": "sst2", "input": ["a great film", "awful"]}).json()
-        assert [d["label"] for d in label["data"]] == [r.label for r in mt.classify([("sst2", "a great film"),
-                                                                                     ("sst2", "awful")])]
-        done = client.post("/v1/completions", json={"model": "e2e", "prompt": "name[The Eagle]", "max_tokens": 4,
-                                                     "temperature": 0}).json()
+        assert [d["label"] for d in label["data"]] == [
+            r.label for r in mt.classify([("sst2", "a great film"), ("sst2", "awful")])
+        ]
+        done = client.post(
+            "/v1/completions", json={"model": "e2e", "prompt": "name[The Eagle]", "max_tokens": 4, "temperature": 0}
+        ).json()
         assert done["choices"][0]["text"] == mt.generate([("e2e", "name[The Eagle]")], 4)[0].strip()
         assert done["usage"]["completion_tokens"] <= 4

@@ -7,122 +7,17 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
+from helpers import KEY, LONG, Gate, Live, auth, make_prompt, registry, wait_for
 
-import softprompt as sp
 from softprompt.commands import main
 from softprompt.data import TaskSpec
-from softprompt.injection import EMPTY
-from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.multitask import MultiTask
-from softprompt.serving import ServerConfig
-from softprompt.serving import create_app
+from softprompt.serving import ServerConfig, create_app
 from softprompt.store import Store
-
-from conftest import build_tiny
-
-# --- as in test_server and test_multitask (tests do not import each other) ----------------------------------------
-
-KEY = "test-key-123"
-
-
-def spec_like(task_spec: TaskSpec, **changes) -> TaskSpec:
-    return TaskSpec.from_dict(task_spec.portable() | changes)
-
-
-def make_prompt(base, spec: TaskSpec, method: str | None, P: int = 0, seed: int = 0) -> sp.Prompt:
-    """A prompt of `method` with P virtual tokens, moved away from its init; method None: a template alone."""
-    if method is None:
-        return sp.Prompt(EMPTY, "hard", {}, spec.portable(), base.fingerprint.to_dict())
-    config = METHODS[method].config_class(num_virtual_tokens=P, init="vocab")
-    m = build_method(method, config, InitContext(base, spec.verbalizers, None, seed=seed))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return sp.Prompt(m.collapse(), method, config.to_dict(), spec.portable(), base.fingerprint.to_dict(),
-                     trainable_parameters=m.num_trainable())
-
-
-class Live:
-    """uvicorn serving `app` in a thread on a free loopback port (`config`: more uvicorn.Config options)."""
-
-    def __init__(self, app, **config):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def llama(tokenizer):
-    return build_tiny("llama", tokenizer)
-
-
-@pytest.fixture(scope="module")
-def store(llama, sst2, e2e, tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("store"))
-    store.save("sst2-soft", make_prompt(llama, sst2.spec, "soft", 3))
-    store.save("sst2-hard", make_prompt(llama, spec_like(sst2.spec, template="Is it good? {sentence}\nAnswer:"), None))
-    store.save("e2e-prefix", make_prompt(llama, e2e.spec, "prefix", 5, seed=1))
-    store.save("e2e-soft", make_prompt(llama, e2e.spec, "soft", 4, seed=2))
-    return store
-
-
-def registry(base, store):
-    mt = MultiTask(base)
-    mt.sync(store)
-    return mt
-
-
-def auth():
-    return {"Authorization": f"Bearer {KEY}"}
-
-
-class Gate:
-    """Holds the batcher's decode loop until released, to fill the queue deterministically."""
-
-    def __init__(self, mt):
-        self.event = threading.Event()
-        inner = mt.decode_rows
-
-        def held(*args, **kwargs):
-            self.event.wait(timeout=30)
-            return inner(*args, **kwargs)
-
-        mt.decode_rows = held
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-# -------------------------------------------------------------------------------------------------------------------
-
-
-LONG = "the film was great fun and the plot " * 80  # ~600 tokens: over the tiny model's 512 positions
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +58,9 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
         # a GET without parameters has no invalid form
         for mode in (GenerationMode.POSITIVE,) + ((GenerationMode.NEGATIVE,) if operation.body else ()):
             # derandomized and bounded: the same examples on every run, seconds on the tiny model
-            @settings(max_examples=25, derandomize=True, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            )
             @given(case=operation.as_strategy(generation_mode=mode, headers=auth()))
             def fuzz(case):
                 response = case.call(base_url=server.url, timeout=60)
@@ -178,17 +74,23 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
         assert (path, 200) in seen and (path, 400) in seen, seen
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/completions", {"model": "bare", "prompt": ""}, 400, "An input has no tokens"),
-    ("/v1/classify", {"model": "sst2-soft", "input": LONG}, 400, "does not fit the"),
-    ("/v1/completions", {"model": "e2e-soft", "prompt": LONG, "max_tokens": 2}, 400, "does not fit the"),
-    ("/v1/chat/completions", {"model": "e2e-soft", "messages": [{"role": "user", "content": [{"type": "text",
-                                                                                              "text": 5}]}]},
-     400, "Invalid request: messages.0.content"),
-    ("/v1/classify", {"model": "sst2-soft", "input": {"sentence": {"nested": [1]}}}, 400, "Invalid request: input"),
-    ("/v1/completions", {"model": "e2e-soft", "prompt": "x", "max_tokens": 2, "top_k": 10 ** 30}, 200, None),
-    ("/v1/completions", {"model": "e2e-soft", "prompt": "x", "max_tokens": 2, "temperature": 1e-45}, 200, None),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/completions", {"model": "bare", "prompt": ""}, 400, "An input has no tokens"),
+        ("/v1/classify", {"model": "sst2-soft", "input": LONG}, 400, "does not fit the"),
+        ("/v1/completions", {"model": "e2e-soft", "prompt": LONG, "max_tokens": 2}, 400, "does not fit the"),
+        (
+            "/v1/chat/completions",
+            {"model": "e2e-soft", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "Invalid request: messages.0.content",
+        ),
+        ("/v1/classify", {"model": "sst2-soft", "input": {"sentence": {"nested": [1]}}}, 400, "Invalid request: input"),
+        ("/v1/completions", {"model": "e2e-soft", "prompt": "x", "max_tokens": 2, "top_k": 10**30}, 200, None),
+        ("/v1/completions", {"model": "e2e-soft", "prompt": "x", "max_tokens": 2, "temperature": 1e-45}, 200, None),
+    ],
+)
 def test_inputs_that_once_crashed_a_batch(server, path, body, status, message):
     r = httpx.post(server.url + path, json=body, headers=auth(), timeout=60)
     assert r.status_code == status, r.text
@@ -241,15 +143,28 @@ def test_connections_beyond_the_limit_get_503(llama, store):
 
 
 def test_serve_binds_to_loopback_by_default_with_its_limits(store, model_dir, monkeypatch, capsys):
-    import uvicorn
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     assert main(["serve", "--store", str(store.root), "--model", str(model_dir)]) == 0
     assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["limit_concurrency"] == ServerConfig().max_connections
     assert "warning" not in capsys.readouterr().err
-    assert main(["serve", "--store", str(store.root), "--model", str(model_dir), "--host", "0.0.0.0",
-                 "--max-connections", "7"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--store",
+                str(store.root),
+                "--model",
+                str(model_dir),
+                "--host",
+                "0.0.0.0",
+                "--max-connections",
+                "7",
+            ]
+        )
+        == 0
+    )
     assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["limit_concurrency"] == 7
     assert "without an API key" in capsys.readouterr().err
 
@@ -265,8 +180,13 @@ def test_api_keys_are_compared_in_constant_time(server, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", recording)
-    for header, status in [(f"Bearer {KEY}", 200), ("Bearer t", 401), (f"Bearer {KEY[:-1]}", 401),
-                           ("Bearer " + "x" * 500, 401), (KEY, 401)]:
+    for header, status in [
+        (f"Bearer {KEY}", 200),
+        ("Bearer t", 401),
+        (f"Bearer {KEY[:-1]}", 401),
+        ("Bearer " + "x" * 500, 401),
+        (KEY, 401),
+    ]:
         assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}).status_code == status
     # digests of the same length, whatever the guess: neither the matching prefix nor the key's length shows
     assert len(compared) == 5 and all(len(a) == len(b) == 32 for a, b in compared)
