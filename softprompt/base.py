@@ -189,6 +189,16 @@ class Base:
     def max_positions(self) -> int | None:
         return self.family.max_positions
 
+    def check_max_length(self, max_length: int | None) -> None:
+        """Refuse a cap on positions per example (--max-length) below 1 or beyond the model's context."""
+        if max_length is not None and max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {max_length}.", "pass --max-length 1 or more.")
+        if max_length and self.max_positions and max_length > self.max_positions:
+            raise ConfigError(
+                f"max_length {max_length} exceeds the model's context of {self.max_positions} positions.",
+                f"pass --max-length {self.max_positions} or less.",
+            )
+
     @property
     def kv_layout(self):
         """The `KVLayout` of KV prefixes on this model (raises a ConfigError where it takes none, e.g. Mamba)."""

@@ -7,13 +7,14 @@ hard-prompt candidate, so every number in a report is comparable.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import Encoder, Split, Task, TaskSpec
 from .errors import ConfigError
-from .generate import GREEDY, Sampling, generate_ids
+from .generate import GREEDY, Sampling, cut_at_stop, generate_ids
 from .injection import EMPTY, Injection, per_row
 
 
@@ -127,11 +128,15 @@ def evaluate(
     spec: TaskSpec | None = None,
     seed: int = 0,
     progress: bool = False,
+    max_length: int | None = None,
+    compile: bool = True,
 ) -> dict:
     """Score a prompt (a `Prompt`, an `Injection`, or None for the plain template) on a task split.
 
     spec: the template and verbalizers to use; default the prompt's own (it was trained with
-    them), else the task's.
+    them), else the task's. max_length: cap on positions per example (default: the model's context).
+    compile: turn the prompt's virtual tokens into a KV prefix once (`Family.compile`: the same
+    outputs, and no row pays for them again), where the family can.
     """
     from .store import Prompt
 
@@ -140,18 +145,30 @@ def evaluate(
         injection = prompt.injection
     else:
         injection = prompt or EMPTY
+    if compile:
+        injection = base.family.compile(injection)
     spec = spec or task.spec
     check_compatible(spec, task)
     data = subset(task.split(split), task.spec, limit, seed)
     if spec.is_classification:
-        return classification_metrics(*classify(base, task, spec, data, injection, batch_size, truncate, progress))
-    enc = Encoder(spec, base, truncate)
+        return classification_metrics(
+            *classify(base, task, spec, data, injection, batch_size, truncate, progress, max_length)
+        )
+    enc = Encoder(spec, base, truncate, max_length)
     prompts = [spec.render(r) for r in data.rows]
-    refs: OrderedDict[str, list[str]] = OrderedDict()
-    for p, t in zip(prompts, data.targets):
-        refs.setdefault(p, []).append(t)
-    hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, progress)
+    refs = grouped_references(prompts, data)
+    stop = stop_strings(spec, list(refs.values()))
+    hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, progress, stop=stop)
     return generation_metrics(hyps, list(refs.values()))
+
+
+def grouped_references(prompts: list[str], data: Split) -> OrderedDict[str, list[str]]:
+    """Every distinct input (rendered prompt, first-seen order) -> all its references: rows that share an input (E2E)
+    pool their targets, and a row of a `references_column` task brings its whole list."""
+    refs: OrderedDict[str, list[str]] = OrderedDict()
+    for i, p in enumerate(prompts):
+        refs.setdefault(p, []).extend([data.targets[i]] if data.references is None else data.references[i])
+    return refs
 
 
 def classify(
@@ -163,10 +180,11 @@ def classify(
     batch_size: int = 32,
     truncate: str = "error",
     progress: bool = False,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Class scores (N, C) of `data` (rows of `task`) rendered with `spec`, and the gold classes in `spec`'s order."""
     gold = gold_classes(task, spec, data)
-    enc = Encoder(spec, base, truncate)
+    enc = Encoder(spec, base, truncate, max_length)
     scores = class_log_likelihoods(base, enc, [spec.render(r) for r in data.rows], injection, batch_size, progress)
     return scores, gold
 
@@ -175,6 +193,14 @@ def gold_classes(task: Task, spec: TaskSpec, data: Split) -> list[int]:
     """The gold class of every row of `data` (indices into `task`'s label map) as an index into `spec`'s classes."""
     order = {name: i for i, name in enumerate(spec.class_names)}
     return [order[task.spec.class_names[y]] for y in data.labels]
+
+
+def stop_strings(spec: TaskSpec, references: list[list[str]]) -> list[str]:
+    """What ends a continuation of `spec` (besides end-of-sequence): its own `stop`, else a newline when no reference
+    spans lines (a one-line target is complete at its line's end)."""
+    if spec.stop is not None:
+        return list(spec.stop)
+    return [] if any("\n" in r for refs in references for r in refs) else ["\n"]
 
 
 def generate_texts(
@@ -188,8 +214,10 @@ def generate_texts(
     use_cache: bool = True,
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Continuations of rendered prompts (greedy unless `sampling` says otherwise), decoded to text."""
+    """Continuations of rendered prompts (greedy unless `sampling` says otherwise), decoded to text, each ending
+    before the first of the `stop` strings it produces."""
     rows = per_row(injection, len(prompts))
     examples = [enc.example(p, r, max_new_tokens) for p, r in zip(prompts, rows)]
     out = [""] * len(examples)
@@ -199,7 +227,7 @@ def generate_texts(
         desc="generating",
         leave=False,
     ):
-        new = generate_ids(base, [examples[i] for i in batch], max_new_tokens, sampling, use_cache, generator)
+        new = generate_ids(base, [examples[i] for i in batch], max_new_tokens, sampling, use_cache, generator, stop)
         for i, toks in zip(batch, new):
-            out[i] = base.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            out[i] = cut_at_stop(base.tokenizer.decode(toks, skip_special_tokens=True), stop).strip()
     return out

@@ -50,6 +50,8 @@ def explain(
     k: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    truncate: str = "error",
+    max_length: int | None = None,
 ) -> dict:
     """Nearest tokens of every virtual token; with a task, dev scores of the soft prompt and its projections."""
     from .evaluate import evaluate
@@ -76,6 +78,7 @@ def explain(
     }
     if task is not None:
         kw = dict(split=split, limit=limit, batch_size=batch_size, spec=prompt.spec, progress=progress)
+        kw |= dict(truncate=truncate, max_length=max_length)
         out["scores"] = {"soft": evaluate(base, task, inj, **kw)}
         for metric, (ids, _) in near.items():
             out["scores"][f"projected ({metric})"] = evaluate(base, task, projection(base, ids[:, 0]), **kw)

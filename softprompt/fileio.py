@@ -12,7 +12,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -52,12 +55,62 @@ def storage_error(e: OSError, path: Path, doing: str) -> StorageError:
     )
 
 
+def _temp_name(path: Path) -> Path:
+    """The temporary file a write of `path` goes through: hidden, with the writer's pid, so that a later write can
+    tell the leftovers of a killed writer (pid no longer running) from a write in progress."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
+
+
+_TEMP = re.compile(r"^\.(?P<target>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{12}\.tmp$")  # also the older names, without pid
+_STALE_AFTER = 3600.0  # seconds; a temporary file this old is a leftover even if its pid runs (reused, other machine)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writes left in `folder` (their writer no longer runs, or they are over
+    an hour old); writes in progress are left alone. Best effort: returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["pid"] == str(os.getpid()):
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > _STALE_AFTER
+            if old or (m["pid"] is not None and not pid_alive(int(m["pid"]))):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see the module docstring); a failure raises `StorageError`."""
+    """Write `data` to `path` atomically (see the module docstring); a failure raises `StorageError`.
+
+    Leftover temporary files of writes that were killed are removed from the folder first (`clean_stale_temps`).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = _temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path.parent)
         # Not mkstemp, whose files only their owner may read: the temporary file gets the mode of the file it
         # replaces, or of any new file (0o666 less the umask), so a server running as another user can read it.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -71,7 +124,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as e:
         raise storage_error(e, path, "write") from e
     finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; removed here after a failure or an interrupt
+        # gone after the rename; removed here after a failure or an interrupt. Never raises: on a read-only file
+        # system unlink fails even for a file that is not there, and must not replace the StorageError above.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
 
@@ -178,3 +234,67 @@ def read_mapping(path: str | Path, what: str, shape_fix: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{what} {path} must be a mapping.", shape_fix)
     return values
+
+
+# --- a lock file: one writer per folder ------------------------------------------------------------------------------
+
+LOCK = ".softprompt.lock"
+
+
+def acquire_lock(folder: str | Path, what: str = "run directory") -> Path:
+    """Take `folder/.softprompt.lock` (pid, host, time as JSON), or refuse naming the process that holds it.
+
+    A lock whose process no longer runs on this machine is stale and taken over. Release it with `release_lock`.
+    """
+    folder = Path(folder)
+    path = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            held = _lock_holder(path)
+            if held is None:  # stale: its process is gone; taken over
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise StorageError(
+                f"The {what} {folder} is in use by process {held.get('pid')} on {held.get('host')} (since "
+                f"{held.get('started')}): two runs writing one {what} would overwrite each other's files.",
+                f"wait for it to finish, or pass another --run-dir; if no such process runs, delete {path}.",
+            ) from None
+        except OSError as e:
+            raise storage_error(e, path, "write") from e
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return path
+    raise StorageError(f"Could not take the lock {path}: other runs keep taking it.", "run one training at a time.")
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """Who holds the lock at `path`, or None when the lock is stale (its process is gone, on this machine)."""
+    try:
+        held = json.loads(path.read_text())
+        if not isinstance(held, dict):
+            raise ValueError
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # unreadable or half-written: a writer that just created it, unless it is old
+        try:
+            young = time.time() - path.stat().st_mtime < 60
+        except OSError:
+            return None
+        return {"pid": "?", "host": "?", "started": "?"} if young else None
+    pid = held.get("pid")
+    if held.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
+        return None
+    return held
+
+
+def release_lock(path: Path) -> None:
+    """Remove a lock taken by this process (best effort: a lock left behind is stale once the process is gone)."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()

@@ -9,7 +9,7 @@ decoding give the same tokens (PEFT on transformers 5.x silently loses the prefi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +79,13 @@ def decode(
     sampling: Sampling | list[Sampling] = GREEDY,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    ended: Callable[[], list[int]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), active (B,)) once per step; a row is inactive after its EOS or length limit.
 
     examples: one per row, each with its prompt (`Example.injection`); what is decoded follows each source.
     With use_cache=False every step re-runs the whole sequence (slow; a reference for tests).
+    ended: called after each step the caller has consumed; the rows it returns end there (e.g. at a stop string).
     """
     B = len(examples)
     family = base.family
@@ -101,6 +103,8 @@ def decode(
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
         yield nxt, active.clone()
         active &= ~torch.isin(nxt, eos) & (limits > step + 1)
+        if ended is not None:
+            active[ended()] = False
         if not active.any():
             return
         logits = family.continue_decoding(state, nxt)
@@ -113,12 +117,28 @@ def generate_ids(
     sampling: Sampling | list[Sampling] = GREEDY,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    stop: Sequence[str] = (),
 ) -> list[list[int]]:
-    """New token ids per row, without the EOS token."""
+    """New token ids per row, without the EOS token. A row also ends once its text contains a `stop` string (the
+    ids then run to the token that completed it; `cut_at_stop` trims the text)."""
     out: list[list[int]] = [[] for _ in examples]
     eos = stop_ids(base)
-    for nxt, active in decode(base, examples, max_new_tokens, sampling, use_cache, generator):
+    grew: list[int] = []  # rows that got a token in the last step
+
+    def stopped() -> list[int]:
+        return [i for i in grew if any(s in base.tokenizer.decode(out[i]) for s in stop)]
+
+    for nxt, active in decode(
+        base, examples, max_new_tokens, sampling, use_cache, generator, stopped if stop else None
+    ):
+        grew = []
         for i in active.nonzero()[:, 0].tolist():
             if int(nxt[i]) not in eos:
                 out[i].append(int(nxt[i]))
+                grew.append(i)
     return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to its first `stop` string (all of it when none occurs)."""
+    return min((text[: text.index(s)] for s in stop if s in text), key=len, default=text)

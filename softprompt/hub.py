@@ -31,7 +31,8 @@ def prompt_files(directory: str | Path) -> dict[str, dict]:
 
 
 def _eval_metrics(metrics: dict) -> dict:
-    """{split: {metric: value}} of the final evaluations (not zero-shot, not the in-training best).
+    """{split: {metric: value}} of the final evaluations of the prompt: entries named by their split, so not zero-shot,
+    not the in-training best, not a search's own rows or its reference template (they name another split).
 
     Only scalar metrics: intervals such as a hard prompt's `accuracy_ci95` stay in the file's metadata.
     """
@@ -40,8 +41,26 @@ def _eval_metrics(metrics: dict) -> dict:
     return {
         split: scalar_metrics(m)
         for split, m in metrics.items()
-        if split not in ("zero_shot", "best_during_training") and isinstance(m, dict)
+        if split not in ("zero_shot", "best_during_training") and isinstance(m, dict) and m.get("split", split) == split
     }
+
+
+def _metrics_cell(metrics: dict) -> str:
+    """A card's metrics column: the final evaluations with their rows, else the in-training evaluation that picked the
+    prompt (a run with --no-final-eval), else '-'."""
+    from .evaluate import scalar_metrics
+
+    def scored(m: dict) -> str:
+        rows = f" ({m['n']:,} rows)" if "n" in m else ""
+        return ", ".join(f"{k} {v:.4g}" for k, v in scalar_metrics(m).items()) + rows
+
+    final = {s: m for s, m in metrics.items() if s in _eval_metrics(metrics)}
+    if final:
+        return "; ".join(f"{s} {scored(m)}" for s, m in final.items())
+    best = metrics.get("best_during_training")
+    if isinstance(best, dict) and scalar_metrics(best):
+        return f"{best.get('split', 'dev')} {scored(best)}, best during training"
+    return "-"
 
 
 def _load_name(model_id: str) -> str:
@@ -64,6 +83,17 @@ def _card_entry(name: str, m: dict, hub_model_id) -> dict:
         "metrics": m.get("metrics", {}),
         "template": m["task"].get("template"),
     }
+
+
+def _card_worthy(name: str, m: dict) -> bool:
+    """Whether a file's metadata is whole enough for a card row: a malformed file is left out, never a failed card."""
+    from .store import check_meta
+
+    try:
+        check_meta({**m, "format": "softprompt"} if isinstance(m, dict) else m, name)
+    except PromptFileError:
+        return False
+    return True
 
 
 def _eval_results(entry: dict, meta: dict) -> list:
@@ -91,7 +121,7 @@ def model_card(directory: str | Path, name: str | None = None) -> str | None:
 
     from .peft_format import CONFIG, hub_model_id
 
-    files = prompt_files(directory)
+    files = {name: m for name, m in prompt_files(directory).items() if _card_worthy(name, m)}
     if not files:
         return None
     peft = (Path(directory) / CONFIG).is_file()
@@ -110,8 +140,7 @@ def model_card(directory: str | Path, name: str | None = None) -> str | None:
     )
     rows = "\n".join(
         f"| `{e['file']}` | {e['task']} | {e['method']} | {e['virtual_tokens']} | {e['parameters']:,} | "
-        + (", ".join(f"{s} {k} {v:.4g}" for s, m in _eval_metrics(e["metrics"]).items() for k, v in m.items()) or "-")
-        + " |"
+        f"{_metrics_cell(e['metrics'])} |"
         for e in entries
     )
     load_name = _load_name(next(iter(files.values()))["base"]["model_id"])

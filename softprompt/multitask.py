@@ -61,10 +61,10 @@ class Entry:
     def encode(self, value: str | dict, reserve: int | None = None) -> Example:
         """One request input as an `Example` with this task's prompt, leaving `reserve` positions in the context for
         what follows it (new tokens; by default the longest class verbalizer, or the task's max_new_tokens)."""
+        spec = self.spec
         if reserve is None:
-            spec = self.spec
             reserve = max(map(len, self.encoder.verbalizer_ids)) if spec.is_classification else spec.max_new_tokens
-        return self.encoder.example(self.spec.render_input(value), self.injection, reserve)
+        return self.encoder.example(spec.render_input(value), self.injection, reserve)
 
     def describe(self) -> dict:
         """What `/v1/models` shows of the task."""
@@ -123,10 +123,12 @@ class MultiTask:
 
     compile: turn embedding prompts into KV prefixes at load (same outputs, cheaper requests).
     truncate: over-long input policy of every task's encoder (error, left, right).
+    max_length: cap on positions per request row (virtual tokens + text + new tokens); default the model's context.
     """
 
-    def __init__(self, base, compile: bool = True, truncate: str = "error"):
-        self.base, self.compile, self.truncate = base, compile, truncate
+    def __init__(self, base, compile: bool = True, truncate: str = "error", max_length: int | None = None):
+        base.check_max_length(max_length)
+        self.base, self.compile, self.truncate, self.max_length = base, compile, truncate, max_length
         # Both dicts are replaced, never mutated, so that other threads (the server's request handlers) read a
         # consistent view while the worker thread syncs the store.
         self._entries: dict[str, Entry] = {}
@@ -159,7 +161,13 @@ class MultiTask:
         injection = prompt.injection.to(self.base.device, self.base.dtype)
         if self.compile:
             injection = self.base.family.compile(injection)
-        encoder = Encoder(prompt.spec, self.base, self.truncate)
+        encoder = Encoder(prompt.spec, self.base, self.truncate, self.max_length)
+        if not encoder.spec.is_classification and not encoder.spec.max_new_tokens >= 1:
+            # a request that takes the task's default would decode zero steps
+            raise ConfigError(
+                f"Task '{name}' generates max_new_tokens={encoder.spec.max_new_tokens} tokens.",
+                "set max_new_tokens to 1 or more in its task spec.",
+            )
         if encoder.spec.is_classification:
             encoder.verbalizer_ids  # tokenized once, here, not on the request path  # noqa: B018
         entry = Entry(name, prompt, injection, encoder, self.base.max_positions, stamp)

@@ -53,10 +53,10 @@ from safetensors.torch import save as st_save
 from .base import Fingerprint
 from .data import TaskSpec
 from .errors import PromptFileError
-from .fileio import atomic_write_bytes, atomic_write_text, header_metadata
+from .fileio import atomic_write_bytes, atomic_write_text, header_metadata, storage_error
 from .injection import Injection
 from .methods import METHODS
-from .store import Prompt
+from .store import Prompt, check_meta, check_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -220,7 +220,15 @@ def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
         config = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path / CONFIG} is not valid JSON ({e}).", "re-save the adapter with PEFT.") from e
-    data = (path / WEIGHTS).read_bytes()
+    if not isinstance(config, dict):
+        raise PromptFileError(
+            f"{path / CONFIG} holds a JSON {type(config).__name__}, not an object of adapter settings.",
+            "re-save the adapter with PEFT (PeftModel.save_pretrained writes an object).",
+        )
+    try:
+        data = (path / WEIGHTS).read_bytes()
+    except OSError as e:
+        raise storage_error(e, path / WEIGHTS, "read") from e
     try:
         tensors = st_load(data)
         meta = header_metadata(data)
@@ -231,7 +239,13 @@ def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
             f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",
             "pass a prompt-learning adapter (prompt tuning, P-tuning or prefix tuning).",
         )
-    return config, tensors["prompt_embeddings"].float(), json.loads(meta) if meta else None
+    try:
+        meta = json.loads(meta) if meta else None
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path / WEIGHTS} has corrupted softprompt metadata ({e}).", "re-export it.") from e
+    if meta is not None:  # written by `export_peft`: the same schema as a prompt file's
+        check_meta({**meta, "format": "softprompt"} if isinstance(meta, dict) else meta, path / WEIGHTS)
+    return config, tensors["prompt_embeddings"].float(), meta
 
 
 def _method_of(config: dict) -> tuple[str, dict]:
@@ -330,6 +344,7 @@ def import_peft(path: str | Path, base, spec: TaskSpec | None = None) -> Prompt:
                 "import it against the model it was trained for.",
             )
         injection = Injection(embeds=tensor[:P])  # PEFT puts the first P in front of the input (the rest: unused)
+    check_tensors(injection.tensors(), path / WEIGHTS, "re-train the adapter (its prompt_embeddings are unusable).")
     method, method_config = (meta["method"], meta["method_config"]) if meta else _method_of(config)
     # the spec given, else the one saved with the adapter, else a plain text-to-target task named after the folder
     task = spec or (

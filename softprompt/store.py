@@ -8,20 +8,182 @@ label map, the base-model fingerprint, parameter and byte counts, and dev metric
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
 from .data import TaskSpec
-from .errors import ConfigError, PromptFileError
-from .fileio import read_safetensors, write_safetensors
+from .errors import ConfigError, PromptFileError, SoftpromptError, StorageError
+from .families import Causal
+from .fileio import peek_metadata, read_safetensors, write_safetensors
 from .injection import Injection
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RECREATE = "re-create the file (re-run the training, search or `softprompt import` that wrote it)."
+
+
+# --- the metadata schema: every field a reader relies on, checked in one place before anything uses it -------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # strict: no "5" for 5, no 5 for "5"; newer keys pass
+
+
+class _Base(_Strict):
+    model_id: str
+    config_hash: str = Field(min_length=1)
+    embedding_sha256: str = Field(min_length=1)
+    family: str = Causal.name  # prompt files older than families are causal
+
+
+class _Parameters(_Strict):
+    saved: int = Field(default=0, ge=0)
+    training: int = Field(ge=0)
+    base_model: int = Field(default=0, ge=0)
+
+
+class _Bytes(_Strict):
+    tensors: int = Field(default=0, ge=0)
+    base_model: int = Field(default=0, ge=0)
+
+
+class PromptMeta(_Strict):
+    """The JSON metadata of a prompt file (format version 1), as `Prompt.meta` writes it."""
+
+    format: Literal["softprompt"]
+    format_version: int
+    method: str = Field(min_length=1)
+    method_config: dict[str, Any]
+    kv_positions: int = Field(default=0, ge=0)
+    task: dict[str, Any]
+    base: _Base
+    parameters: _Parameters
+    bytes: _Bytes = Field(default_factory=_Bytes)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    library_version: str = "?"
+    created: str = ""
+
+
+def _violations(e: ValidationError) -> str:
+    """pydantic's errors as one line: `field.sub: what is wrong (got TYPE)`; ..."""
+    out = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "metadata"
+        got = "" if err["type"] == "missing" else f" (got {type(err['input']).__name__})"
+        out.append(f"{where}: {err['msg'].lower()}{got}")
+    return "; ".join(out)
+
+
+def check_meta(meta, path) -> PromptMeta:
+    """The metadata of the prompt file at `path`, validated; one `PromptFileError` naming every bad field."""
+    if not isinstance(meta, dict):
+        raise PromptFileError(f"{path} has malformed metadata: a JSON {type(meta).__name__}, not an object.", RECREATE)
+    if meta.get("format") != "softprompt":
+        raise PromptFileError(f"{path} is not a softprompt prompt file.", "pass a file written by softprompt.")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise PromptFileError(
+            f"{path} has prompt-file format version {version}, newer than this softprompt "
+            f"({__version__}) reads (up to {FORMAT_VERSION}).",
+            "upgrade softprompt.",
+        )
+    try:
+        checked = PromptMeta.model_validate(meta)
+    except ValidationError as e:
+        raise PromptFileError(f"{path} has malformed metadata: {_violations(e)}.", RECREATE) from None
+    try:
+        TaskSpec.from_dict(checked.task)
+    except (SoftpromptError, TypeError, ValueError, AttributeError, KeyError) as e:
+        problem = e.problem if isinstance(e, SoftpromptError) else f"{type(e).__name__}: {e}"
+        raise PromptFileError(f"{path} has malformed metadata: task: {' '.join(problem.split())}", RECREATE) from None
+    return checked
+
+
+# (name, rank, what the dimensions are)
+_TENSORS = {"embeds": (2, "(P, D)"), "kv": (5, "(L, 2, H_kv, P, head_dim)")}
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], path, fix: str = RECREATE) -> None:
+    """Refuse tensors of a prompt that have an unknown name, a wrong rank or shape, or non-finite values."""
+    unknown = sorted(set(tensors) - set(_TENSORS))
+    if unknown:
+        raise PromptFileError(f"{path} holds unknown tensor(s) {unknown} (a prompt holds embeds and/or kv).", fix)
+    for name, t in tensors.items():
+        rank, dims = _TENSORS[name]
+        if t.dim() != rank or 0 in t.shape or (name == "kv" and t.shape[1] != 2):
+            raise PromptFileError(
+                f"{path}: tensor '{name}' has shape {tuple(t.shape)}; a prompt's {name} is {dims}, none of them 0.", fix
+            )
+        if not t.is_floating_point():
+            raise PromptFileError(f"{path}: tensor '{name}' holds {t.dtype} numbers, not floating point.", fix)
+        bad = (~torch.isfinite(t)).sum().item()
+        if bad:
+            raise PromptFileError(
+                f"{path}: tensor '{name}' holds {bad:,} NaN or infinite value(s) of {t.numel():,}; such a prompt "
+                "would turn every output into garbage.",
+                fix,
+            )
+
+
+def check_replace(path: str | Path, overwrite: bool, base=None, flag: str = "--overwrite") -> Path:
+    """The prompt file `path` (with its suffix), after refusing to replace an existing file unless `overwrite`.
+
+    The error says what the existing file is, and when `base` is given, whether it was made for another base model.
+    Also refuses a folder in the way, and an existing folder that cannot be written, before any work is done.
+    """
+    path = prompt_path(path)
+    try:
+        if path.is_dir():
+            raise StorageError(f"{path} is a folder, not a prompt file.", "pass a file path for the prompt (--out).")
+        if path.exists() and not overwrite:
+            meta = peek_metadata(path)
+            if isinstance(meta, dict) and isinstance(meta.get("base"), dict) and isinstance(meta.get("task"), dict):
+                model = meta["base"].get("model_id")
+                what = f"a '{meta.get('method')}' prompt for task '{meta['task'].get('name')}' on '{model}'"
+                if (
+                    base is not None
+                    and meta["base"].get("config_hash") != base.fingerprint.config_hash
+                    or (base is not None and meta["base"].get("embedding_sha256") != base.fingerprint.embedding_sha256)
+                ):
+                    what += f", made for another base model than '{base.name}'"
+            else:
+                what = "a file softprompt cannot read as a prompt"
+            raise StorageError(
+                f"{path} already exists ({what}); it was not replaced.",
+                f"pass {flag} to replace it, or another output path (--out).",
+            )
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if folder is not None and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
+            raise StorageError(
+                f"Cannot write {path}: {folder} is {'not a folder' if not folder.is_dir() else 'not writable'}.",
+                f"check the permissions of {folder}, or pass another output path (--out).",
+            )
+    except OSError as e:  # a name too long for the file system
+        raise StorageError(f"Cannot write {path}: {e.strerror or e}.", "pass another output path (--out).") from e
+    return path
+
+
+def prompt_path(path: str | Path) -> Path:
+    """`path` with the prompt-file suffix (.safetensors) added when it lacks it."""
+    if not isinstance(path, (str, os.PathLike)) or "\0" in str(path) or Path(path).name in ("", ".."):
+        # `--out .`, `--out /` or `out: 5` in a --config file
+        raise StorageError(
+            f"{path!r} is not a file path for a prompt.",
+            "pass a file path for the prompt (--out), e.g. prompts/task.safetensors.",
+        )
+    path = Path(path)
+    return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
 
 
 @dataclass
@@ -91,45 +253,44 @@ class Prompt:
             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the tensors and metadata atomically (temporary file, then rename). Model cards are `hub`'s."""
-        path = Path(path)
-        if path.suffix != SUFFIX:
-            path = path.with_name(path.name + SUFFIX)
-        write_safetensors(path, {k: v.float() for k, v in self.injection.tensors().items()}, self.meta())
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        """Write the tensors and metadata atomically (temporary file, then rename). Model cards are `hub`'s.
+
+        overwrite=False refuses to replace an existing file (`check_replace`). A prompt with malformed metadata or
+        tensors (wrong shapes, NaN) is refused before anything is written, as loading it would be.
+        """
+        path = check_replace(path, overwrite) if not overwrite else prompt_path(path)
+        tensors = {k: v.detach().float().cpu() for k, v in self.injection.tensors().items()}
+        meta = self.meta()
+        check_tensors(tensors, f"The prompt to save as {path}", "retrain it (lower --lr, or --dtype float32).")
+        check_meta(json.loads(json.dumps(meta)), f"The prompt to save as {path}")
+        write_safetensors(path, tensors, meta)
         return path
 
     @classmethod
     def load(cls, path: str | Path, base=None) -> Prompt:
-        """Load a prompt file; with `base`, refuse it unless it was made for that model."""
-        tensors, meta = read_safetensors(path)
-        if meta.get("format") != "softprompt":
-            raise PromptFileError(f"{path} is not a softprompt prompt file.", "pass a file written by softprompt.")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise PromptFileError(
-                f"{path} has prompt-file format version {version}, newer than this softprompt "
-                f"({__version__}) reads (up to {FORMAT_VERSION}).",
-                "upgrade softprompt.",
-            )
-        try:
-            injection = Injection(tensors.get("embeds"), tensors.get("kv"), int(meta.get("kv_positions", 0)))
-            prompt = cls(
-                injection=injection,
-                method=meta["method"],
-                method_config=meta["method_config"],
-                task=meta["task"],
-                base=meta["base"],
-                trainable_parameters=meta["parameters"]["training"],
-                base_parameters=meta["parameters"].get("base_model", 0),
-                base_bytes=meta["bytes"].get("base_model", 0),
-                metrics=meta.get("metrics", {}),
-                train=meta.get("train", {}),
-                library_version=meta.get("library_version", "?"),
-                created=meta.get("created", ""),
-            )
-        except (KeyError, TypeError) as e:
-            raise PromptFileError(f"{path} has incomplete metadata (missing {e}).", "re-create the file.") from e
+        """Load a prompt file; with `base`, refuse it unless it was made for that model.
+
+        The metadata is validated against `PromptMeta` and the tensors for rank, shape and finite values first:
+        a malformed file is one `PromptFileError` naming what is wrong, never a traceback from deeper down.
+        """
+        tensors, raw = read_safetensors(path)
+        meta = check_meta(raw, path)
+        check_tensors(tensors, path)
+        prompt = cls(
+            injection=Injection(tensors.get("embeds"), tensors.get("kv"), meta.kv_positions),
+            method=meta.method,
+            method_config=meta.method_config,
+            task=meta.task,
+            base=meta.base.model_dump(),
+            trainable_parameters=meta.parameters.training,
+            base_parameters=meta.parameters.base_model,
+            base_bytes=meta.bytes.base_model,
+            metrics=meta.metrics,
+            train=meta.train,
+            library_version=meta.library_version,
+            created=meta.created,
+        )
         if base is not None:
             prompt.verify(base, what=f"Prompt file {path}")
         return prompt
@@ -158,8 +319,17 @@ def info(prompt: Prompt) -> dict:
         "base_parameters": prompt.base_parameters,
         "base_bytes": prompt.base_bytes,
         "fraction_of_base": prompt.num_parameters / prompt.base_parameters if prompt.base_parameters else None,
-        "metrics": prompt.metrics,
+        "metrics": {name: _with_split(prompt, name, m) for name, m in prompt.metrics.items()},
     }
+
+
+def _with_split(prompt: Prompt, name: str, m):
+    """A metrics entry with the split it was measured on: its own `split`, else (files that name none) the run's eval
+    split for the zero-shot and in-training evaluations, and the entry's name for the others (`dev`, ...)."""
+    if not isinstance(m, dict) or "split" in m:
+        return m
+    own = name in ("zero_shot", "best_during_training")
+    return {**m, "split": prompt.train.get("eval_split", "dev") if own else name}
 
 
 class Store:

@@ -24,13 +24,29 @@ from pathlib import Path
 import torch
 
 from .data import TRUNCATIONS, Encoder, Task
-from .errors import ConfigError, PromptFileError, TrainingError, check_at_least, check_choice, check_positive
+from .errors import (
+    ConfigError,
+    PromptFileError,
+    StorageError,
+    TrainingError,
+    check_at_least,
+    check_choice,
+    check_positive,
+    check_types,
+)
 from .evaluate import evaluate, primary_metric
 from .example import Example
-from .fileio import atomic_write_text, read_safetensors, storage_error, write_safetensors
+from .fileio import (
+    acquire_lock,
+    atomic_write_text,
+    read_safetensors,
+    release_lock,
+    storage_error,
+    write_safetensors,
+)
 from .injection import Injection
 from .methods import InitContext, MethodConfig, PromptMethod, build_method
-from .store import Prompt
+from .store import Prompt, check_replace
 
 CHECKPOINT = "checkpoint.safetensors"
 OPTIMIZERS = ("adamw", "adafactor")
@@ -83,9 +99,18 @@ class TrainConfig:
         check_at_least(self, 1, "steps", "batch_size", "grad_accum", "max_length", "eval_batch_size")
         check_at_least(self, 0, "eval_every", "checkpoint_every", "warmup_steps", "log_every")
         check_positive(self, "lr")
+        check_at_least(self, 1, "eval_limit", "final_eval_limit")  # None: the whole split
+        for name, means in (("max_grad_norm", "0 turns clipping off"), ("weight_decay", "0 is none")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(
+                    f"{name} must be a finite number >= 0 ({means}), got {value}.",
+                    f"pass {'--' + name.replace('_', '-')} 0 or more.",
+                )
         check_choice(self, "optimizer", OPTIMIZERS)
         check_choice(self, "scheduler", SCHEDULERS)
         check_choice(self, "truncate", TRUNCATIONS, "truncation policy")
+        check_types(self)  # a --config file passes its values unconverted: `steps: 1.5`, `final_eval: "no"`
 
     # Options that change what is trained; a checkpoint only resumes a run that agrees on all of them.
     IDENTITY = (
@@ -113,6 +138,8 @@ class TrainResult:
     seconds_per_step: float
     peak_memory_bytes: int
     train_seconds: float
+    path: Path | None = None  # the prompt file written (with `out`), before any plot
+    warnings: list[str] = field(default_factory=list)  # what failed without failing the run (the curves' plot)
 
 
 # --- checkpoint (de)serialization without pickle -------------------------------------------------------------------
@@ -212,8 +239,17 @@ class Trainer:
         accelerator=None,
         trainable: PromptMethod | None = None,
         eval_seed: int | None = None,
+        out: str | Path | None = None,
+        overwrite: bool = True,
     ):
         self.base, self.task, self.config = base, task, config or TrainConfig()
+        # where the prompt goes, checked before any training time is spent (and again when it is written)
+        self.out = check_replace(out, overwrite, base) if out is not None else None
+        self.overwrite, self.warnings = overwrite, []
+        if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise StorageError(
+                f"The run directory {run_dir} is a file, not a folder.", "pass another --run-dir (a folder)."
+            )
         if accelerator is None:
             from accelerate import Accelerator
 
@@ -231,11 +267,7 @@ class Trainer:
             self.config = c = dataclasses.replace(c, lr=type(trainable).default_lr)
         self.optimizer, self.scheduler = _optimizer(c, [p for p in trainable.parameters() if p.requires_grad])
         self.limit = c.max_length or base.max_positions
-        if c.max_length and base.max_positions and c.max_length > base.max_positions:
-            raise ConfigError(
-                f"max_length {c.max_length} exceeds the model's context of {base.max_positions} positions.",
-                f"pass --max-length {base.max_positions} or less.",
-            )
+        base.check_max_length(c.max_length)
         self.step, self.history = 0, []
         self.best: Injection | None = None
         self.best_metric = -math.inf
@@ -293,6 +325,7 @@ class Trainer:
             batch_size=c.eval_batch_size,
             truncate=c.truncate,
             seed=self.eval_seed,
+            max_length=c.max_length,
         )
 
     def _log(self, record: dict) -> None:
@@ -324,7 +357,10 @@ class Trainer:
                 "use fewer --num-virtual-tokens, or a larger --max-length (up to the model's context).",
             )
         if self.run_dir and self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise storage_error(e, self.run_dir / "metrics.jsonl", "write") from e
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         if c.gradient_checkpointing:
             self.base.family.enable_gradient_checkpointing()
@@ -355,7 +391,18 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._check_finite()
         return total
+
+    def _check_finite(self) -> None:
+        """Stop when the prompt's parameters stopped being numbers (the loss can stay finite for a step after)."""
+        bad = [n for n, p in self.method.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingError(
+                f"The prompt's parameters {bad} became NaN or infinite at step {self.step}; the last good "
+                f"checkpoint is kept{' in ' + str(self.run_dir) if self.run_dir else ''}.",
+                "lower --lr, raise --warmup-steps, keep --max-grad-norm on, or use float32 (--dtype float32).",
+            )
 
     def _after_step(self, window: list[float], elapsed: float, bar, ema: float) -> list[float]:
         """Log, evaluate and checkpoint as the options say; returns the losses still to log."""
@@ -384,6 +431,14 @@ class Trainer:
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
+        lock = acquire_lock(self.run_dir) if self.run_dir and self.is_main else None
+        try:
+            return self._run(tqdm)
+        finally:
+            if lock is not None:
+                release_lock(lock)
+
+    def _run(self, tqdm) -> TrainResult:
         c = self.config
         self._start()
         bar = tqdm(
@@ -414,6 +469,8 @@ class Trainer:
             train_seconds / steps_done if steps_done else float("nan"),
             peak_memory_bytes(self.base.device),
             train_seconds,
+            self._saved,
+            self.warnings,
         )
 
     def _finish(self) -> Prompt:
@@ -424,13 +481,32 @@ class Trainer:
         prompt = self._prompt()
         if c.final_eval and self.has_eval:
             if c.zero_shot:
-                prompt.metrics["zero_shot"] = self.evaluate(None, c.final_eval_limit)
-            prompt.metrics[c.eval_split] = self.evaluate(self.best, c.final_eval_limit)
-        if self.run_dir and self.is_main:
+                prompt.metrics["zero_shot"] = {**self.evaluate(None, c.final_eval_limit), "split": c.eval_split}
+            prompt.metrics[c.eval_split] = {**self.evaluate(self.best, c.final_eval_limit), "split": c.eval_split}
+        self._saved = self._save(prompt) if self.out and self.is_main else None
+        if self.run_dir and self.is_main:  # after the prompt file: a plot that fails is a warning, never a lost run
             from .plots import plot_history
 
-            plot_history(self.history, self.run_dir / "curves.png", title=f"{self.task.name} / {self.method_name}")
+            try:
+                plot_history(self.history, self.run_dir / "curves.png", title=f"{self.task.name} / {self.method_name}")
+            except Exception as e:  # noqa: BLE001 - matplotlib fails in many ways; none may cost the prompt
+                self._warn(f"the training curves {self.run_dir / 'curves.png'} were not written: {_reason(e)}")
         return prompt
+
+    def _save(self, prompt: Prompt) -> Path:
+        """Write the prompt to `out`. A file that appeared there during training (without overwrite) is kept, and the
+        prompt goes next to it instead, with an error naming both: a finished run is never thrown away."""
+        if self.overwrite or not self.out.exists():
+            return prompt.save(self.out, overwrite=self.overwrite)
+        aside = prompt.save(self.out.with_name(f"{self.out.stem}.{time.strftime('%Y%m%d-%H%M%S')}{self.out.suffix}"))
+        raise StorageError(
+            f"{self.out} appeared while training and was not replaced; this run's prompt is saved as {aside}.",
+            f"compare the two and move {aside} over it if you want it (or train with --overwrite).",
+        )
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print(f"softprompt: warning: {message}", file=sys.stderr)
 
     def _prompt(self) -> Prompt:
         c = self.config
@@ -441,9 +517,17 @@ class Trainer:
             self.method.config.to_dict(),
             self.task.spec,
             trainable_parameters=self.method.num_trainable(),
-            metrics={"best_during_training": {self.metric_name: self.best_metric}} if self.has_eval else {},
+            metrics={"best_during_training": self._best_eval()} if self.has_eval else {},
             train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step},
         )
+
+    def _best_eval(self) -> dict:
+        """The in-training evaluation that picked the prompt (the first best in the history): its metrics, row count
+        `n` and split."""
+        evals = [r["eval"] for r in self.history if "eval" in r]
+        if not evals:
+            return {self.metric_name: self.best_metric, "split": self.config.eval_split}
+        return {**max(evals, key=lambda m: m[self.metric_name]), "split": self.config.eval_split}
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -500,6 +584,10 @@ class Trainer:
         )
 
 
+def _reason(e: BaseException) -> str:
+    return " ".join((e.problem if isinstance(e, StorageError) else f"{type(e).__name__}: {e}").split())
+
+
 def train(
     base,
     task: Task,
@@ -509,6 +597,14 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = True,
     accelerator=None,
+    out: str | Path | None = None,
+    overwrite: bool = True,
 ) -> TrainResult:
-    """Train a prompt of `method` on `task` with the frozen `base`; returns the best prompt and the run's record."""
-    return Trainer(base, task, method, method_config, config, run_dir, resume, accelerator).run()
+    """Train a prompt of `method` on `task` with the frozen `base`; returns the best prompt and the run's record.
+
+    out: write the prompt file there as soon as training ends, before the curves are plotted (`TrainResult.path`);
+    with overwrite=False an existing file is refused before training starts.
+    """
+    return Trainer(
+        base, task, method, method_config, config, run_dir, resume, accelerator, out=out, overwrite=overwrite
+    ).run()

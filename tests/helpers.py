@@ -163,3 +163,41 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def serve_process(store_root, model_dir, *options: str, env: dict | None = None):
+    """`softprompt serve` on `store_root` in a subprocess on a free loopback port, answering /health.
+
+    Returns (process, url); the caller stops it (and reads its stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt", "serve", "--store", str(store_root), "--model", str(model_dir)]
+        + ["--port", str(port), "--no-access-log", *options],
+        env=os.environ | {"PYTHONPATH": str(root)} | (env or {}),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout=120)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url

@@ -41,7 +41,9 @@ def test_train_info_eval_generate(model_dir, tmp_path, capsys):
         tmp_path / "run",
     )
     assert code == 0, err
-    assert "zero-shot" in out and out_file.exists()
+    summary = " ".join(out.split())
+    assert "zero-shot: accuracy" in summary and "tuned: accuracy" in summary and "on dev (8 rows)" in summary
+    assert out_file.exists()
     assert "library_name: softprompt" in (tmp_path / "README.md").read_text()  # the command writes the model card
 
     code, out, _ = run(capsys, "info", out_file, "--json")
@@ -53,7 +55,8 @@ def test_train_info_eval_generate(model_dir, tmp_path, capsys):
     code, out, _ = run(
         capsys, "eval", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--prompt", out_file, "--limit", 8
     )
-    assert code == 0 and json.loads(out)["n"] == 8
+    d = json.loads(out)
+    assert code == 0 and d["n"] == 8 and d["split"] == "dev" and d["metric"] == "accuracy" and "accuracy" in d
 
     code, out, _ = run(
         capsys,
@@ -68,6 +71,51 @@ def test_train_info_eval_generate(model_dir, tmp_path, capsys):
         "a bad film",
     )
     assert code == 0 and len(out.strip().splitlines()) == 2
+
+
+def test_a_run_without_final_evaluation_reports_its_best_in_training_evaluation(model_dir, tmp_path, capsys):
+    out_file = tmp_path / "quick.safetensors"
+    code, out, err = run(
+        capsys,
+        *("train", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--steps", 2, "--batch-size", 2),
+        *("--num-virtual-tokens", 2, "--eval-limit", 8, "--no-final-eval", "--no-progress"),
+        *("--out", out_file, "--run-dir", tmp_path / "run"),
+    )
+    assert code == 0, err
+    summary = " ".join(out.split())
+    assert "zero-shot: -" not in summary and "tuned: -" not in summary
+    assert "best during training: accuracy" in summary and "on dev (8 rows); no final evaluation" in summary
+    best = json.loads(run(capsys, "info", out_file, "--json")[1])["metrics"]["best_during_training"]
+    assert best["split"] == "dev" and best["n"] == 8 and 0 <= best["accuracy"] <= 1
+    code, out, _ = run(capsys, "info", out_file)
+    assert code == 0 and "metrics: best_during_training" in out and "on dev" in out
+    assert "best during training |" in (tmp_path / "README.md").read_text()  # the card's metrics column is filled
+
+
+def test_commands_that_run_the_model_take_max_length_truncate_and_no_progress(model_dir, tmp_path, capsys):
+    task = ["--task", "sst2", "--data-dir", DATA, "--model", model_dir]
+    code, out, err = run(capsys, "eval", *task, "--limit", 8)
+    assert code == 0 and "scoring" in err  # a progress bar by default
+    full = json.loads(out)
+    code, out, err = run(capsys, "eval", *task, "--limit", 8, "--max-length", 400, "--no-progress")
+    assert code == 0 and "scoring" not in err and json.loads(out)["accuracy"] == full["accuracy"]  # all fit in 400
+    code, _, err = run(capsys, "eval", *task, "--limit", 8, "--max-length", 8)
+    assert code == 2 and "does not fit the" in err  # --max-length caps the positions; error is the default policy
+    code, out, err = run(capsys, "eval", *task, "--limit", 8, "--max-length", 8, "--truncate", "left", "--no-progress")
+    assert code == 0 and json.loads(out)["n"] == 8, err
+    gen = ["generate", "--model", model_dir, "--task", "sst2", "--data-dir", DATA, "--max-new-tokens", 2]
+    code, _, err = run(capsys, *gen, "--max-length", 6, "a great film with a fine cast and a good plot")
+    assert code == 2 and "does not fit the" in err
+    code, out, err = run(capsys, *gen, "--max-length", 6, "--truncate", "left", "--no-progress", "a great film")
+    assert code == 0 and len(out.splitlines()) == 1, err
+    hard = tmp_path / "hard.safetensors"
+    search = ["search", "templates", *task, "--search-size", 8, "--finalists", 1, "--limit", 4, "--out", hard]
+    code, _, err = run(capsys, *search, "--max-length", 10, "--truncate", "left", "--no-progress")
+    assert code == 0 and "templates" not in err, err  # neither the templates bar nor the scoring bars
+    code, _, err = run(capsys, *search, "--max-length", 4096, "--overwrite")  # hard.safetensors exists now
+    assert code == 2 and "exceeds the model's context of 512" in err
+    code, _, err = run(capsys, "serve", "--store", tmp_path, "--model", model_dir, "--max-length", 4096)
+    assert code == 2 and "exceeds the model's context of 512" in err
 
 
 def test_config_file_stands_in_for_flags(model_dir, tmp_path, capsys):
@@ -140,6 +188,21 @@ def test_unknown_method_is_rejected_by_the_parser(capsys):
     assert e.value.code == 2 and "invalid choice: 'lora'" in capsys.readouterr().err
 
 
+def test_eval_on_a_dev_split_carved_out_of_train(model_dir, tmp_path, capsys):
+    rows = "".join(f"row {i}\t{'ab'[i % 2]}\n" for i in range(10))
+    (tmp_path / "train.tsv").write_text("text\ty\n" + rows)
+    (tmp_path / "t.yaml").write_text(
+        'name: t\nsplits: {train: train.tsv}\ntemplate: "Text: {text}\\nLabel:"\nlabel_column: y\n'
+        "labels: {a: 'yes', b: 'no'}\n"
+    )
+    args = ("eval", "--task", tmp_path / "t.yaml", "--model", model_dir, "--no-progress")
+    code, out, err = run(capsys, *args, "--dev-from-train", 4)
+    assert code == 0, err
+    assert json.loads(out)["n"] == 4
+    code, out, err = run(capsys, *args, "--dev-from-train", "0.2")
+    assert code == 0 and json.loads(out)["n"] == 2, err
+
+
 def test_config_file_with_unknown_key(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("stepz: 3\n")
@@ -176,3 +239,45 @@ def test_every_command_keeps_its_options():
 
     before = json.loads((Path(__file__).parent / "data" / "cli_options.json").read_text())
     assert _options(build_parser()) == before
+
+
+def test_train_never_replaces_a_prompt_file_without_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    args = ("train", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--steps", 1, "--batch-size", 2)
+    args += ("--num-virtual-tokens", 2, "--eval-every", 0, "--no-final-eval", "--no-progress", "--out", out)
+    code, _, err = run(capsys, *args, "--run-dir", tmp_path / "a")
+    assert code == 0, err
+    first = out.read_bytes()
+    code, _, err = run(capsys, *args, "--run-dir", tmp_path / "b", "--seed", 1)
+    assert code == 2 and "already exists" in err and "--overwrite" in err and not (tmp_path / "b").exists()
+    assert out.read_bytes() == first  # refused before any training
+    code, _, err = run(capsys, *args, "--run-dir", tmp_path / "b", "--seed", 1, "--overwrite")
+    assert code == 0, err
+    assert out.read_bytes() != first
+
+
+def test_demo_replaces_its_own_file_and_nothing_else(llama, sst2, tmp_path, monkeypatch):
+    from helpers import random_soft_prompt
+
+    import softprompt.commands.demo as demo
+    from softprompt.errors import StorageError
+
+    class Started(Exception):
+        pass
+
+    def load_task(*a, **k):
+        raise Started  # the demo got past its output check; the rest is the slow part
+
+    monkeypatch.setattr(demo, "load_task", load_task)
+    out = tmp_path / "sst2-soft.safetensors"
+    with pytest.raises(Started):
+        demo.run_demo(out=str(out))  # nothing there yet
+    out.write_bytes(b"someone's prompt")
+    with pytest.raises(StorageError, match="already exists"):
+        demo.run_demo(out=str(out))
+    with pytest.raises(Started):
+        demo.run_demo(out=str(out), overwrite=True)
+    random_soft_prompt(llama, sst2.spec, train={"made_by": demo.MADE_BY}).save(out)  # an earlier demo's file
+    assert demo.demo_file(out)
+    with pytest.raises(Started):
+        demo.run_demo(out=str(out))

@@ -97,7 +97,9 @@ def test_train_eval_generate_and_serve_on_a_seq2seq_model(model_dir, tmp_path, c
     base = sp.load_base(model_dir, device="cpu")
     mt = MultiTask(base)
     assert mt.sync(Store(store))["added"] == ["e2e", "sst2"]
-    with TestClient(create_app(mt, Store(store), ServerConfig(max_tokens=8))) as client:
+    # TestClient sends `Host: testserver`, which the server allows only when told (DNS-rebinding protection)
+    app = create_app(mt, Store(store), ServerConfig(max_tokens=8), allowed_hosts=["testserver"])
+    with TestClient(app) as client:
         label = client.post("/v1/classify", json={"model": "sst2", "input": ["a great film", "awful"]}).json()
         assert [d["label"] for d in label["data"]] == [
             r.label for r in mt.classify([("sst2", "a great film"), ("sst2", "awful")])

@@ -95,3 +95,19 @@ def test_stream_errors_are_data_errors(tmp_path):
     stream = task.examples("train", seed=0)
     with pytest.raises(DataError, match="while streaming"):
         [stream.get(j) for j in range(4)]
+
+
+def test_a_stream_draws_one_reference_per_example_and_checks_every_row(tmp_path):
+    rows = [{"x": f"in {i}", "lex": [f"out {i}.{k}" for k in range(3)]} for i in range(6)] + [{"x": None, "lex": ["a"]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    (tmp_path / "task.yaml").write_text(
+        "name: refs\nsplits: {train: train.jsonl}\ntemplate: '{x} ->'\nreferences_column: lex\nstreaming: true\n"
+    )
+    ex = sp.load_task(str(tmp_path / "task.yaml")).examples("train", seed=0)
+    pairs = [ex.get(j) for j in range(30)]
+    assert all(t.startswith(f"out {p.split()[1]}.") for p, t in pairs)  # a reference of the row's own input
+    assert len({t for _, t in pairs}) > 6  # not always the first one
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stream = sp.load_task(str(tmp_path / "task.yaml")).examples("train", seed=0)
+    with pytest.raises(DataError, match="has no value in column 'x'"):
+        [stream.get(j) for j in range(7)]

@@ -34,6 +34,7 @@ def spec(tmp_path, body: str = BASIC, **files) -> str:
 
 
 GOOD = "text\ty\nhi\ta\nho\tb\n"
+NO_MODEL = "no-such-model"  # a --model path that does not exist
 
 
 def prompt_file(tmp_path, llama, sst2) -> str:
@@ -109,6 +110,33 @@ CLI_CASES = {
         "maps two labels to the same verbalizer word",
         "give every class its own word",
     ),
+    "list-column-without-filter": (
+        lambda t, m, *_: [
+            "eval",
+            "--task",
+            spec(t, BASIC.replace("dev.tsv", "dev.jsonl"), dev_jsonl='{"text": ["a", "b"], "y": "a"}\n'),
+            "--model",
+            m,
+        ],
+        "holds a list, which the template field {text} cannot show as text",
+        "format it with a filter",
+    ),
+    # the split a command reads is checked before the model loads: no model at NO_MODEL is ever needed
+    "eval-unknown-split": (
+        lambda t, *_: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", t / NO_MODEL, "--split", "validation"],
+        "Task 't' has no split 'validation'",
+        "use one of ['train', 'dev']",
+    ),
+    "train-unknown-eval-split": (
+        lambda t, *_: ["train", "--task", spec(t, train_tsv=GOOD), "--model", t / NO_MODEL, "--eval-split", "test"],
+        "Task 't' has no split 'test'",
+        "add it under `splits:`",
+    ),
+    "dev-from-train-out-of-range": (
+        lambda t, *_: ["eval", "--task", spec(t, train_tsv=GOOD), "--model", t / NO_MODEL, "--dev-from-train", "1.5"],
+        "dev_from_train must be a fraction between 0 and 1 or a count of 1 or more, got 1.5",
+        "--dev-from-train",
+    ),
     # input length
     "eval-input-too-long": (
         lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=f"text\ty\n{LONG}\ta\n"), "--model", m],
@@ -159,6 +187,24 @@ CLI_CASES = {
         "max_length 4096 exceeds the model's context of 512",
         "pass --max-length 512 or less",
     ),
+    "eval-max-length-over-the-context": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", m, "--max-length", "4096"],
+        "max_length 4096 exceeds the model's context of 512",
+        "pass --max-length 512 or less",
+    ),
+    "eval-max-length-0": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", m, "--max-length", "0"],
+        "max_length must be >= 1, got 0",
+        "pass --max-length 1 or more",
+    ),
+    "eval-input-over-max-length": (
+        lambda t, m, *_: [
+            *("eval", "--task", spec(t, dev_tsv="text\ty\nthe film was great fun and the plot\ta\n")),
+            *("--model", m, "--max-length", "6"),
+        ],
+        "does not fit the",
+        "--max-length",
+    ),
     "unknown-optimizer": (
         lambda t, m, *_: ["train", "--task", "sst2", "--optimizer", "sgd"],
         "Unknown optimizer 'sgd'",
@@ -170,7 +216,7 @@ CLI_CASES = {
         "pass --truncate with one of",
     ),
     "unknown-dtype": (
-        lambda t, m, *_: ["eval", "--task", spec(t), "--model", m, "--dtype", "float7"],
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", m, "--dtype", "float7"],
         "Unknown dtype 'float7'",
         "'auto'",
     ),
@@ -242,15 +288,68 @@ CLI_CASES = {
     ),
     "plain-string-for-two-fields": (
         lambda t, m, *_: ["generate", "--task", spec(t, BASIC.replace("{text}", "{a} {b}")), "--model", m, "x"],
-        "The template has fields ['a', 'b']; a plain string can only fill one",
-        "pass a JSON object",
+        "Task 't' takes the fields ['a', 'b']; a plain string can only fill one",
+        '{"a": "...", "b": "..."}',
     ),
     "api-key-env-not-set": (
         lambda t, *_: ["serve", "--store", t, "--api-key-env", "SOFTPROMPT_NO_SUCH_VAR"],
         "--api-key-env names $SOFTPROMPT_NO_SUCH_VAR, which is not set",
         "export SOFTPROMPT_NO_SUCH_VAR=...",
     ),
+    # saving: nothing replaced silently, refused before the model loads
+    "train-out-exists": (
+        lambda t, m, llama, sst2: ["train", "--task", "sst2", "--model", m, "--out", prompt_file(t, llama, sst2)],
+        "sst2-prompt.safetensors already exists (a 'soft' prompt for task 'sst2'",
+        "pass --overwrite to replace it, or another output path (--out)",
+    ),
+    "search-templates-out-exists": (
+        lambda t, m, llama, sst2: ["search", "templates", "--task", "sst2", "--out", prompt_file(t, llama, sst2)],
+        "already exists (a 'soft' prompt for task 'sst2'",
+        "pass --overwrite to replace it",
+    ),
+    "train-run-dir-is-a-file": (
+        lambda t, m, *_: ["train", "--task", "sst2", "--model", m, "--out", t / "p", "--run-dir", _write(t / "f", b"")],
+        "is a file, not a folder",
+        "pass another --run-dir (a folder)",
+    ),
+    "train-max-grad-norm-negative": (
+        lambda *_: ["train", "--task", "sst2", "--max-grad-norm", "-1"],
+        "max_grad_norm must be a finite number >= 0 (0 turns clipping off), got -1.0",
+        "pass --max-grad-norm 0 or more",
+    ),
+    "train-weight-decay-negative": (
+        lambda *_: ["train", "--task", "sst2", "--weight-decay", "-1"],
+        "weight_decay must be a finite number >= 0 (0 is none), got -1.0",
+        "pass --weight-decay 0 or more",
+    ),
+    "train-eval-limit-0": (
+        lambda *_: ["train", "--task", "sst2", "--eval-limit", "0"],
+        "eval_limit must be >= 1, got 0",
+        "pass --eval-limit 1 or more",
+    ),
+    "import-adapter-config-a-list": (
+        lambda t, m, *_: ["import", _peft_dir(t, config=b"[]"), "--model", m, "--out", t / "q"],
+        "adapter_config.json holds a JSON list, not an object of adapter settings",
+        "re-save the adapter with PEFT",
+    ),
+    "import-nan-adapter": (
+        lambda t, m, *_: ["import", _peft_dir(t, fill=float("nan")), "--model", m, "--out", t / "q"],
+        "holds 128 NaN or infinite value(s) of 128",
+        "re-train the adapter",
+    ),
 }
+
+
+def _peft_dir(t: Path, config: bytes | None = None, fill: float = 0.5) -> Path:
+    """A PEFT prompt-tuning adapter of 2 virtual tokens for the tiny Llama (width 64), its tensor full of `fill`."""
+    from safetensors.torch import save_file
+
+    folder = t / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    default = b'{"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}'
+    (folder / "adapter_config.json").write_bytes(config or default)
+    save_file({"prompt_embeddings": torch.full((2, 64), fill)}, folder / "adapter_model.safetensors")
+    return folder
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -427,3 +526,17 @@ def test_catalogue_rows_name_existing_tests():
             assert f'"{ref[3][1:-1]}"' in source, f"row {number}: no case {ref[3]} in {ref[1]}"
         for excerpt in re.findall(r"`([^`]+)`", message):
             assert excerpt in source, f"row {number}: {ref[1]} does not check {excerpt!r}"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -1])
+def test_numeric_options_exclude_nan_and_infinity(value):
+    """Every range check refuses NaN and infinity (a NaN compares false with every bound)."""
+    from types import SimpleNamespace
+
+    from softprompt.errors import check_at_least, check_positive
+
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        check_at_least(SimpleNamespace(x=value), 0, "x")
+    with pytest.raises(ConfigError, match="must be positive"):
+        check_positive(SimpleNamespace(x=value), "x")
+    check_at_least(SimpleNamespace(x=10**400), 0, "x")  # a huge int is a finite number

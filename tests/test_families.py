@@ -279,3 +279,22 @@ def test_seq2seq_class_scores_share_the_encoder_and_equal_the_loss_s_log_likelih
         logp, _ = family.target_log_probs([r.with_target(v) for v in verb])
         torch.testing.assert_close(s, logp.sum(1), rtol=0, atol=1e-5)
     assert lay.num_layers == base.model.config.num_decoder_layers if arch == "t5" else lay.num_layers > 0
+
+
+@pytest.mark.parametrize("arch", [*ATTENTION_ONLY, *HYBRID])
+@torch.no_grad()
+def test_causal_class_scores_run_each_row_once_and_equal_the_loss_s_log_likelihoods(arch, tokenizer):
+    """Label words of several tokens continue from the row's forked cache; each equals scoring it as a target, in a
+    padded batch that mixes prompts (windowed and chunked models included; recurrent ones score words as targets)."""
+    base = build_tiny(arch, tokenizer)
+    family = base.family
+    injections = [EMPTY, Injection(embeds=torch.randn(2, base.hidden_size))]
+    if not zoo.FEATURES[arch] & {"ssm"}:
+        injections.append(Injection(kv=kv(base, 3), kv_positions=3))
+    rows = [example(base, t, injection=i) for t, i in zip(TEXTS, injections)]
+    verb = [family.target_ids(w, eos=False) for w in (" good", " bad fun", " great acting of the plot")]
+    assert sorted(map(len, verb))[0] < sorted(map(len, verb))[-1]  # words of different lengths
+    scores = family.class_scores([(r, verb) for r in rows])
+    for r, s in zip(rows, scores):
+        alone, _ = family.target_log_probs([r.with_target(v) for v in verb])
+        torch.testing.assert_close(s, alone.sum(1), rtol=0, atol=1e-4)

@@ -126,3 +126,33 @@ def test_cli_push_and_pull(base, sst2, tmp_path, fake_hub, capsys):
     assert "sst2.safetensors" in capsys.readouterr().out
     assert list(prompt_files(tmp_path / "pulled")) == ["sst2.safetensors"]
     assert main(["push", str(tmp_path / "nothing"), "me/p"]) == 2
+
+
+def _card_row(directory, name: str) -> str:
+    return next(line for line in (Path(directory) / "README.md").read_text().splitlines() if f"`{name}`" in line)
+
+
+def test_the_card_metrics_column_shows_the_final_evaluation_else_the_in_training_best(base, sst2, tmp_path):
+    """A run with --no-final-eval keeps only the in-training evaluation that picked the prompt: the card's metrics
+    column shows it with its split and rows (it used to say '-'). A final evaluation takes its place; zero-shot and a
+    search's own rows and reference template are not the prompt's results, in the column or in the model index."""
+    best = {"accuracy": 0.8125, "macro_f1": 0.8, "n": 16, "split": "dev"}
+    p = random_soft_prompt(base, sst2.spec, metrics={"best_during_training": best})
+    write_model_card(p.save(tmp_path / "quick").parent)
+    assert _card_row(tmp_path, "quick.safetensors").endswith(
+        "| dev accuracy 0.8125, macro_f1 0.8 (16 rows), best during training |"
+    )
+    assert "model-index" not in card_meta(tmp_path)  # an in-training subset is no reported result
+
+    metrics = {
+        "best_during_training": best,
+        "zero_shot": {"accuracy": 0.5, "n": 8, "split": "dev"},
+        "dev": {"accuracy": 0.75, "n": 8, "split": "dev"},
+        "search": {"accuracy": 0.9, "n": 12, "split": "train"},
+        "dev_default_template": {"accuracy": 0.625, "n": 8, "split": "dev"},
+    }
+    (tmp_path / "quick.safetensors").unlink()
+    write_model_card(random_soft_prompt(base, sst2.spec, metrics=metrics).save(tmp_path / "full").parent)
+    assert _card_row(tmp_path, "full.safetensors").endswith("| dev accuracy 0.75 (8 rows) |")
+    results = card_meta(tmp_path)["model-index"][0]["results"]
+    assert [(r["dataset"]["split"], [m["value"] for m in r["metrics"]]) for r in results] == [("dev", [0.75])]

@@ -1,5 +1,5 @@
 """The package's shape: imports inside `softprompt/` form no cycle, and the library never imports its front end
-(`softprompt.commands`); only the command layer and `__main__` may.
+(`softprompt.commands`); only the command layer and `__main__` may; and no function is over 60 lines.
 
 Every import counts, at module level or inside a function: a lazy import is still a dependency.
 """
@@ -93,3 +93,12 @@ def test_the_library_never_imports_the_command_layer():
         if m != "softprompt.__main__" and not (m == FRONT or m.startswith(FRONT + "."))
     }
     assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []

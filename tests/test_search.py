@@ -13,7 +13,7 @@ from helpers import run_cli as run
 
 import softprompt as sp
 from softprompt.data import Encoder
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, InputTooLongError
 from softprompt.evaluate import class_log_likelihoods, classify, evaluate
 from softprompt.example import Example
 from softprompt.explain import explain, nearest_tokens
@@ -26,6 +26,7 @@ from softprompt.search import (
     bootstrap_ci,
     fill,
     hard_prompt,
+    rank_templates,
     score_templates,
     search_split,
     slotted,
@@ -117,9 +118,9 @@ def test_template_scores_match_the_evaluation_of_each_template(base, sst2, candi
     """The pooled one-pass scoring of all words gives the numbers `evaluate` gives each combination."""
     cands = Candidates.load(candidates_file, sst2.spec)
     results, ref = score_templates(base, sst2, cands, search_size=24, finalists=2, limit=16, progress=False)
-    assert len(results) == 3 and [r.search["accuracy"] for r in results] == sorted(
+    assert len(results) in (3, 4) and [r.search["accuracy"] for r in results] == sorted(
         (r.search["accuracy"] for r in results), reverse=True
-    )
+    )  # each template with its best words, and the task's own (once, when its best words are its own)
     data = search_split(sst2, 24)
     for r in results:
         assert sp.TaskSpec.from_dict(r.spec.portable()).portable() == r.spec.portable()
@@ -127,13 +128,93 @@ def test_template_scores_match_the_evaluation_of_each_template(base, sst2, candi
         assert r.search["accuracy"] == pytest.approx(float((scores.argmax(-1) == torch.tensor(gold)).float().mean()))
         lo, hi = r.search["accuracy_ci95"]
         assert lo <= r.search["accuracy"] <= hi
-    for r in results[:2]:
-        assert r.dev["n"] == 16
-        assert r.dev["accuracy"] == pytest.approx(evaluate(base, sst2, None, limit=16, spec=r.spec)["accuracy"])
-    assert results[2].dev is None
-    assert ref.spec == sst2.spec and ref.dev["accuracy"] == pytest.approx(
-        evaluate(base, sst2, None, limit=16)["accuracy"]
+    for i, r in enumerate(results):
+        assert (r.dev is None) == (i >= 2 and not r.own)  # the finalists and the task's own are scored on dev
+        if r.dev is not None:
+            assert r.dev["n"] == 16
+            assert r.dev["accuracy"] == pytest.approx(evaluate(base, sst2, None, limit=16, spec=r.spec)["accuracy"])
+    assert (
+        ref.own
+        and ref.spec == sst2.spec
+        and ref.dev["accuracy"] == pytest.approx(evaluate(base, sst2, None, limit=16)["accuracy"])
     )
+
+
+def test_the_ranking_always_holds_the_task_own_template_and_only_better_ones_rank_above_it(
+    base, sst2, candidates_file, tmp_path
+):
+    """Ranking invariant, whether or not the candidates list the task's own template: the task's own template with
+    its own words is ranked exactly once, scored as `classify` scores it; whatever ranks above it beats it on the
+    search rows (ties go to the task's own), so the result (the first) is never worse than it there."""
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text('templates:\n  - "{sentence} It was"\n  - "{sentence} The movie is"\n')
+    data = search_split(sst2, 24)
+    scores, gold = classify(base, sst2, sst2.spec, data)
+    for path in (candidates_file, elsewhere):
+        ranking, _ = rank_templates(base, sst2, Candidates.load(path, sst2.spec), 24, progress=False)
+        [at] = [i for i, s in enumerate(ranking) if s.own]
+        own = ranking[at]
+        assert own.spec == sst2.spec and own.search["n"] == 24
+        assert own.search["accuracy"] == pytest.approx(float((scores.argmax(-1) == torch.tensor(gold)).float().mean()))
+        accuracies = [s.search["accuracy"] for s in ranking]
+        assert accuracies == sorted(accuracies, reverse=True)
+        assert all(s.search["accuracy"] > own.search["accuracy"] for s in ranking[:at])
+        assert ranking[0].search["accuracy"] >= own.search["accuracy"]
+        assert len({(s.spec.template, tuple(s.spec.labels.values())) for s in ranking}) == len(ranking)
+
+
+def _rigged_scoring(monkeypatch, task, rows, right: bool):
+    """Make the search see the task's own template score every search row `right` (else wrong) and every other
+    template the opposite; the tiny random model cannot tell sense from noise, so the test decides which is which."""
+    from softprompt.search import templates
+
+    real = templates.class_log_likelihoods
+    words = Candidates.load(None, task.spec).words
+
+    def scores(base, enc, prompts, *args, **kw):
+        real(base, enc, prompts, *args, **kw)  # the real pass still runs (and must not fail)
+        gold = {enc.spec.render(r): y for r, y in zip(rows.rows, rows.labels)}
+        correct = right == (enc.spec.template == task.spec.template)
+        pool = list(enc.spec.labels.values())  # one column per candidate word
+        of = [next(c for c, ws in enumerate(words) if w in ws) for w in pool]
+        return torch.tensor([[float((of[w] == gold[p]) == correct) for w in range(len(pool))] for p in prompts])
+
+    monkeypatch.setattr(templates, "class_log_likelihoods", scores)
+
+
+@pytest.mark.parametrize("own_wins", [True, False])
+def test_search_templates_never_saves_a_template_below_the_task_own(
+    model_dir, sst2, tmp_path, capsys, monkeypatch, own_wins
+):
+    """Candidates of unrelated text that score worse than the task's own template on the search rows: the saved
+    prompt is the task's own, and the summary says so and by how much; when a candidate scores better, it is saved."""
+    bad = tmp_path / "unrelated.yaml"
+    bad.write_text(
+        'templates:\n  - "Zebra crossing {sentence} tram timetable"\n  - "{sentence} Weather: cloudy. Score:"\n'
+        "labels:\n  0: [bad]\n  1: [good]\n"
+    )
+    _rigged_scoring(monkeypatch, sst2, search_split(sst2, 12), right=own_wins)
+    out = tmp_path / "kept.safetensors"
+    code, text, err = run(
+        capsys,
+        *("search", "templates", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--candidates", bad),
+        *("--search-size", 12, "--finalists", 1, "--limit", 8, "--no-progress", "--out", out),
+    )
+    assert code == 0, err
+    p = sp.load_prompt(out)
+    summary = " ".join(text.split())
+    if own_wins:
+        assert p.spec.template == sst2.spec.template and p.spec.labels == sst2.spec.labels
+        assert p.method_config["kept"] == "own" and p.metrics["search"]["accuracy"] == 1.0
+        assert "kept the task's own 'Review: {sentence}\\nSentiment:' with negative/positive" in summary
+        assert (
+            "it ranks first on the 12 search rows (100.0" in summary and "+100.0 points over the best found" in summary
+        )
+    else:
+        assert p.spec.template != sst2.spec.template and p.method_config["kept"] == "found"
+        assert "+100.0 points over the task's own on the 12 search rows" in summary
+    assert f"dev {100 * p.metrics['dev']['accuracy']:.1f}" in summary  # dev numbers next to the verdict
+    assert p.metrics["dev"]["n"] == 8 and p.metrics["dev_default_template"]["split"] == "dev"
 
 
 def test_hard_prompt_file_has_no_tensors_and_evaluates_as_its_template(base, sst2, tmp_path):
@@ -186,6 +267,24 @@ def test_kv_prefixed_trigger_scores_equal_scoring_the_text(base, sst2, template)
     )  # same tokens
     ce = torch.nn.functional.cross_entropy(class_log_likelihoods(base, enc, texts), torch.tensor(data.labels))
     assert float(trigger_losses(base, rows, enc.verbalizer_ids, [triggers])[0]) == pytest.approx(float(ce), abs=1e-4)
+
+
+@pytest.mark.parametrize("truncate", ["left", "right"])
+def test_search_rows_are_fitted_by_the_truncation_policy(base, sst2, truncate):
+    """AutoPrompt's rows (text before the slot as a KV prefix, text after it as ids) fit --max-length as every input
+    does, leaving room for the triggers and the label word: the policy drops the start (left) or the end (right)."""
+    template = "Review:{trigger} {sentence}\nSentiment:"
+    data, full = _rows(base, sst2, template)
+    rows = _split_rows(base, sst2.spec, template, data, data.labels, Encoder(sst2.spec, base, truncate, 12), 3)
+    assert any(f.prefix.kv_positions + len(f.post) > 9 for f in full)
+    for r, f in zip(rows, full):
+        assert r.prefix.kv_positions + len(r.post) == min(f.prefix.kv_positions + len(f.post), 12 - 3)
+        if truncate == "left":  # the start goes, the text before the slot first
+            assert r.post == f.post[len(f.post) - len(r.post) :]
+        else:  # the end goes: the text after the slot, then the text before it
+            assert r.post == f.post[: len(r.post)] and r.prefix.kv_positions == min(f.prefix.kv_positions, 9)
+    with pytest.raises(InputTooLongError, match="does not fit the"):
+        _split_rows(base, sst2.spec, template, data, data.labels, Encoder(sst2.spec, base, "error", 12), 3)
 
 
 @pytest.mark.parametrize("single", [True, False])  # label words of one token each / of several tokens
@@ -329,9 +428,12 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
         out,
     )
     assert code == 0, err
-    assert "best:" in text and "3 templates x 9 verbalizers" in text and out.exists()
+    assert "3 templates x 9 verbalizers, and the task's own" in text and out.exists()
+    verdict = "kept the task's own" if sp.load_prompt(out).method_config["kept"] == "own" else "over the task's own"
+    assert verdict in " ".join(text.split())
     code, text, _ = run(capsys, "info", out, "--json")
     d = json.loads(text)
+    assert d["metrics"]["search"]["split"] == "train" and d["metrics"]["dev"]["split"] == "dev"
     assert d["method"] == "hard" and d["parameters_saved"] == 0 and d["metrics"]["dev"]["n"] == 8
     code, text, _ = run(
         capsys, "eval", "--task", "sst2", "--data-dir", DATA, "--model", model_dir, "--prompt", out, "--limit", 8
@@ -360,6 +462,9 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
         2,
         "--select-rows",
         8,
+        "--max-length",
+        400,
+        "--no-progress",
         *flags,
     )
     assert code == 0, err
@@ -378,7 +483,11 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
         task=p.task,
         base=base.fingerprint.to_dict(),
     ).save(soft)
-    code, text, err = run(capsys, "explain", soft, "--model", model_dir, "--data-dir", DATA, "--limit", 8, "--top-k", 2)
+    code, text, err = run(
+        capsys,
+        *("explain", soft, "--model", model_dir, "--data-dir", DATA, "--limit", 8, "--top-k", 2),
+        *("--max-length", 400, "--truncate", "left", "--no-progress"),
+    )
     assert code == 0, err
     assert "projected (cosine)" in text and "dev soft: accuracy" in text
     code, text, err = run(capsys, "explain", auto, "--model", model_dir, "--no-score")

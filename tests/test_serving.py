@@ -6,16 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers import KEY, Gate, Live, auth, build_tiny, make_prompt, registry, wait_for
+from helpers import KEY, Gate, Live, auth, build_tiny, make_prompt, registry, serve_process, spec_like, wait_for
 
 from softprompt.commands import main
 from softprompt.serving import Batcher, Job, ServerConfig, TextStream, create_app
@@ -109,6 +104,41 @@ def test_bad_requests_get_clear_errors(live, path, body, status, message):
     r = httpx.post(live.url + path, content=body, headers=auth() | {"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, code, message",
+    [
+        pytest.param({"input": ""}, "empty_input", "input is empty", id="empty-string"),
+        pytest.param({"input": "  \n"}, "empty_input", "input is empty", id="blank-string"),
+        pytest.param({"input": {"sentence": ""}}, "empty_input", "input is empty", id="empty-field"),
+        pytest.param({"input": []}, "empty_input", "input is an empty list", id="empty-list"),
+        pytest.param({"input": ["fine", ""]}, "empty_input", "input[1] is empty", id="empty-list-item"),
+        pytest.param({"input": ["x"] * 5}, "too_many_inputs", "5 inputs; give 1 to 4 inputs", id="too-many"),
+        pytest.param({"input": {"text": "x"}}, "invalid_input", "lacks the template field", id="missing-field"),
+        pytest.param({}, "invalid_request", "Invalid request: input", id="no-input"),
+        pytest.param({"input": {"sentence": [1]}}, "invalid_request", "Invalid request: input", id="nested"),
+    ],
+)
+def test_classify_refuses_empty_and_malformed_inputs_naming_the_input_field(live, body, code, message):
+    r = httpx.post(live.url + "/v1/classify", json={"model": "sst2-soft", **body}, headers=auth())
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["param"] == "input" and message in error["message"], error
+
+
+def test_a_plain_string_for_a_two_field_task_is_told_the_task_fields(llama, store, sst2):
+    mt = registry(llama, store)
+    pairs = spec_like(sst2.spec, name="pairs", template="Question: {question}\nPassage: {passage}\nAnswer:")
+    mt.add("pairs", make_prompt(llama, pairs, None))
+    with Live(create_app(mt, api_key=KEY)) as server:
+        r = httpx.post(server.url + "/v1/classify", json={"model": "pairs", "input": "one text"}, headers=auth())
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "invalid_input" and error["param"] == "input"
+        assert "Task 'pairs' takes the fields ['question', 'passage']" in error["message"]
+        assert '{"question": "...", "passage": "..."}' in error["message"] and "premise" not in error["message"]
+        both = {"model": "pairs", "input": {"question": "is it good?", "passage": "a great film"}}
+        assert httpx.post(server.url + "/v1/classify", json=both, headers=auth()).status_code == 200
 
 
 def test_api_key_is_required_on_the_api_but_not_health(live):
@@ -275,42 +305,8 @@ def test_a_request_that_stops_listening_stops_its_rows(llama, store):
 def test_softprompt_serve_command_end_to_end(store, model_dir):
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"PYTHONPATH": str(root), "SERVE_KEY": KEY}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "softprompt",
-            "serve",
-            "--store",
-            str(store.root),
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--api-key-env",
-            "SERVE_KEY",
-            "--no-access-log",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = serve_process(store.root, model_dir, "--api-key-env", "SERVE_KEY", env={"SERVE_KEY": KEY})
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return httpx.get(url + "/health").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=120)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert len(client.models.list().data) == 4
         assert client.completions.create(model="e2e-soft", prompt="name[Fun]", max_tokens=3).choices[0].text

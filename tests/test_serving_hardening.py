@@ -7,17 +7,23 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import signal
+import socket
+import time
 
 import httpx
 import pytest
 import uvicorn
-from helpers import KEY, LONG, Gate, Live, auth, make_prompt, registry, wait_for
+from helpers import KEY, LONG, Gate, Live, auth, make_prompt, registry, serve_process, wait_for
 
 from softprompt.commands import main
 from softprompt.data import TaskSpec
+from softprompt.generate import Sampling
 from softprompt.multitask import MultiTask
-from softprompt.serving import ServerConfig, create_app
+from softprompt.serving import Batcher, Job, ServerConfig, TextStream, create_app
 from softprompt.store import Store
+
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ def test_inputs_that_once_crashed_a_batch(server, path, body, status, message):
 
 
 def test_a_deeply_nested_body_is_a_400(server):
-    r = httpx.post(server.url + "/v1/completions", content=b"[" * 4000 + b"]" * 4000, headers=auth())
+    r = httpx.post(server.url + "/v1/completions", content=b"[" * 4000 + b"]" * 4000, headers=auth() | JSON)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
 
 
@@ -202,3 +208,264 @@ def test_request_bodies_are_logged_only_when_asked(llama, store, caplog):
         bad = httpx.post(live.url + "/v1/completions", json={"model": "e2e-soft", "prompt": secret, "n": 99})
         assert bad.status_code == 400
     assert sum("Secret Restaurant" in rec.getMessage() for rec in caplog.records) == 2
+
+
+# --- one bad request must never take down the server ----------------------------------------------------------------
+
+
+def test_browser_requests_need_json_an_allowed_host_and_get_no_cors_by_default(server):
+    body = '{"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2}'
+    url = server.url + "/v1/completions"
+    # a page on evil.example posting text/plain (no CORS preflight) to a loopback server, once DNS-rebound
+    r = httpx.post(url, content=body, headers=auth() | {"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    assert httpx.post(url, content=body, headers=auth()).status_code == 415  # no Content-Type at all
+    for host in ("evil.example:8000", "evil.example", "127.0.0.1.evil.example"):
+        r = httpx.post(url, content=body, headers=auth() | JSON | {"Host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", (host, r.text)
+        assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 400
+    for host in ("localhost:1234", "127.0.0.1", "[::1]:80"):
+        assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200, host
+    ok = httpx.post(url, content=body, headers=auth() | {"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200 and not any(k.startswith("access-control") for k in ok.headers), ok.headers
+    pre = httpx.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+
+
+def test_allowed_hosts_and_cors_origins_are_opt_in(llama, store):
+    app = create_app(registry(llama, store), store, allowed_hosts=["api.example"], cors_origins=["https://app.example"])
+    with Live(app) as live:
+        assert httpx.get(live.url + "/health", headers={"Host": "api.example:443"}).status_code == 200
+        assert httpx.get(live.url + "/health", headers={"Host": "other.example"}).status_code == 400
+        pre = httpx.options(
+            live.url + "/v1/completions",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.get(live.url + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    with Live(create_app(registry(llama, store), store, allowed_hosts=["*"])) as live:
+        assert httpx.get(live.url + "/health", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_serve_passes_hosts_origins_and_the_drain_time(store, model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    argv = ["serve", "--store", str(store.root), "--model", str(model_dir), "--host", "10.1.2.3"]
+    more = ["--allowed-host", "api.example", "--cors-origin", "https://app.example", "--shutdown-timeout", "5"]
+    assert main(argv + more) == 0
+    app, kw = calls[-1]
+    assert kw["timeout_graceful_shutdown"] == 5
+    check = next(m for m in app.user_middleware if m.cls.__name__ == "HostCheck")
+    assert {"10.1.2.3", "api.example"} <= set(check.kwargs["allowed"])
+    assert any(m.cls.__name__ == "CORSMiddleware" for m in app.user_middleware)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-wait-ms", "inf", "max_wait_ms must be a finite number from 0 up to 60000, got inf"),
+        ("--max-wait-ms", "nan", "max_wait_ms must be a finite number from 0 up to 60000, got nan"),
+        ("--max-wait-ms", "1e308", "max_wait_ms must be a finite number from 0 up to 60000, got 1e+308"),
+        ("--reload-interval", "inf", "reload_interval must be a finite number above 0 up to 3600, got inf"),
+        ("--request-timeout", "0", "request_timeout must be a finite number above 0"),
+    ],
+)
+def test_durations_that_would_kill_the_worker_are_refused(store, model_dir, capsys, flag, value, message):
+    assert main(["serve", "--store", str(store.root), "--model", str(model_dir), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"pass {flag} with a value" in err
+
+
+def test_stop_strings_are_bounded_and_the_longest_allowed_keep_the_server_responsive(server):
+    url = server.url + "/v1/completions"
+    base = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 8, "temperature": 0}
+    r = httpx.post(url, json=base | {"stop": ["x" * 257]}, headers=auth())
+    assert r.status_code == 400 and "the most is 256" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "stop"
+    # the most allowed, never matching but sharing a prefix with everything generated: the worst case for matching
+    stops = [c * 256 for c in "ae o"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(httpx.post, url, json=base | {"stop": stops}, headers=auth(), timeout=60) for _ in range(3)
+        ]
+        slowest = 0.0
+        while not all(f.done() for f in futures):
+            t0 = time.perf_counter()
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.perf_counter() - t0)
+        assert all(f.result().status_code == 200 for f in futures)
+    assert slowest < 1.0, slowest
+
+
+def test_text_stream_work_per_token_is_bounded_by_the_stops(tokenizer):
+    ids = tokenizer("aaaa " * 400, add_special_tokens=False)["input_ids"]
+    # four stops of the most allowed length, each a near miss of the text all along
+    stream = TextStream(tokenizer, stops=["a" * 255 + "b", "aaaa " * 51 + "z", " " * 256, "a" * 256])
+    t0 = time.perf_counter()
+    text = "".join(stream.push(t) for t in ids) + stream.flush()
+    assert time.perf_counter() - t0 < 2.0
+    assert not stream.stopped and text == tokenizer.decode(ids)
+    stream = TextStream(tokenizer, stops=["maa", "aa aaaa a"])
+    assert "".join(stream.push(t) for t in ids) == "aa" and stream.stopped  # the text before the first stop
+
+
+def test_a_row_that_fails_fails_alone(llama, store, e2e):
+    mt = registry(llama, store)
+    poisoned = mt.add("poisoned", make_prompt(llama, e2e.spec, "soft", 4, seed=3))
+    for t in poisoned.injection.tensors().values():
+        t.fill_(float("nan"))  # as a file with NaN would be, were the store not to refuse it
+    events: list = []
+    sampled = Sampling(temperature=1.0)
+    rows = [("e2e-soft", sampled), ("poisoned", sampled), ("e2e-prefix", Sampling()), ("poisoned", Sampling())]
+    jobs = [
+        Job(mt.get(t), mt.get(t).encode("name[Fun]", 4), i, events.append, max_new_tokens=4, sampling=s)
+        for i, (t, s) in enumerate(rows)
+    ]
+    sst2 = mt.get("sst2-soft")
+    jobs.append(Job(sst2, sst2.encode("great", None), len(jobs), events.append, classify=True))
+    batcher = Batcher(mt, None, ServerConfig(max_batch_size=8, max_wait_ms=0))
+    batcher.submit(jobs)  # queued before the worker starts: one mixed batch
+    batcher.start()
+    wait_for(lambda: all(j.finished for j in jobs))
+    batcher.stop()
+    ends = {i: (kind, v) for i, kind, v in events if kind != "token"}
+    assert set(ends) == {0, 1, 2, 3, 4} and len([e for e in events if e[1] != "token"]) == 5  # one end each
+    assert ends[0][0] == ends[2][0] == "done" and ends[4][0] == "result"
+    assert ends[1][0] == "error" and "not finite" in ends[1][1].message and ends[1][1].status == 500
+    # a greedy row of the poisoned prompt does not raise (argmax takes NaN) but must not fail the others either
+    assert ends[3][0] in ("done", "error")
+    assert [v for i, kind, v in events if i == 2 and kind == "token"] == mt.generate_ids(
+        [("e2e-prefix", "name[Fun]")], max_new_tokens=4
+    )[0][: len([e for e in events if e[0] == 2 and e[1] == "token"])]
+
+
+def test_a_decode_of_zero_steps_still_ends_its_request(llama, store):
+    mt = registry(llama, store)
+    entry = mt.get("e2e-soft")
+    events: list = []
+    job = Job(entry, entry.encode("name[Fun]", 1), 0, events.append, max_new_tokens=0)
+    batcher = Batcher(mt, None, ServerConfig(max_wait_ms=0))
+    batcher.submit([job])
+    batcher.start()
+    wait_for(lambda: job.finished)
+    batcher.stop()
+    assert events == [(0, "done", "length")]
+
+
+def test_requests_time_out_and_are_dropped_when_their_client_goes(llama, store):
+    mt = registry(llama, store)
+    gate = Gate(mt)  # the worker holds the first batch: every later request waits in the queue
+    app = create_app(mt, store, ServerConfig(max_batch_size=1, max_wait_ms=0, request_timeout=3, body_timeout=0.5))
+    body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2}
+    with Live(app) as live:
+        batcher = app.state.batcher
+        t0 = time.perf_counter()
+        r = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert 2.5 < time.perf_counter() - t0 < 10
+        stream = httpx.post(live.url + "/v1/completions", json=body | {"stream": True}, timeout=30)
+        assert stream.status_code == 200 and "request_timeout" in stream.text
+        # a client that hangs up while its request waits: its row is released at once, long before the deadline
+        t0 = time.perf_counter()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(live.url + "/v1/completions", json=body, timeout=0.3)
+        wait_for(lambda: batcher.queued == 2 and all(j.finished for j in batcher.pending))
+        assert time.perf_counter() - t0 < 2.5
+        # a body sent too slowly: 408, the connection is not held
+        with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
+            raw.sendall(b"Content-Length: 100\r\n\r\n{")
+            raw.settimeout(10)
+            assert b" 408 " in raw.recv(1000).split(b"\r\n")[0]
+        gate.event.set()
+        assert httpx.post(live.url + "/v1/completions", json=body, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", 2),
+        ("logprobs", True),
+        ("echo", True),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logit_bias", {"50": 100}),
+        ("best_of", 3),
+        ("suffix", " the end"),
+        ("seed", 7),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ],
+)
+def test_openai_parameters_that_would_be_ignored_are_refused(server, field, value):
+    body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2, field: value}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=auth())
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    assert f"{field} is not supported by this server" in error["message"]
+
+
+def test_openai_parameters_at_their_neutral_values_are_accepted(server):
+    neutral = {
+        "logprobs": None,
+        "echo": False,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "best_of": 1,
+        "suffix": None,
+        "seed": None,
+        "user": "someone",
+        "stream_options": None,
+    }
+    body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2} | neutral
+    assert httpx.post(server.url + "/v1/completions", json=body, headers=auth()).status_code == 200
+    chat = {"model": "e2e-soft", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": False}
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat, headers=auth()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b'{"model": "e2e-soft", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "over 4,300 digits"),
+        (b'{"model": "e2e-soft", "prompt": "\\ud800"}', "lone surrogate"),
+        (b'{"model": "e2e-soft", "prompt": ["ok", "a\\udfffb"]}', "lone surrogate"),
+    ],
+)
+def test_bodies_python_can_parse_but_not_use_are_a_400(server, raw, message):
+    r = httpx.post(server.url + "/v1/completions", content=raw, headers=auth() | JSON)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_errors_do_not_show_server_paths(llama, tmp_path):
+    root = Store(tmp_path / "secret-dir")
+    root.root.mkdir()
+    root.path("broken").write_bytes(b"junk")
+    mt = MultiTask(llama)
+    mt.sync(root)
+    assert "broken" in mt.refused
+    with Live(create_app(mt, root)) as live:
+        r = httpx.post(live.url + "/v1/completions", json={"model": "broken", "prompt": "x"})
+        assert r.status_code == 404 and "refused" in r.json()["error"]["message"]
+        health = httpx.get(live.url + "/health").text
+    assert "secret-dir" not in r.text and "secret-dir" not in health, (r.text, health)
+
+
+def test_sigterm_drains_and_exits(store, model_dir):
+    proc, url = serve_process(store.root, model_dir, "--shutdown-timeout", "2")
+    try:
+        # a stream left open by its client: uvicorn would wait for it forever without a drain limit
+        client = httpx.Client(timeout=60)
+        body = {"model": "e2e-soft", "prompt": "name[Fun]", "max_tokens": 2, "stream": True}
+        with client.stream("POST", url + "/v1/completions", json=body) as held:
+            assert held.status_code == 200
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            # uvicorn shuts down, then re-raises the signal: the exit status says SIGTERM ended it
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -138,3 +138,180 @@ def test_a_header_length_starting_with_pickles_magic_byte_still_loads(base, sst2
     else:
         pytest.fail("no header length with a low byte of 0x80")
     assert sp.load_prompt(path, base).metrics["pad"] == "x" * n
+
+
+# --- malformed metadata and tensors: one PromptFileError naming the field, never a traceback ------------------------
+
+
+DROP = object()  # a metadata field to delete
+
+
+def _rewrite(path, tensors=None, **meta_changes):
+    """Rewrite a prompt file with some metadata fields changed (DROP deletes one) and/or other tensors."""
+    from softprompt.fileio import read_safetensors, write_safetensors
+
+    old_tensors, meta = read_safetensors(path)
+    for key, value in meta_changes.items():
+        if value is DROP:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    write_safetensors(path, old_tensors if tensors is None else tensors, meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"task": ["sst2"]}, "task: input should be a valid dictionary (got list)"),
+        ({"method": 3}, "method: input should be a valid string (got int)"),
+        ({"base": {}}, "base.model_id: field required; base.config_hash: field required"),
+        ({"method_config": None}, "method_config: input should be a valid dictionary (got NoneType)"),
+        ({"parameters": {"training": "12"}}, "parameters.training: input should be a valid integer (got str)"),
+        ({"kv_positions": -1}, "kv_positions: input should be greater than or equal to 0"),
+        ({"metrics": [1]}, "metrics: input should be a valid dictionary (got list)"),
+        ({"task": {"name": "t"}}, "task: A task spec needs `name` and `template`"),
+        ({"parameters": DROP}, "parameters: field required"),
+    ],
+)
+def test_malformed_metadata_is_one_error_naming_the_field(base, sst2, tmp_path, changes, message):
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
+    _rewrite(path, **changes)
+    with pytest.raises(PromptFileError) as e:
+        sp.load_prompt(path, base)
+    assert message in str(e.value) and "malformed metadata" in str(e.value)
+    assert "\n" not in str(e.value) and "re-create the file" in e.value.fix
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"embeds": torch.zeros(8)}, "tensor 'embeds' has shape (8,); a prompt's embeds is (P, D)"),
+        ({"embeds": torch.zeros(1, 5, 8)}, "tensor 'embeds' has shape (1, 5, 8)"),
+        (
+            {"kv": torch.zeros(2, 2, 4, 8)},
+            "tensor 'kv' has shape (2, 2, 4, 8); a prompt's kv is (L, 2, H_kv, P, head_dim)",
+        ),
+        ({"embeds": torch.full((5, 64), float("nan"))}, "holds 320 NaN or infinite value(s) of 320"),
+        ({"embeds": torch.zeros(5, 64), "extra": torch.zeros(1)}, "unknown tensor(s) ['extra']"),
+    ],
+)
+def test_tensors_of_the_wrong_rank_or_not_finite_are_refused(base, sst2, tmp_path, tensors, message):
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
+    _rewrite(path, tensors)
+    with pytest.raises(PromptFileError) as e:
+        sp.load_prompt(path)
+    assert message in str(e.value)
+
+
+def test_a_prompt_with_nan_is_refused_before_it_is_saved(base, sst2, tmp_path):
+    p = random_soft_prompt(base, sst2.spec)
+    p.injection.embeds[0, 0] = float("inf")
+    with pytest.raises(PromptFileError, match="holds 1 NaN or infinite value"):
+        p.save(tmp_path / "p")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_list_shows_a_bad_file_and_lists_the_rest(base, sst2, tmp_path, capsys):
+    from helpers import run_cli
+
+    store = Store(tmp_path)
+    store.save("good", random_soft_prompt(base, sst2.spec))
+    _rewrite(store.save("bad", random_soft_prompt(base, sst2.spec)), base={})
+    code, out, err = run_cli(capsys, "store", "list", "--store", tmp_path, "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["good"]["status"] == "readable"
+    assert rows["bad"]["status"] == "refused" and "base.model_id: field required" in rows["bad"]["reason"]
+
+
+# --- replacing files -------------------------------------------------------------------------------------------------
+
+
+def test_save_without_overwrite_refuses_an_existing_file_naming_it(base, sst2, tokenizer, tmp_path):
+    from softprompt.store import check_replace
+
+    path = random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=r"p.safetensors already exists \(a 'soft' prompt for task 'sst2'") as e:
+        random_soft_prompt(base, sst2.spec).save(path, overwrite=False)
+    assert "pass --overwrite to replace it" in e.value.fix and path.read_bytes() == before
+    other = build_tiny("llama", tokenizer, seed=1)
+    with pytest.raises(StorageError, match="made for another base model than"):
+        check_replace(path, False, other)
+    assert check_replace(tmp_path / "new", False) == tmp_path / "new.safetensors"
+    random_soft_prompt(base, sst2.spec).save(path, overwrite=True)
+    assert path.read_bytes() != before
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(base, sst2, tmp_path):
+    from softprompt.store import check_replace
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="is not a folder"):
+        check_replace(tmp_path / "file" / "p", False)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(StorageError, match="is not writable"):
+            check_replace(ro / "p", True)
+        # the write itself: a StorageError, not the cleanup's own OSError from the finally block
+        with pytest.raises(StorageError, match="Permission denied") as e:
+            random_soft_prompt(base, sst2.spec).save(ro / "p")
+        assert f"check the permissions of {ro}" in e.value.fix
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cleanup_errors_never_replace_the_storage_error(base, sst2, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # unlink fails on a read-only file system even for no file
+    with pytest.raises(StorageError, match="Read-only file system") as e:
+        random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
+    assert "writable" in e.value.fix
+
+
+def test_stale_temporary_files_of_killed_writes_are_cleaned_up(base, sst2, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".p.safetensors.{dead_pid}-0123456789ab.tmp"  # its writer was killed
+    old = tmp_path / ".p.safetensors.0123456789ab.tmp"  # the older naming, without pid, an hour old
+    live = tmp_path / f".q.safetensors.{os.getppid()}-0123456789ab.tmp"  # a write in progress
+    for f in (stale, old, live):
+        f.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    random_soft_prompt(base, sst2.spec).save(tmp_path / "p")
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(["p.safetensors", live.name])
+
+
+def test_a_lock_refuses_a_second_writer_and_a_dead_one_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from softprompt.fileio import LOCK, acquire_lock, release_lock
+
+    lock = acquire_lock(tmp_path)
+    with pytest.raises(StorageError, match=rf"is in use by process {os.getpid()} on") as e:
+        acquire_lock(tmp_path)
+    assert "pass another --run-dir" in e.value.fix and LOCK in e.value.fix
+    release_lock(lock)
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}))
+    assert acquire_lock(tmp_path) == lock  # stale: taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release_lock(lock)

@@ -138,3 +138,93 @@ def test_adafactor_and_cosine_schedule_train(base, sst2, tmp_path):
     assert result.prompt.train["optimizer"] == "adafactor" and result.prompt.train["lr"] == 0.3
     lrs = [r["lr"] for r in result.history if "lr" in r]
     assert lrs[-1] < max(lrs)  # the cosine schedule decays
+
+
+# --- hardening: options that would train wrongly, non-finite prompts, run folders, what is saved when --------------
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("max_grad_norm", -1.0, "max_grad_norm must be a finite number >= 0 (0 turns clipping off), got -1.0"),
+        ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number >= 0"),
+        ("weight_decay", -1.0, "weight_decay must be a finite number >= 0 (0 is none), got -1.0"),
+        ("eval_limit", 0, "eval_limit must be >= 1, got 0"),
+        ("eval_limit", -3, "eval_limit must be >= 1, got -3"),
+        ("final_eval_limit", 0, "final_eval_limit must be >= 1, got 0"),
+    ],
+)
+def test_training_options_that_would_train_or_measure_wrongly_are_refused(option, value, message):
+    from softprompt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        sp.TrainConfig(**{option: value})
+    assert message in str(e.value) and f"--{option.replace('_', '-')}" in e.value.fix
+    assert sp.TrainConfig(max_grad_norm=0, eval_limit=None).max_grad_norm == 0  # off, and the whole split
+
+
+def test_a_non_finite_prompt_stops_training(base, sst2, tmp_path, monkeypatch):
+    real_step = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0][0, 0] = float("nan")  # the loss of this step was finite
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(TrainingError, match="became NaN or infinite at step 1; the last good checkpoint is kept"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_run_dir_that_is_a_file_or_in_use_is_refused(base, sst2, tmp_path):
+    from softprompt.errors import StorageError
+    from softprompt.fileio import LOCK, acquire_lock, release_lock
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="is a file, not a folder"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(), run_dir=tmp_path / "file")
+    lock = acquire_lock(tmp_path / "run")  # another training holds the folder
+    with pytest.raises(StorageError, match="is in use by process"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=1), run_dir=tmp_path / "run")
+    release_lock(lock)
+    sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=1), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / LOCK).exists()  # released after the run
+
+
+def test_the_prompt_is_saved_before_the_plot_and_a_failing_plot_is_a_warning(base, sst2, tmp_path, monkeypatch):
+    import softprompt.plots as plots
+    from softprompt.errors import StorageError
+
+    def disk_full(*a, **k):
+        assert (tmp_path / "p.safetensors").exists()  # the prompt was written first
+        raise StorageError("Could not write curves.png: No space left on device.", "free disk space")
+
+    monkeypatch.setattr(plots, "plot_history", disk_full)
+    out = tmp_path / "p.safetensors"
+    result = sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=2), run_dir=tmp_path / "run", out=out)
+    assert result.path == out and sp.load_prompt(out, base).train["steps_done"] == 2
+    assert "curves.png were not written: Could not write curves.png: No space left" in result.warnings[0]
+    # an existing prompt file is refused before any training (and names --overwrite)
+    with pytest.raises(StorageError, match="already exists") as e:
+        Trainer(base, sst2, "soft", method_cfg("soft"), cfg(), out=out, overwrite=False)
+    assert "--overwrite" in e.value.fix
+
+
+def test_a_prompt_file_that_appears_during_training_is_kept(base, sst2, tmp_path, monkeypatch):
+    from softprompt.errors import StorageError
+
+    out = tmp_path / "p.safetensors"
+    real = Trainer._finish
+
+    def someone_else_writes(self):
+        out.write_bytes(b"theirs")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_finish", someone_else_writes)
+    with pytest.raises(StorageError, match="appeared while training and was not replaced; this run's prompt is"):
+        sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=1), out=out, overwrite=False)
+    assert out.read_bytes() == b"theirs"
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("p.2")]
+    assert sp.load_prompt(aside, base).train["steps_done"] == 1

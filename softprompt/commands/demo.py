@@ -3,6 +3,10 @@
 Loads the model, scores the plain template on the full SST-2 dev set (872 rows), trains a
 20-token soft prompt initialized from the class labels (Lester et al. 2021), scores it the same
 way, saves the prompt file and prints one table. About 5 minutes on 2 CPU cores.
+
+Run twice, the demo replaces its own earlier file at --out (marked `train.made_by: "softprompt demo"` in the
+metadata); any other file there (a prompt someone trained to that path) is refused before the model loads, unless
+`overwrite` (--overwrite) is given.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ from pathlib import Path
 from ..base import load_base
 from ..data import load_task
 from ..evaluate import evaluate
+from ..fileio import peek_metadata
 from ..methods import SoftPromptConfig
 from ..store import info
 from ..train import TrainConfig, train
-from .options import save_prompt
+from .options import check_out, save_prompt
+
+MADE_BY = "softprompt demo"  # in the prompt's `train` metadata: what the demo may replace without --overwrite
+
+
+def demo_file(path) -> bool:
+    """Whether `path` is a prompt file an earlier demo wrote."""
+    meta = peek_metadata(path)
+    return isinstance(meta, dict) and isinstance(meta.get("train"), dict) and meta["train"].get("made_by") == MADE_BY
 
 
 @contextmanager
@@ -35,10 +48,13 @@ def run_demo(
     steps: int = 150,
     out: str = "prompts/sst2-soft.safetensors",
     data_dir: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     from rich.console import Console
 
     console, times = Console(), {}
+    overwrite = overwrite or demo_file(check_out(out, True))  # an earlier demo's file is the demo's to replace
+    out = check_out(out, overwrite)  # before the model loads
     with _timed(times, "load model"):
         task = load_task("sst2", data_dir)
         base = load_base(model, device=device, dtype=dtype)
@@ -63,7 +79,8 @@ def run_demo(
     with _timed(times, "tuned eval"):
         tuned = evaluate(base, task, result.prompt, split="dev", progress=True)
     result.prompt.metrics.update({"zero_shot": zero_shot, "dev": tuned})
-    path = save_prompt(result.prompt, out)
+    result.prompt.train["made_by"] = MADE_BY
+    path = save_prompt(result.prompt, out, overwrite=overwrite or demo_file(out))
     _report(console, result, path, times)
     return {
         "zero_shot": zero_shot,

@@ -5,28 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import load_task
-from ..errors import ConfigError
-from ..hub import local_dir, prompt_files, pull, push_to_hub, write_model_card
+from ..errors import ConfigError, StorageError
+from ..hub import local_dir, prompt_files, pull, push_to_hub
 from ..peft_format import CONFIG, WEIGHTS, export_peft, import_peft, peft_config
 from ..store import load_prompt
-from .options import add_model_options, load_base, save_prompt
+from .options import add_model_options, add_overwrite_option, check_out, load_base, save_prompt, write_card
 
 
 def cmd_export(ns) -> None:
     if ns.format != "peft":
         raise ConfigError(f"Unknown export format '{ns.format}'.", "use --format peft.")
     prompt = load_prompt(ns.file)
+    if (Path(ns.out_dir) / WEIGHTS).exists() and not ns.overwrite:
+        raise StorageError(
+            f"{Path(ns.out_dir) / WEIGHTS} already exists; the adapter there was not replaced.",
+            "pass --overwrite to replace it, or another output folder.",
+        )
     for note in export_peft(prompt, ns.out_dir, ns.base_model_name):
         print(f"note: {note}")
-    write_model_card(ns.out_dir)
+    write_card(ns.out_dir)
     print(f"wrote {Path(ns.out_dir) / CONFIG} and {WEIGHTS} (PEFT {peft_config(prompt)['peft_type']})")
 
 
 def cmd_import(ns) -> None:
+    out = check_out(ns.out, ns.overwrite)  # before the model loads
     base = load_base(ns)
     spec = load_task(ns.task, ns.data_dir).spec if ns.task else None
     prompt = import_peft(local_dir(ns.peft_dir, [CONFIG, WEIGHTS]), base, spec)
-    path = save_prompt(prompt, ns.out)
+    path = save_prompt(prompt, out, ns.overwrite)
     print(f"saved {path} ({prompt.method}, {prompt.num_parameters:,} parameters) for {base.name}")
 
 
@@ -45,6 +51,7 @@ def _peft_parsers(sub) -> None:
         default=None,
         help="base_model_name_or_path to record (default: the model id in the prompt's fingerprint)",
     )
+    add_overwrite_option(e, "replace an adapter already in out_dir")
     e.set_defaults(handler=cmd_export)
 
     i = sub.add_parser(
@@ -58,6 +65,7 @@ def _peft_parsers(sub) -> None:
     )
     add_model_options(i)
     i.add_argument("--out", required=True, help="prompt file to write")
+    add_overwrite_option(i)
     i.add_argument(
         "--task",
         default=None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-TRUNCATE_HELP = "over-long input policy"
+TRUNCATE_HELP = "over-long input policy: error, left (drop the start) or right (drop the end before the label)"
 
 # --- options from dataclasses --------------------------------------------------------------------------------------
 
@@ -144,7 +144,8 @@ def add_model_options(parser):
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto (float32 on CPU, bf16 on CUDA)")
 
 
-def add_task_options(parser):
+def add_task_options(parser, dev_split: bool = False):
+    """--task and --data-dir; with `dev_split` (commands that read the dev split) also --dev-from-train."""
     from ..data import builtin_tasks
 
     g = parser.add_argument_group("task")
@@ -156,6 +157,30 @@ def add_task_options(parser):
         help="folder with the task's data files (default: $SOFTPROMPT_DATA, "
         "./shared/data or ../shared/data for built-in tasks; the spec's folder otherwise)",
     )
+    if dev_split:
+        g.add_argument(
+            "--dev-from-train",
+            type=fraction_or_count,
+            default=None,
+            metavar="N",
+            help="carve the dev split out of train: a fraction (0.1) or a row count (200), seeded and per class; "
+            "replaces the spec's dev split (the spec's `dev_from_train`)",
+        )
+
+
+def fraction_or_count(text: str) -> float | int:
+    """A --dev-from-train value: an integer count, else a fraction (`TaskSpec` checks the range)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # argparse turns a ValueError into its own "invalid value" message
+
+
+def load_task_from(ns):
+    """The task of --task / --data-dir, with --dev-from-train where the command has it."""
+    from ..data import load_task
+
+    return load_task(ns.task, ns.data_dir, getattr(ns, "dev_from_train", None))
 
 
 def load_base(ns):
@@ -188,16 +213,71 @@ def fmt_metrics(m: dict | None) -> str:
     )
 
 
-def add_truncate_option(parser) -> None:
+def fmt_scored(m: dict | None, split: str | None = None) -> str:
+    """Metrics with the split and the number of rows they come from: `accuracy 85.0%, macro_f1 84.9% on dev (872
+    rows)`; `split` defaults to the one the metrics name."""
+    if not m:
+        return "-"
+    split = split or m.get("split")
+    where = " ".join(x for x in (f"on {split}" if split else "", f"({m['n']:,} rows)" if "n" in m else "") if x)
+    return f"{fmt_metrics(m)} {where}".strip()
+
+
+def add_input_options(parser, progress: bool = True) -> None:
+    """How inputs meet the context (--max-length, --truncate) and, where the command has bars, --progress: the same
+    options, with the same meaning, on every command that runs the model (train has them through TrainConfig)."""
     from ..data import TRUNCATIONS
 
-    parser.add_argument("--truncate", default="error", choices=list(TRUNCATIONS), help=TRUNCATE_HELP)
+    g = parser.add_argument_group("inputs")
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="MAX_LENGTH",
+        help="cap on positions per example (virtual tokens + text); default the model's context",
+    )
+    g.add_argument("--truncate", default="error", choices=list(TRUNCATIONS), help=TRUNCATE_HELP)
+    if progress:
+        g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
-def save_prompt(prompt, path) -> Path:
-    """Write a prompt file, then refresh the model card of its folder (the library writes no cards itself)."""
+OVERWRITE_HELP = "replace an existing prompt file at the output path (refused without it, before any work)"
+
+
+def add_overwrite_option(parser, help_text: str = OVERWRITE_HELP) -> None:
+    """--overwrite, on every command that writes a prompt file."""
+    parser.add_argument("--overwrite", action="store_true", help=help_text)
+
+
+def check_out(path, overwrite: bool, base=None) -> Path:
+    """The prompt file a command will write, refused now (before the model loads or anything is trained) when it
+    exists and --overwrite is not given, or when its folder cannot be written."""
+    from ..store import check_replace
+
+    return check_replace(path, overwrite, base)
+
+
+def save_prompt(prompt, path, overwrite: bool = False) -> Path:
+    """Write a prompt file (refusing to replace one unless `overwrite`), then refresh the model card of its folder
+    (the library writes no cards itself); a card that cannot be written is a warning: the prompt file is saved."""
+    path = prompt.save(path, overwrite=overwrite)
+    write_card(path.parent)
+    return path
+
+
+def write_card(folder) -> None:
+    """Refresh the model card of `folder`, printing a warning instead of failing (the prompt files are written)."""
+    import sys
+
+    from ..errors import SoftpromptError
     from ..hub import write_model_card
 
-    path = prompt.save(path)
-    write_model_card(path.parent)
-    return path
+    try:
+        write_model_card(folder)
+    except Exception as e:  # noqa: BLE001 - a card is a convenience; it never costs a saved prompt
+        reason = " ".join((e.problem if isinstance(e, SoftpromptError) else f"{type(e).__name__}: {e}").split())
+        print(
+            f"softprompt: warning: the model card {Path(folder) / 'README.md'} was not updated ({reason}); "
+            "the prompt file is saved.",
+            file=sys.stderr,
+        )

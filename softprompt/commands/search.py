@@ -12,6 +12,7 @@ from ..search import (
     SLOT,
     AutoPromptConfig,
     Candidates,
+    Scored,
     autoprompt,
     dev_split,
     fill,
@@ -23,8 +24,11 @@ from ..search import (
 from ..store import Prompt, load_prompt
 from .options import (
     add_dataclass_options,
+    add_input_options,
     add_model_options,
+    add_overwrite_option,
     add_task_options,
+    check_out,
     console,
     fmt_metrics,
     load_base,
@@ -44,13 +48,37 @@ def _words(spec: TaskSpec) -> str:
     return "/".join(spec.labels.values())
 
 
+def _points(a: dict, b: dict) -> str:
+    return f"{100 * (a['accuracy'] - b['accuracy']):+.1f} points"
+
+
+def _verdict(results: list[Scored], own: Scored, split: str) -> str:
+    """Which template won on the search rows (the task's own or a found one), by how much, and its `split` numbers."""
+    best, n = results[0], results[0].search["n"]
+    if not best.own:
+        return (
+            f"found {best.spec.template!r} with {_words(best.spec)}: {_points(best.search, own.search)} over the "
+            f"task's own on the {n} search rows ({_ci(best.search)} vs {_ci(own.search)}); {split} {_ci(best.dev)} "
+            f"vs the task's own {_ci(own.dev)}"
+        )
+    found = next((s for s in results if not s.own), None)
+    than = "" if found is None else f", {_points(own.search, found.search)} over the best found ({_ci(found.search)})"
+    dev = "" if found is None or found.dev is None else f" vs the best found's {_ci(found.dev)}"
+    return (
+        f"kept the task's own {own.spec.template!r} with {_words(own.spec)}: it ranks first on the {n} search rows "
+        f"({_ci(own.search)}{than}); {split} {_ci(own.dev)}{dev}"
+    )
+
+
 def cmd_templates(ns) -> None:
     from rich.table import Table
 
     task = load_task(ns.task, ns.data_dir)
     candidates = Candidates.load(ns.candidates, task.spec)
+    out = check_out(ns.out or f"prompts/{task.name}-hard.safetensors", ns.overwrite)  # before the model loads
     base = load_base(ns)
-    results, ref = score_templates(
+    base.check_max_length(ns.max_length)
+    results, own = score_templates(
         base,
         task,
         candidates,
@@ -60,20 +88,24 @@ def cmd_templates(ns) -> None:
         ns.limit,
         ns.seed,
         ns.batch_size,
-        min_words=ns.search_min_words,
+        ns.progress,
+        ns.search_min_words,
+        ns.truncate,
+        ns.max_length,
     )
     best = results[0]
     n_search, n_dev = best.search["n"], best.dev["n"]
     t = Table(
         title=f"{task.name}: {len(candidates.templates)} templates x "
-        f"{candidates.num_combinations // len(candidates.templates)} verbalizers; accuracy % [95% bootstrap CI]",
+        f"{candidates.num_combinations // len(candidates.templates)} verbalizers, and the task's own; "
+        "accuracy % [95% bootstrap CI]",
         show_lines=False,
     )
     for col in ("#", "template", "label words", f"search ({n_search} train rows)", f"{ns.split} ({n_dev} rows)"):
         t.add_column(col)
     for i, s in enumerate(results, 1):
-        t.add_row(str(i), repr(s.spec.template), _words(s.spec), _ci(s.search), _ci(s.dev))
-    t.add_row("ref", repr(ref.spec.template) + " (the task's own)", _words(ref.spec), _ci(ref.search), _ci(ref.dev))
+        mark = " (the task's own)" if s.own else ""
+        t.add_row(str(i), repr(s.spec.template) + mark, _words(s.spec), _ci(s.search), _ci(s.dev))
     c = console()
     c.print(t)
     search = {
@@ -82,25 +114,31 @@ def cmd_templates(ns) -> None:
         "search_size": n_search,
         "search_min_words": ns.search_min_words,
         "seed": ns.seed,
+        "kept": "own" if best.own else "found",
     }
-    metrics = {"search": best.search, ns.split: best.dev, f"{ns.split}_default_template": ref.dev}
-    path = save_prompt(hard_prompt(base, best.spec, search, metrics), ns.out or f"prompts/{task.name}-hard.safetensors")
-    c.print(
-        f"best: {best.spec.template!r} with {_words(best.spec)}: {ns.split} {_ci(best.dev)} vs the task's own "
-        f"{_ci(ref.dev)}; saved [bold]{path}[/]"
-    )
+    metrics = {
+        "search": {**best.search, "split": "train"},
+        ns.split: {**best.dev, "split": ns.split},
+        f"{ns.split}_default_template": {**own.dev, "split": ns.split},
+    }
+    path = save_prompt(hard_prompt(base, best.spec, search, metrics), out, ns.overwrite)
+    c.print(f"{_verdict(results, own, ns.split)}; saved [bold]{path}[/]")
 
 
 def cmd_autoprompt(ns) -> None:
     task = load_task(ns.task, ns.data_dir)
     config = AutoPromptConfig(**pick(ns, [f.name for f in dataclasses.fields(AutoPromptConfig)]))
+    out = check_out(ns.out or f"prompts/{task.name}-autoprompt.safetensors", ns.overwrite)  # before the model loads
     base = load_base(ns)
+    base.check_max_length(ns.max_length)
     spec = Prompt.load(ns.start, base).spec if ns.start else task.spec
-    result = autoprompt(base, task, config, spec, ns.template)
+    fitting = {"truncate": ns.truncate, "max_length": ns.max_length}
+    result = autoprompt(base, task, config, spec, ns.template, ns.progress, **fitting)
     dev = dev_split(task, ns.split, ns.limit, config.seed)
     start = fill(spec, slotted(ns.template or spec.template), "")
-    before = score_spec(base, task, start, dev, batch_size=ns.batch_size, progress=True)
-    after = score_spec(base, task, result.spec, dev, batch_size=ns.batch_size, progress=True)
+    kw = {"batch_size": ns.batch_size, "progress": ns.progress, **fitting}
+    before = {**score_spec(base, task, start, dev, **kw), "split": ns.split}
+    after = {**score_spec(base, task, result.spec, dev, **kw), "split": ns.split}
     search = {
         "search": "autoprompt",
         **dataclasses.asdict(config),
@@ -109,9 +147,7 @@ def cmd_autoprompt(ns) -> None:
         "selection": result.selection,
     }
     metrics = {ns.split: after, f"{ns.split}_start_template": before}
-    path = save_prompt(
-        hard_prompt(base, result.spec, search, metrics), ns.out or f"prompts/{task.name}-autoprompt.safetensors"
-    )
+    path = save_prompt(hard_prompt(base, result.spec, search, metrics), out, ns.overwrite)
     c = console()
     if result.selection:
         kept = result.selection[result.kept]
@@ -133,6 +169,7 @@ def _common(p) -> None:
     p.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
     add_task_options(p)
     add_model_options(p)
+    add_input_options(p)
     g = p.add_argument_group("reporting")
     g.add_argument("--split", default="dev", help="split every reported number comes from (never searched on)")
     g.add_argument("--limit", type=int, default=None, help="score a fixed random subset of the report split")
@@ -165,6 +202,7 @@ def add_commands(sub) -> None:
     t.add_argument("--finalists", type=int, default=3, help="best candidates also scored on the report split")
     t.add_argument("--seed", type=int, default=0, help="seed of the search split and the bootstrap")
     t.add_argument("--out", help="prompt file to write (default: prompts/TASK-hard.safetensors)")
+    add_overwrite_option(t)
     t.set_defaults(handler=cmd_templates, needs_task=True)
     a = kinds.add_parser("autoprompt", help="gradient-guided trigger token search (AutoPrompt)")
     _common(a)
@@ -176,6 +214,7 @@ def add_commands(sub) -> None:
         "--start", help="a hard prompt file (e.g. from `search templates`) whose template and words to start from"
     )
     a.add_argument("--out", help="prompt file to write (default: prompts/TASK-autoprompt.safetensors)")
+    add_overwrite_option(a)
     a.set_defaults(handler=cmd_autoprompt, needs_task=True)
     _explain_parser(sub)
 
@@ -186,7 +225,10 @@ def cmd_explain(ns) -> None:
     base = load_base(ns)
     prompt = load_prompt(ns.file, base)
     task = None if ns.no_score else load_task(ns.task or prompt.task["name"], ns.data_dir)
-    out = explain(base, prompt, task, ns.split, ns.limit, ns.top_k, ns.batch_size, progress=True)
+    base.check_max_length(ns.max_length)
+    out = explain(
+        base, prompt, task, ns.split, ns.limit, ns.top_k, ns.batch_size, ns.progress, ns.truncate, ns.max_length
+    )
     if ns.json:
         print(json.dumps(out))
         return
@@ -218,6 +260,7 @@ def _explain_parser(sub) -> None:
     e.add_argument("--split", default="dev", help="split to score on")
     e.add_argument("--limit", type=int, default=None, help="score a fixed random subset of the split")
     e.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    add_input_options(e)
     e.add_argument("--no-score", action="store_true", help="only list the nearest tokens")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(handler=cmd_explain)

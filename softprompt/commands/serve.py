@@ -11,7 +11,7 @@ import sys
 
 from ..errors import ConfigError, SoftpromptError
 from ..serving.config import ServerConfig
-from .options import add_dataclass_options, add_model_options, add_truncate_option, console, fmt_bytes, load_base, pick
+from .options import add_dataclass_options, add_input_options, add_model_options, console, fmt_bytes, load_base, pick
 
 DEFAULT_STORE = "prompts"  # where `softprompt train` writes by default
 
@@ -111,14 +111,16 @@ def cmd_serve(ns) -> None:
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"softprompt: warning: serving on {ns.host} without an API key (set --api-key-env)", file=sys.stderr)
     base = load_base(ns)
-    mt = MultiTask(base, compile=not ns.no_compile, truncate=ns.truncate)
+    mt = MultiTask(base, compile=not ns.no_compile, truncate=ns.truncate, max_length=ns.max_length)
     report = mt.sync(store)
     print(
         f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"
         + (f"; refused: {', '.join(report['refused'])}" if report["refused"] else ""),
         file=sys.stderr,
     )
-    app = create_app(mt, store, config, api_key=api_key)
+    app = create_app(
+        mt, store, config, api_key=api_key, allowed_hosts=[ns.host, *ns.allowed_host], cors_origins=ns.cors_origin
+    )
     uvicorn.run(
         app,
         host=ns.host,
@@ -126,6 +128,7 @@ def cmd_serve(ns) -> None:
         log_level=ns.log_level,
         access_log=ns.access_log,
         limit_concurrency=config.max_connections,
+        timeout_graceful_shutdown=config.shutdown_timeout,
     )
 
 
@@ -148,7 +151,10 @@ def add_commands(sub) -> None:
     show.add_argument("--json", action="store_true", help="print JSON")
     rm = action("rm", "remove tasks' prompt files (a running server drops them at its next scan)", cmd_store_rm)
     rm.add_argument("names", nargs="+", help="task names")
+    _add_serve(sub)
 
+
+def _add_serve(sub) -> None:
     v = sub.add_parser(
         "serve",
         help="serve every task of a store over an OpenAI-compatible HTTP API",
@@ -167,11 +173,26 @@ def add_commands(sub) -> None:
         "(not a flag: flags show in the process list)",
     )
     v.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name the Host header may give (repeatable; '*': any); localhost, 127.0.0.1, [::1] and --host always "
+        "may. Others are refused, which blocks DNS rebinding from web pages",
+    )
+    v.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://app.example) whose pages may call the API (repeatable; default: none, no CORS)",
+    )
+    v.add_argument(
         "--no-compile",
         action="store_true",
         help="keep soft prompts as input embeddings instead of compiling them to KV prefixes",
     )
-    add_truncate_option(v)
+    add_input_options(v, progress=False)
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.add_argument(
         "--access-log",

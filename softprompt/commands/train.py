@@ -12,49 +12,68 @@ from pathlib import Path
 from ..errors import ConfigError
 from .options import (
     add_dataclass_options,
+    add_input_options,
     add_method_options,
     add_model_options,
+    add_overwrite_option,
     add_task_options,
-    add_truncate_option,
+    check_out,
     console,
     fmt_bytes,
     fmt_metrics,
+    fmt_scored,
     load_base,
+    load_task_from,
     method_config_from,
     pick,
-    save_prompt,
+    write_card,
 )
 
 
 def cmd_train(ns, method_names: list[str]) -> None:
-    from ..data import load_task
     from ..train import TrainConfig, is_main_process, train
 
     cfg = TrainConfig(**pick(ns, [f.name for f in dataclasses.fields(TrainConfig)]))
     method_cfg = method_config_from(ns, method_names)
-    task = load_task(ns.task, ns.data_dir)
+    task = load_task_from(ns)
+    task.check_split("train")  # before the model loads; a named eval split too (without dev, no evaluation)
+    if cfg.eval_split != "dev":
+        task.check_split(cfg.eval_split)
+    out = check_out(ns.out or f"prompts/{task.name}-{ns.method}.safetensors", ns.overwrite)  # before the model loads
     base = load_base(ns)
     run_dir = Path(ns.run_dir or f"runs/{task.name}-{ns.method}")
-    result = train(base, task, ns.method, method_cfg, cfg, run_dir=run_dir, resume=ns.resume)
+    # the prompt file is written as training ends (checked again then), before the curves and the card
+    result = train(
+        base, task, ns.method, method_cfg, cfg, run_dir=run_dir, resume=ns.resume, out=out, overwrite=ns.overwrite
+    )
     if not is_main_process():  # under `accelerate launch`, only the first process writes and prints
         return
-    path = save_prompt(result.prompt, ns.out or f"prompts/{task.name}-{ns.method}.safetensors")
+    path = result.path
+    write_card(path.parent)
     c = console()
     c.print(f"saved [bold]{path}[/] ({fmt_bytes(path.stat().st_size)}); run record in {run_dir}/")
-    m = result.prompt.metrics
-    c.print(
-        f"zero-shot: {fmt_metrics(m.get('zero_shot'))}   tuned: {fmt_metrics(m.get(cfg.eval_split))}   "
-        f"{result.seconds_per_step:.2f} s/step"
-    )
+    c.print(f"{_measured(result.prompt.metrics, cfg.eval_split)}   {result.seconds_per_step:.2f} s/step")
+
+
+def _measured(metrics: dict, split: str) -> str:
+    """What a run measured: its final evaluation (zero-shot and tuned, on the same rows of `split`), else the
+    in-training evaluation that picked the prompt, else that nothing was evaluated."""
+    final, best = metrics.get(split), metrics.get("best_during_training")
+    if final:
+        return f"zero-shot: {fmt_metrics(metrics.get('zero_shot'))}   tuned: {fmt_scored(final, split)}"
+    if best:
+        return f"best during training: {fmt_scored(best, best.get('split', split))}; no final evaluation"
+    return f"not evaluated: the task has no '{split}' split"
 
 
 def cmd_eval(ns) -> None:
-    from ..data import load_task
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, primary_metric
     from ..store import load_prompt
 
-    task = load_task(ns.task, ns.data_dir)
+    task = load_task_from(ns)
+    task.check_split(ns.split)  # before the model loads
     base = load_base(ns)
+    base.check_max_length(ns.max_length)
     prompt = load_prompt(ns.prompt, base) if ns.prompt else None
     t = time.perf_counter()
     metrics = evaluate(
@@ -65,10 +84,12 @@ def cmd_eval(ns) -> None:
         limit=ns.limit,
         batch_size=ns.batch_size,
         truncate=ns.truncate,
-        progress=True,
+        progress=ns.progress,
+        max_length=ns.max_length,
     )
     metrics["seconds"] = round(time.perf_counter() - t, 2)
-    print(json.dumps({"task": task.name, "split": ns.split, "prompt": ns.prompt or "(template only)", **metrics}))
+    where = {"task": task.name, "split": ns.split, "metric": primary_metric(task.spec)}
+    print(json.dumps({**where, "prompt": ns.prompt or "(template only)", **metrics}))
 
 
 def cmd_generate(ns) -> None:
@@ -87,6 +108,7 @@ def cmd_generate(ns) -> None:
             f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}.", "pass 1 or more (or leave it out)."
         )
     base = load_base(ns)
+    base.check_max_length(ns.max_length)
     if ns.prompt:
         prompt = load_prompt(ns.prompt, base)
         spec, injection = prompt.spec, prompt.injection
@@ -94,7 +116,7 @@ def cmd_generate(ns) -> None:
         spec, injection = load_task(ns.task, ns.data_dir).spec, EMPTY
     texts = ns.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     rendered = [t if ns.raw else spec.render_input(t) for t in texts]
-    enc = Encoder(spec, base, ns.truncate)
+    enc = Encoder(spec, base, ns.truncate, ns.max_length)
     g = torch.Generator(device=base.device).manual_seed(ns.seed)
     outs = generate_texts(
         base,
@@ -102,9 +124,11 @@ def cmd_generate(ns) -> None:
         rendered,
         injection,
         ns.max_new_tokens or spec.max_new_tokens,
+        progress=ns.progress,
         use_cache=not ns.no_cache,
         sampling=Sampling(ns.temperature, ns.top_p, ns.top_k),
         generator=g,
+        stop=spec.stop or (),  # the spec's own stops; without them, what the model writes up to end-of-sequence
     )
     for o in outs:
         print(json.dumps({"output": o}) if ns.json else o)
@@ -136,14 +160,22 @@ def cmd_info(ns) -> None:
             f"1/{d['base_bytes'] / d['file_bytes']:,.0f} of the bytes",
         )
     for k, v in d["metrics"].items():
-        t.add_row(f"metrics: {k}", fmt_metrics(v))
+        t.add_row(f"metrics: {k}", fmt_scored(v) if isinstance(v, dict) else str(v))
     console().print(t)
 
 
 def cmd_demo(ns) -> None:
     from .demo import run_demo
 
-    run_demo(model=ns.model, device=ns.device, dtype=ns.dtype, steps=ns.steps, out=ns.out, data_dir=ns.data_dir)
+    run_demo(
+        model=ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        steps=ns.steps,
+        out=ns.out,
+        data_dir=ns.data_dir,
+        overwrite=ns.overwrite,
+    )
 
 
 def _train_parser(sub) -> None:
@@ -157,12 +189,13 @@ def _train_parser(sub) -> None:
         "curves.png and a resumable checkpoint to --run-dir, and the prompt to --out.",
     )
     t.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
-    add_task_options(t)
+    add_task_options(t, dev_split=True)
     add_model_options(t)
     method_names = add_method_options(t)
     add_dataclass_options(t, TrainConfig, "training")
     g = t.add_argument_group("output")
     g.add_argument("--out", help="prompt file to write (default: prompts/TASK-METHOD.safetensors)")
+    add_overwrite_option(g)
     g.add_argument("--run-dir", help="folder for metrics, curves and checkpoints (default: runs/TASK-METHOD)")
     g.add_argument(
         "--resume",
@@ -192,7 +225,7 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (reference)")
-    add_truncate_option(gen)
+    add_input_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     gen.set_defaults(handler=cmd_generate)
 
@@ -201,13 +234,13 @@ def add_commands(sub) -> None:
     _train_parser(sub)
     e = sub.add_parser("eval", help="score a prompt file (or the plain template) on a task split")
     e.add_argument("--config", help="YAML/JSON file of options")
-    add_task_options(e)
+    add_task_options(e, dev_split=True)
     add_model_options(e)
     e.add_argument("--prompt", help="prompt file; omit to score the task's template zero-shot")
     e.add_argument("--split", default="dev", help="split to score")
     e.add_argument("--limit", type=int, default=None, help="score a fixed random subset of this many rows/inputs")
     e.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    add_truncate_option(e)
+    add_input_options(e)
     e.set_defaults(handler=cmd_eval, needs_task=True)
     _generate_parser(sub)
     i = sub.add_parser("info", help="parameters, bytes and metrics of a prompt file, against a full model copy")
@@ -217,7 +250,12 @@ def add_commands(sub) -> None:
     d = sub.add_parser("demo", help="the main job: zero-shot vs soft prompt on SST-2 with the embedded SmolLM2")
     add_model_options(d)
     d.add_argument("--steps", type=int, default=150, help="training steps")
-    d.add_argument("--out", default="prompts/sst2-soft.safetensors", help="where to save the prompt")
+    d.add_argument(
+        "--out",
+        default="prompts/sst2-soft.safetensors",
+        help="where to save the prompt (an earlier demo's file there is replaced; any other file is kept)",
+    )
+    add_overwrite_option(d, "also replace a prompt file at --out that an earlier demo did not write")
     d.add_argument(
         "--data-dir", default=None, help="folder holding sst2/ (default: $SOFTPROMPT_DATA or ../shared/data)"
     )

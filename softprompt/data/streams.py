@@ -8,10 +8,19 @@ draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import itertools
+import random
 
 import torch
 
 from ..errors import DataError
+
+
+def pick_reference(references: list[str], seed: int, j: int) -> str:
+    """The reference example j trains on, of a row with several (`references_column`): drawn by (seed, j), so a run
+    and its resumption pick the same ones, and a row seen in several epochs trains on different references."""
+    if len(references) == 1:
+        return references[0]
+    return references[random.Random(f"{seed}/{j}").randrange(len(references))]  # a str seed hashes the same anywhere
 
 
 class ShuffledExamples:
@@ -32,7 +41,8 @@ class ShuffledExamples:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {epoch: torch.randperm(n, generator=g)}
         i = int(self._perms[epoch][pos])
-        return self.split.prompts[i], self.split.targets[i]
+        refs = self.split.references
+        return self.split.prompts[i], self.split.targets[i] if refs is None else pick_reference(refs[i], self.seed, j)
 
     def texts(self, n: int) -> list[str]:
         """Up to n prompts and n targets (for initializations that look at the task's words)."""
@@ -89,10 +99,11 @@ class StreamedExamples:
             return row
 
     def _pair(self, n: int, row: dict) -> tuple[str, str]:
-        spec = self.task.spec
+        spec, task = self.task.spec, self.task
+        prompt = task.render_row(self.name, n, row)
         if spec.is_classification:
-            return spec.render(row), list(spec.labels.values())[self.task.label_index(self.name, n, row)]
-        return spec.render(row), str(row[spec.target_column])
+            return prompt, list(spec.labels.values())[task.label_index(self.name, n, row)]
+        return prompt, pick_reference(task.references(self.name, n, row), self.seed, n)
 
     def get(self, j: int) -> tuple[str, str]:
         """(prompt, target) of the j-th example; rows before it are skipped without rendering."""

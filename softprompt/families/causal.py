@@ -399,6 +399,44 @@ class Causal(Family):
     def next_token_logits(self, examples: list[Example]) -> torch.Tensor:
         return self._forward(self.layout([Example(e.source, e.slot, [], e.injection) for e in examples]), 1)[:, -1]
 
+    def class_scores(self, rows: list[tuple[Example, list[list[int]]]]) -> list[torch.Tensor]:
+        """Each row's source runs once; every label word is read from that one state.
+
+        The first token of every class comes from the prediction at the slot; a label word of
+        several tokens continues from the row's cache (forked per class), one token per step. Models
+        with recurrent layers, whose caches cannot be forked, score long words as targets instead.
+        """
+        if self.recurrent or all(len(v) == 1 for _, verb in rows for v in verb):
+            return super().class_scores(rows)
+        state, first = self.start_decoding([e for e, _ in rows])
+        first = first.float().log_softmax(-1)  # (B, V)
+        words = [[first[r, v[0]] for v in verb] for r, (_, verb) in enumerate(rows)]  # log p(first token) per class
+        longer = [(r, c, v) for r, (_, verb) in enumerate(rows) for c, v in enumerate(verb) if len(v) > 1]
+        self._select_rows(state, torch.tensor([r for r, _, _ in longer], device=self.device))
+        for k in range(1, max(len(v) for _, _, v in longer)):
+            # each long word feeds its token k-1; a word already complete feeds its last token, and its row's
+            # prediction is not read
+            fed = torch.tensor([v[min(k, len(v)) - 1] for _, _, v in longer], device=self.device)
+            logp = self.continue_decoding(state, fed).float().log_softmax(-1)  # (N, V)
+            for i, (r, c, v) in enumerate(longer):
+                if k < len(v):
+                    words[r][c] = words[r][c] + logp[i, v[k]]
+        return [torch.stack(w) for w in words]
+
+    def _select_rows(self, state: _Decoding, index: torch.Tensor) -> None:
+        """Keep rows `index` (N,) of a cached decoding state, in that order; a row may be repeated (forked)."""
+        state.examples = [state.examples[i] for i in index.tolist()]
+        state.layout = Layout(
+            state.layout.inputs_embeds[index],
+            state.layout.mask[index],
+            state.layout.positions[index],
+            None if state.layout.prefix is None else [(k[index], v[index]) for k, v in state.layout.prefix],
+            state.layout.slot_positions[index],
+        )
+        state.cache.batch_select_indices(index)
+        state.position = state.position[index]
+        state.k_positions, state.k_valid = state.k_positions[index], state.k_valid[index]
+
     # --- decoding ---------------------------------------------------------------------------------------------------
     def check_fits(self, examples: list[Example], max_new_tokens: list[int]) -> None:
         limit = self.max_positions

@@ -17,7 +17,7 @@ METHODS: dict[str, type[PromptMethod]] = {m.name: m for m in (SoftPrompt, Prefix
 
 
 def get_method(name: str) -> type[PromptMethod]:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:  # `method: [soft]` in a --config file
         raise ConfigError(f"Unknown method '{name}'.", f"use one of {sorted(METHODS)} (--method).")
     return METHODS[name]
 

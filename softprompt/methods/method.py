@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, check_choice, check_keys
+from ..errors import ConfigError, check_choice, check_keys, check_types
 from ..injection import Injection
 
 
@@ -39,6 +39,7 @@ class MethodConfig:
                 f"--init-text was given with --init {init}, which does not use it.",
                 "pass --init text to start from the text, or drop --init-text.",
             )
+        check_types(self)  # a bench grid's `config:` or a --config file passes any YAML value (`init_text: 5`)
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
         """Validate an enum-like option, naming the flag to fix."""

@@ -185,12 +185,21 @@ class _Row:
     gold: int  # class index in the spec's order
 
 
-def _split_rows(base, spec: TaskSpec, template: str, data: Split, gold: list[int]) -> list[_Row]:
+def _split_rows(
+    base, spec: TaskSpec, template: str, data: Split, gold: list[int], enc: Encoder | None = None, reserve: int = 0
+) -> list[_Row]:
+    """The rows split at the slot; with `enc`, fitted by its truncation policy to what its context leaves after
+    `reserve` positions (the triggers and the label word), as `Encoder.example` fits a prompt."""
     family = base.family
     out = []
     for r, y in zip(data.rows, gold):
         before, after = fill(spec, template, _MARK).render(r).split(_MARK)
         pre, _ = family.source_ids(before) if before else ([], 0)
+        post = base.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if enc is not None:  # fit the positions of pre + post, then split what is kept back at the slot
+            n = len(pre) + len(post)
+            keep, _ = enc.fit(list(range(n)), n, family.source_budget(EMPTY, reserve, enc.max_length))
+            pre, post = [pre[i] for i in keep if i < len(pre)], [post[i - len(pre)] for i in keep if i >= len(pre)]
         prefix = (
             Injection(
                 kv=family.kv_of_embeddings(base.embed(torch.tensor(pre, device=base.device))), kv_positions=len(pre)
@@ -198,7 +207,7 @@ def _split_rows(base, spec: TaskSpec, template: str, data: Split, gold: list[int
             if pre
             else EMPTY
         )
-        out.append(_Row(prefix, base.tokenizer(after, add_special_tokens=False)["input_ids"] if after else [], y))
+        out.append(_Row(prefix, post, y))
     return out
 
 
@@ -376,8 +385,14 @@ def autoprompt(
     spec: TaskSpec | None = None,
     template: str | None = None,
     progress: bool = True,
+    truncate: str = "error",
+    max_length: int | None = None,
 ) -> AutoPromptResult:
-    """Search `config.num_triggers` trigger tokens for `template` (default: `spec`'s, slot at its end)."""
+    """Search `config.num_triggers` trigger tokens for `template` (default: `spec`'s, slot at its end).
+
+    truncate, max_length: how search rows over the context (or `max_length` positions, triggers and label word
+    included) are fitted, as everywhere else.
+    """
     spec = spec or task.spec
     template = _checked_template(base, spec, template)
     data = search_split(task, config.search_size, config.seed, config.search_min_words)
@@ -388,8 +403,10 @@ def autoprompt(
         [" ".join(str(r[task.spec.column(f)]) for f in spec.template_fields) for r in train.rows],
     )
     start = _start_trigger(base.tokenizer, config, allowed)
-    verb = Encoder(spec, base).verbalizer_ids
-    rows = _split_rows(base, spec, template, data, gold_classes(task, spec, data))
+    enc = Encoder(spec, base, truncate, max_length)
+    verb = enc.verbalizer_ids
+    reserve = config.num_triggers + max(map(len, verb))
+    rows = _split_rows(base, spec, template, data, gold_classes(task, spec, data), enc, reserve)
     # the search split is a seeded random sample, so its first rows are as random a hold-out as any
     held, rows = rows[: config.select_rows], rows[config.select_rows :]
     history, visited = _search(base, rows, verb, allowed, start, config, progress)

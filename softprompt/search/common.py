@@ -71,8 +71,10 @@ def score_spec(
     injection: Injection = EMPTY,
     batch_size: int = 32,
     progress: bool = False,
+    truncate: str = "error",
+    max_length: int | None = None,
 ) -> dict:
-    return scored_metrics(*classify(base, task, spec, data, injection, batch_size, progress=progress))
+    return scored_metrics(*classify(base, task, spec, data, injection, batch_size, truncate, progress, max_length))
 
 
 def dev_split(task: Task, split: str = "dev", limit: int | None = None, seed: int = 0) -> Split:

@@ -3,6 +3,8 @@
 Scored by rank classification, the same code (`evaluate.classify`) that scores every method.
 All candidate words of a template are scored in one pass; since a class's score depends only on
 its own word, every template x verbalizer combination is then read off the (N, W) matrix.
+The task's own template with its own words is always in the ranking, so the search keeps it unless
+a candidate beats it on the search rows: searching cannot make the prompt worse there.
 """
 
 from __future__ import annotations
@@ -98,11 +100,16 @@ class Candidates:
 
 @dataclass
 class Scored:
-    """One template with its best label words: search-split metrics, and dev metrics for finalists."""
+    """One template with its best label words: search-split metrics, and dev metrics for finalists.
+
+    own: the task's own template with its own label words, which every ranking holds (so a search can only keep it
+    or find better on the search rows).
+    """
 
     spec: TaskSpec
     search: dict
     dev: dict | None = None
+    own: bool = False
 
 
 def best_verbalizers(scores: torch.Tensor, gold: list[int], options: list[list[int]]) -> tuple[list[int], float]:
@@ -127,8 +134,11 @@ def rank_templates(
     batch_size: int = 32,
     progress: bool = True,
     min_words: int = 0,
+    truncate: str = "error",
+    max_length: int | None = None,
 ) -> tuple[list[Scored], Split]:
-    """Every template with its best label words, scored on the search split (carved from train), best first.
+    """Every template with its best label words, and the task's own template with its own words (`own`), scored on
+    the search split (carved from train), best first; the task's own ranks first among equals.
 
     Returns the ranking and the search split. Nothing here looks at dev.
     """
@@ -141,16 +151,22 @@ def rank_templates(
     pool = list(dict.fromkeys(w for ws in candidates.words for w in ws))  # every distinct word, once
     options = [[pool.index(w) for w in ws] for ws in candidates.words]
     gold = data.labels  # indices in the task's class order, which `words` follows
+    own = task.spec.template
     results = []
-    for template in tqdm(candidates.templates, desc="templates", disable=not progress):
+    for template in tqdm(list(dict.fromkeys([own, *candidates.templates])), desc="templates", disable=not progress):
         # one "class" per candidate word: (N, W) scores from a single pass (one forward per row when words are 1 token)
         pooled = dataclasses.replace(task.spec, template=template, labels={str(i): w for i, w in enumerate(pool)})
-        enc = Encoder(pooled, base)
+        enc = Encoder(pooled, base, truncate, max_length)
         scores = class_log_likelihoods(base, enc, [pooled.render(r) for r in data.rows], EMPTY, batch_size)
+        if template == own:  # the task's own words are each class's first option
+            results.append(Scored(task.spec, scored_metrics(scores[:, [o[0] for o in options]], gold, seed), own=True))
+            if own not in candidates.templates:
+                continue
         cols, _ = best_verbalizers(scores, gold, options)
         spec = with_template(task.spec, template, [pool[c] for c in cols])
-        results.append(Scored(spec, scored_metrics(scores[:, cols], gold, seed)))
-    results.sort(key=lambda s: -s.search["accuracy"])  # stable: ties keep the file's order
+        if spec != task.spec:  # the own template with the own words is ranked once, as the task's own
+            results.append(Scored(spec, scored_metrics(scores[:, cols], gold, seed)))
+    results.sort(key=lambda s: -s.search["accuracy"])  # stable: ties keep the task's own first, then the file's order
     return results, data
 
 
@@ -166,21 +182,25 @@ def score_templates(
     batch_size: int = 32,
     progress: bool = True,
     min_words: int = 0,
+    truncate: str = "error",
+    max_length: int | None = None,
 ) -> tuple[list[Scored], Scored]:
-    """Rank templates (each with its best label words) on the search split; score finalists on dev.
+    """Rank templates (each with its best label words) and the task's own on the search split; score the top
+    `finalists` and the task's own on dev.
 
-    Returns (all candidates best first, with dev metrics for the top `finalists`), and the
-    task's own template and words as a reference (search and dev metrics).
+    Returns (the ranking, best first: its first entry is the result, the task's own or a better one), and the task's
+    own entry of it (search and dev metrics).
     """
     if finalists < 1:
         raise ConfigError(f"finalists must be >= 1, got {finalists}.", "pass --finalists 1 or more.")
-    results, data = rank_templates(base, task, candidates, search_size, seed, batch_size, progress, min_words)
-    dev = dev_split(task, split, limit, seed)
-    for s in results[:finalists]:
-        s.dev = score_spec(base, task, s.spec, dev, batch_size=batch_size, progress=progress)
-    reference = Scored(
-        task.spec,
-        score_spec(base, task, task.spec, data, batch_size=batch_size),
-        score_spec(base, task, task.spec, dev, batch_size=batch_size, progress=progress),
+    results, _ = rank_templates(
+        base, task, candidates, search_size, seed, batch_size, progress, min_words, truncate, max_length
     )
-    return results, reference
+    dev = dev_split(task, split, limit, seed)
+    own = next(s for s in results if s.own)
+    scored = results[:finalists] + ([] if any(s is own for s in results[:finalists]) else [own])
+    for s in scored:
+        s.dev = score_spec(
+            base, task, s.spec, dev, batch_size=batch_size, progress=progress, truncate=truncate, max_length=max_length
+        )
+    return results, own

@@ -6,11 +6,15 @@ tasks as mixed-task batches.
 
 Safety: the queue is bounded (429 when full, never a stall), request bodies and `max_tokens` are
 limited, task names cannot reach outside the store, an optional API key is compared in constant
-time, and request bodies are not logged unless asked.
+time, and request bodies are not logged unless asked. Web pages cannot drive it: bodies must be
+JSON, the Host header must name this server (DNS rebinding), and CORS is off unless origins are
+given. One bad request never takes the server down: every request has a deadline and is dropped
+when its client goes, stop strings are bounded, parameters we would ignore are refused, and a row
+that fails its batch is run apart so that it fails alone.
 
-Layout: `config.py` (limits), `schemas.py` (requests, errors, OpenAPI), `auth.py` (API key, body
-reading), `batcher.py` (the worker), `streaming.py` (text deltas, stop strings, SSE), `routes.py`
-(the handlers and `create_app`).
+Layout: `config.py` (limits), `schemas.py` (requests, errors, OpenAPI), `auth.py` (API key, Host
+allowlist, body reading), `batcher.py` (the worker), `streaming.py` (text deltas, stop strings,
+deadlines, SSE), `routes.py` (the handlers and `create_app`).
 """
 
 from .batcher import Batcher, Job, QueueFull

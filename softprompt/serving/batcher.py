@@ -6,6 +6,11 @@ to `max_wait_ms` for more (up to `max_batch_size` rows), and runs them as one mi
 loop whose per-step tokens go straight back to the waiting handlers. Between batches (and when
 idle) it syncs the store directory, so new, changed and removed prompt files take effect without
 a restart, and a bad file is refused while the other tasks keep serving.
+
+One bad row must not fail its batch: when a batch raises (e.g. a prompt whose tensors hold NaN makes
+sampling raise for every row), its rows that have not yet been sent anything run again in halves,
+down to single rows, so only the rows that fail alone get an error. Every job ends with exactly one
+"done", "result" or "error" event, even a decode of zero steps or a stop of the server.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from .config import ServerConfig
 from .schemas import ApiError
 
 log = logging.getLogger("softprompt.serve")
+
+
+UNANSWERED = ApiError(500, "The request ended without an answer.", "internal_error", "server_error")
 
 
 class QueueFull(Exception):
@@ -66,11 +74,15 @@ class Batcher:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """Stop after the batch being run (its decode loop ends at the next step); queued jobs get 503."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=timeout)
+        with self.cond:
+            left, self.pending = list(self.pending), collections.deque()
+        self._fail(left, ApiError(503, "The server is shutting down.", "shutting_down", "server_error"))
 
     @property
     def queued(self) -> int:
@@ -110,23 +122,41 @@ class Batcher:
             batch = self._take()
             try:
                 if batch:
-                    self._run(batch)
-            except Exception as e:  # noqa: BLE001 - answer the batch's requests and keep serving the next ones
+                    self._run_isolated(batch)
+            except Exception:  # noqa: BLE001 - never let the worker thread die: later requests would hang
                 log.exception("batch of %d rows failed", len(batch))
-                err = ApiError(
-                    500,
-                    f"Internal error while running the batch: {type(e).__name__}.",
-                    "internal_error",
-                    "server_error",
-                )
-                for job in batch:
-                    if not job.finished:
-                        job.finished = True
-                        job.send((job.index, "error", err))
             finally:
                 self.running = 0
+                # a job must never wait forever: one the batch did not answer gets an error now
+                self._fail(batch, UNANSWERED)
             if self.store is not None and time.monotonic() - self.last_sync >= self.config.reload_interval:
                 self.sync()
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: ApiError) -> None:
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                job.send((job.index, "error", error))
+
+    def _run_isolated(self, batch: list[Job]) -> None:
+        """Run `batch`; when it raises, run again in halves its rows that were sent nothing yet, so that a row that
+        fails fails alone. A row that got tokens before the failure cannot be restarted (its text is out): error."""
+        try:
+            self._run(batch)
+            return
+        except Exception as e:  # noqa: BLE001 - answer the failing rows and keep serving the others
+            if len(batch) == 1:
+                log.exception("task %s: a request failed", batch[0].entry.name)
+                self._fail(batch, _internal(e, batch[0].entry.name))
+                return
+            log.warning("batch of %d rows failed (%s: %s); running its rows apart", len(batch), type(e).__name__, e)
+            self._fail([j for j in batch if j.generated], _internal(e))
+        rest = [j for j in batch if not j.finished]
+        half = (len(rest) + 1) // 2
+        for part in (rest[:half], rest[half:]):
+            if part:
+                self._run_isolated(part)
 
     def sync(self) -> dict:
         self.last_sync = time.monotonic()
@@ -158,7 +188,7 @@ class Batcher:
         )
         try:
             for nxt, active in steps:
-                for job, token, alive in zip(jobs, nxt.tolist(), active.tolist()):
+                for job, token, alive in zip(jobs, nxt.tolist(), active.tolist(), strict=True):
                     if not alive or job.finished:
                         continue
                     if token in self.eos:
@@ -175,3 +205,21 @@ class Batcher:
                     break
         finally:
             steps.close()
+        for job in jobs:  # e.g. a decode of zero steps (max_new_tokens 0), or rows ended with the loop
+            if not job.finished:
+                job.finished = True
+                job.send((job.index, "done", "length"))
+
+
+def _internal(e: Exception, task: str | None = None) -> ApiError:
+    """The 500 of a failed row: the exception's kind, never its text (it may hold paths or the inputs)."""
+    text = str(e).lower()
+    if task is not None and ("nan" in text or "inf" in text):  # e.g. torch.multinomial on NaN probabilities
+        return ApiError(
+            500,
+            f"Task '{task}' produced scores that are not finite (NaN or inf); its prompt file may be corrupt.",
+            "non_finite_scores",
+            "server_error",
+        )
+    where = "this request" if task is not None else "the batch"
+    return ApiError(500, f"Internal error while running {where}: {type(e).__name__}.", "internal_error", "server_error")

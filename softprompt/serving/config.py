@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from ..errors import check_at_least, check_positive
+from ..errors import ConfigError, check_at_least, check_types
 
 
 @dataclass
@@ -25,11 +26,36 @@ class ServerConfig:
     reload_interval: float = field(
         default=1.0, metadata={"help": "seconds between scans of the store for new, changed or removed prompt files"}
     )
+    request_timeout: float = field(
+        default=600.0, metadata={"help": "seconds a request may wait and run before it is cancelled (504)"}
+    )
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a client may take to send its body (408)"})
+    shutdown_timeout: float = field(
+        default=30.0, metadata={"help": "seconds open requests get to finish on SIGTERM or Ctrl-C before the exit"}
+    )
     log_bodies: bool = field(default=False, metadata={"help": "log request bodies (off: only task, sizes, status)"})
+
+    # the most a duration may be: beyond it a wait is a stall (and time.monotonic() + inf kills the worker thread)
+    MOST_SECONDS = {
+        "max_wait_ms": 60_000,
+        "reload_interval": 3600,
+        "request_timeout": 24 * 3600,
+        "body_timeout": 3600,
+        "shutdown_timeout": 3600,
+    }
 
     def __post_init__(self):
         check_at_least(
             self, 1, "max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"
         )
-        check_at_least(self, 0, "max_wait_ms")
-        check_positive(self, "reload_interval")
+        for name, most in self.MOST_SECONDS.items():
+            value, zero_ok = getattr(self, name), name == "max_wait_ms"
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= most):
+                value = -1.0  # refused below
+            if value < 0 or (value == 0 and not zero_ok):
+                above = "from 0" if zero_ok else "above 0"
+                raise ConfigError(
+                    f"{name} must be a finite number {above} up to {most}, got {getattr(self, name)}.",
+                    f"pass --{name.replace('_', '-')} with a value {above} up to {most}.",
+                )
+        check_types(self)  # the library's callers may hand over any value (`log_bodies="no"`, `max_queue=2.5`)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
 from ..errors import InputTooLongError, SoftpromptError
@@ -21,7 +24,7 @@ from ..example import Example
 from ..generate import Sampling
 from ..multitask import Classification, Entry, MultiTask, UnknownTaskError
 from ..store import Store
-from .auth import ApiKey, read
+from .auth import ApiKey, HostCheck, read
 from .batcher import Batcher, Job, QueueFull
 from .config import ServerConfig
 from .schemas import (
@@ -37,6 +40,14 @@ from .streaming import Completion, channel, events
 
 log = logging.getLogger("softprompt.serve")
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; a length that keeps matching cheap on every token
+_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"]+)+/([^\s/'\"]+)")
+
+
+def redact(text: str) -> str:
+    """`text` with absolute file paths cut to their last part: answers never show the server's directories."""
+    return _PATH.sub(r"\1", text)
+
 
 class Routes:
     """The handlers of one app: they parse, tokenize and wait; the batcher's thread runs the model."""
@@ -48,16 +59,17 @@ class Routes:
         try:
             return self.mt.get(name)
         except UnknownTaskError as e:
-            raise ApiError(404, f"{e.problem} Known tasks: {e.known}.", "model_not_found", param="model") from e
+            raise ApiError(404, f"{redact(e.problem)} Known tasks: {e.known}.", "model_not_found", param="model") from e
 
     @staticmethod
-    def encode(entry: Entry, value, reserve: int | None = None) -> Example:
+    def encode(entry: Entry, value, reserve: int | None = None, param: str = "prompt") -> Example:
+        """One input as an `Example`; `param`: the request field it came from, named in errors."""
         try:
             return entry.encode(value, reserve)
         except InputTooLongError as e:
-            raise ApiError(400, e.problem, "context_length_exceeded", param="prompt") from e
+            raise ApiError(400, e.problem, "context_length_exceeded", param=param) from e
         except SoftpromptError as e:
-            raise ApiError(400, f"{e.problem} {e.fix or ''}".strip(), "invalid_input", param="prompt") from e
+            raise ApiError(400, f"{e.problem} {e.fix or ''}".strip(), "invalid_input", param=param) from e
 
     def submit(self, jobs: list[Job]) -> None:
         try:
@@ -90,8 +102,16 @@ class Routes:
                 "max_tokens_too_large",
                 param="max_tokens",
             )
-        if len(body.stops()) > 4:
-            raise ApiError(400, "stop takes at most 4 strings.", "too_many_stops", param="stop")
+        stops = body.stops()
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} strings.", "too_many_stops", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(
+                400,
+                f"A stop string is {max(map(len, stops))} characters long; the most is {MAX_STOP_CHARS}.",
+                "stop_too_long",
+                param="stop",
+            )
         if len(inputs) * body.n > config.max_prompts:
             raise ApiError(
                 400,
@@ -101,7 +121,9 @@ class Routes:
             )
         return max_new
 
-    async def generation(self, body: SampledRequest, inputs: list, max_tokens: int | None, chat: bool):
+    async def generation(
+        self, request: Request, body: SampledRequest, inputs: list, max_tokens: int | None, chat: bool
+    ):
         entry = self.task(body.model)
         max_new = self._generation_limits(body, entry, inputs, max_tokens)
         examples = [self.encode(entry, x, max_new) for x in inputs]
@@ -113,7 +135,8 @@ class Routes:
             for k in range(body.n)
         ]
         self.submit(jobs)
-        completion = Completion(entry, jobs, queue, self.mt.base.tokenizer, body, chat)
+        deadline = time.monotonic() + self.config.request_timeout
+        completion = Completion(entry, jobs, queue, self.mt.base.tokenizer, body, chat, deadline, request.receive)
         if body.stream:
             return StreamingResponse(
                 completion.sse(),
@@ -127,7 +150,7 @@ class Routes:
         inputs = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not inputs:
             raise ApiError(400, "prompt is empty.", "invalid_request", param="prompt")
-        return await self.generation(body, inputs, body.max_tokens, chat=False)
+        return await self.generation(request, body, inputs, body.max_tokens, chat=False)
 
     async def chat_completions(self, request: Request):
         body = await read(request, ChatRequest, self.config)
@@ -139,7 +162,8 @@ class Routes:
                 "invalid_request",
                 param="messages",
             )
-        return await self.generation(body, [users[-1].text()], body.max_completion_tokens or body.max_tokens, chat=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await self.generation(request, body, [users[-1].text()], max_tokens, chat=True)
 
     async def classify(self, request: Request):
         body = await read(request, ClassifyRequest, self.config)
@@ -151,15 +175,14 @@ class Routes:
                 "not_classification",
                 param="model",
             )
-        inputs = body.input if isinstance(body.input, list) else [body.input]
-        if not inputs or len(inputs) > self.config.max_prompts:
-            raise ApiError(400, f"Give 1 to {self.config.max_prompts} inputs.", "too_many_inputs", param="input")
-        examples = [self.encode(entry, x) for x in inputs]
+        inputs = self._classify_inputs(entry, body.input)
+        examples = [self.encode(entry, x, param="input") for x in inputs]
         queue, send = channel()
         jobs = [Job(entry, x, i, send, classify=True) for i, x in enumerate(examples)]
         self.submit(jobs)
         results: list[Classification | None] = [None] * len(jobs)
-        async for index, kind, value in events(jobs, queue):
+        deadline = time.monotonic() + self.config.request_timeout
+        async for index, kind, value in events(jobs, queue, deadline, request.receive):
             if kind == "error":
                 raise value
             results[index] = value
@@ -170,6 +193,27 @@ class Routes:
             "data": [{"index": i, "label": r.label, "probs": r.probs} for i, r in enumerate(results)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    def _classify_inputs(self, entry: Entry, given) -> list:
+        """The inputs of a classify request, after refusing none, too many, or an empty one."""
+        inputs = given if isinstance(given, list) else [given]
+        most = self.config.max_prompts
+        if not inputs:
+            raise ApiError(400, f"input is an empty list; give 1 to {most} inputs.", "empty_input", param="input")
+        if len(inputs) > most:
+            raise ApiError(400, f"{len(inputs)} inputs; give 1 to {most} inputs.", "too_many_inputs", param="input")
+        columns = [entry.spec.column(f) for f in entry.spec.template_fields]
+        for i, x in enumerate(inputs):
+            # an object is empty when it gives every template field and all of them are blank
+            empty = (
+                not x.strip()
+                if isinstance(x, str)
+                else bool(columns) and all(not str(x.get(c, "x")).strip() for c in columns)
+            )
+            if empty:
+                where = f"input[{i}]" if isinstance(given, list) else "input"
+                raise ApiError(400, f"{where} is empty; give a text to classify.", "empty_input", param="input")
+        return inputs
 
     async def models(self):
         return {
@@ -189,7 +233,7 @@ class Routes:
         b = self.batcher
         out = {"status": "ok", "tasks": len(self.mt), "queued": b.queued, "running": b.running, **b.stats}
         if self.key.authorized(request):  # names and reasons only for those who may use the API
-            out |= {"model": self.mt.base.name, "refused": dict(self.mt.refused)}
+            out |= {"model": self.mt.base.name, "refused": {k: redact(v) for k, v in self.mt.refused.items()}}
         return out
 
     def router(self) -> APIRouter:
@@ -206,9 +250,17 @@ class Routes:
 
 
 def create_app(
-    mt: MultiTask, store: Store | None = None, config: ServerConfig | None = None, api_key: str | None = None
+    mt: MultiTask,
+    store: Store | None = None,
+    config: ServerConfig | None = None,
+    api_key: str | None = None,
+    allowed_hosts: list[str] | tuple[str, ...] = (),
+    cors_origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
-    """The FastAPI app; `store` (optional) is watched for prompt files. Run it with uvicorn."""
+    """The FastAPI app; `store` (optional) is watched for prompt files. Run it with uvicorn.
+
+    allowed_hosts: names the Host header may give besides localhost, 127.0.0.1 and [::1] (`*`: any).
+    cors_origins: web origins whose pages may call the API (CORS); none by default."""
     config = config or ServerConfig()
     batcher = Batcher(mt, store, config)
     routes = Routes(mt, batcher, config, ApiKey(api_key))
@@ -240,4 +292,12 @@ def create_app(
 
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.include_router(routes.router())
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))  # added last: runs first
     return app

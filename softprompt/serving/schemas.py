@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,10 +33,22 @@ class ApiError(Exception):
 
 
 class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, seed, logit_bias, stream_options, ...): accept and ignore them.
+    # OpenAI clients send fields that change nothing here (user, stream_options, metadata, ...): accept and ignore
+    # them. Those that would change the answer are in `UNSUPPORTED`: refused unless neutral.
     model_config = ConfigDict(extra="ignore")
 
     model: str
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def unsupported(cls, data: dict) -> str | None:
+        """The first parameter of the raw body this server would ignore although it changes the answer."""
+        for name, neutral in cls.UNSUPPORTED.items():
+            value = data.get(name)
+            if name in data and not any(value == v and type(value) is type(v) for v in neutral):
+                return name
+        return None
 
 
 class SampledRequest(_Request):
@@ -45,6 +59,26 @@ class SampledRequest(_Request):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stop: str | list[str] | None = None
+
+    # OpenAI's parameters that we do not implement, with the values that mean "off" (accepted)
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "echo": (None, False),
+        "presence_penalty": (None, 0, 0.0),
+        "frequency_penalty": (None, 0, 0.0),
+        "repetition_penalty": (None, 1, 1.0),
+        "logit_bias": (None, {}),
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+        "seed": (None,),
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "response_format": (None, {"type": "text"}),
+        "min_tokens": (None, 0),
+    }
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

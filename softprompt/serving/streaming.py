@@ -18,12 +18,17 @@ log = logging.getLogger("softprompt.serve")
 
 
 class TextStream:
-    """Token ids in, text deltas out: holds back incomplete characters and anything that may start a stop string."""
+    """Token ids in, text deltas out: holds back incomplete characters and anything that may start a stop string.
+
+    Per token, the stop strings are looked for only where they could newly end (the new text and a stop's length
+    before it), and the text held back is at most the longest stop less one character: the work per token is
+    bounded by the stops' lengths, not by the text produced so far."""
 
     def __init__(self, tokenizer, stops: list[str], lstrip: bool = False):
         self.tokenizer, self.stops, self.lstrip = tokenizer, stops, lstrip
         self.ids: list[int] = []
         self.sent = ""
+        self.searched = 0  # stop strings do not occur in the text before this (less a stop's length)
         self.stopped = False
 
     def _text(self) -> str:
@@ -36,12 +41,14 @@ class TextStream:
         text = self._text()
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens
             return ""
-        for s in self.stops:
-            at = text.find(s, max(0, len(self.sent) - len(s)))
-            if at >= 0:
-                self.stopped = True
-                return self._emit(text[:at])
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        found = [
+            at for s in self.stops if (at := text.find(s, max(0, min(self.searched, len(self.sent)) - len(s) + 1))) >= 0
+        ]
+        if found:
+            self.stopped = True
+            return self._emit(text[: min(found)])
+        self.searched = len(text)
+        hold = max((_overlap(text, s) for s in self.stops), default=0)
         return self._emit(text[: len(text) - hold])
 
     def flush(self) -> str:
@@ -52,6 +59,17 @@ class TextStream:
             return ""
         delta, self.sent = text[len(self.sent) :], text
         return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (shorter than all of `stop`)."""
+    tail = text[-(len(stop) - 1) :] if len(stop) > 1 else ""
+    at = tail.find(stop[0]) if tail else -1
+    while at >= 0:  # each place the stop's first character occurs, earliest (longest) first
+        if stop.startswith(tail[at:]):
+            return len(tail) - at
+        at = tail.find(stop[0], at + 1)
+    return 0
 
 
 def channel() -> tuple[asyncio.Queue, object]:
@@ -66,16 +84,43 @@ def channel() -> tuple[asyncio.Queue, object]:
     return queue, send
 
 
-async def events(jobs: list[Job], queue: asyncio.Queue):
-    """Yield the jobs' events until each has ended; when the consumer stops early, release the jobs."""
+class Disconnected(ApiError):
+    """The client closed its connection before its answer was complete (nginx's 499: nobody reads it)."""
+
+    def __init__(self):
+        super().__init__(499, "The client closed the connection.", "client_closed_request")
+
+
+async def _disconnect(receive) -> None:
+    """Return once the client has gone (the request body is read already: what comes next is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def events(jobs: list[Job], queue: asyncio.Queue, deadline: float, receive=None):
+    """Yield the jobs' events until each has ended; raise 504 at `deadline` (time.monotonic()) and `Disconnected`
+    when the client goes away (`receive`: the request's ASGI receive); when the consumer stops early, or on either,
+    release the jobs, which the worker then drops."""
     open_jobs = len(jobs)
+    gone = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
     try:
         while open_jobs:
-            event = await queue.get()
+            getter = asyncio.ensure_future(queue.get())
+            waits = {getter} if gone is None else {getter, gone}
+            left = max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                if gone is not None and gone in done:
+                    raise Disconnected
+                raise ApiError(504, "The request did not finish within the server's time limit.", "request_timeout")
+            event = getter.result()
             if event[1] in ("done", "result", "error"):
                 open_jobs -= 1
             yield event
     finally:
+        if gone is not None:
+            gone.cancel()
         for job in jobs:
             job.finished = True
 
@@ -84,9 +129,18 @@ class Completion:
     """The choices of one /v1/completions or /v1/chat/completions request, in OpenAI's format."""
 
     def __init__(
-        self, entry: Entry, jobs: list[Job], queue: asyncio.Queue, tokenizer, body: SampledRequest, chat: bool
+        self,
+        entry: Entry,
+        jobs: list[Job],
+        queue: asyncio.Queue,
+        tokenizer,
+        body: SampledRequest,
+        chat: bool,
+        deadline: float,
+        receive=None,
     ):
         self.entry, self.jobs, self.queue, self.chat, self.stream = entry, jobs, queue, chat, body.stream
+        self.deadline, self.receive = deadline, receive
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.texts = [TextStream(tokenizer, body.stops(), lstrip=chat) for _ in jobs]
@@ -121,7 +175,7 @@ class Completion:
 
     async def deltas(self):
         """(choice index, new text, finish reason or None) until every choice has finished."""
-        async with aclosing(events(self.jobs, self.queue)) as stream:
+        async with aclosing(events(self.jobs, self.queue, self.deadline, self.receive)) as stream:
             async for index, kind, value in stream:
                 if self.finish[index] is not None:  # ended early by a stop string; the worker's "done" comes later
                     continue
@@ -141,8 +195,12 @@ class Completion:
 
     async def response(self) -> dict:
         out = [""] * len(self.jobs)
-        async for index, delta, _ in self.deltas():
-            out[index] += delta
+        try:
+            async for index, delta, _ in self.deltas():
+                out[index] += delta
+        except ApiError as e:
+            self.log("cancelled" if isinstance(e, Disconnected) else f"error {e.status}")
+            raise
         self.log("ok")
         return self.envelope([self.choice(i, out[i], self.finish[i]) for i in range(len(self.jobs))], usage=True)
 
@@ -168,8 +226,10 @@ class Completion:
                     yield _sse(self.envelope([self.choice(index, None if self.chat else "", finish)]))
             status = "ok"
             yield "data: [DONE]\n\n"
+        except Disconnected:
+            pass
         except ApiError as e:  # headers are sent already: report it in the stream
-            status = "error"
+            status = f"error {e.status}"
             yield _sse(e.payload())
         finally:
             for job in self.jobs:
