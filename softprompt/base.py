@@ -109,6 +109,8 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
+    if not isinstance(dtype, str):  # a config file holds any value
+        raise ConfigError(f"dtype must be a name, got {dtype!r}.", "use float32, bfloat16, float16 or 'auto'.")
     table = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -268,6 +270,13 @@ def load_base(
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    if isinstance(name_or_path, Path):
+        name_or_path = str(name_or_path)
+    if not isinstance(name_or_path, str) or not isinstance(device, (str, type(None))):  # a config file holds any value
+        raise ConfigError(
+            f"model and device must be names, got {name_or_path!r} and {device!r}.",
+            f"pass --model '{DEFAULT_MODEL}', a model directory or a hub id, and --device cpu or cuda.",
+        )
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     path, display = resolve_model_path(name_or_path)

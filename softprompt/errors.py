@@ -8,6 +8,7 @@ it on one line and exits with status 2, without a traceback; library users can c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -94,6 +95,12 @@ def _kind(hint, plural: bool = False) -> str:
     return words.get(hint, (getattr(hint, "__name__", str(hint)),) * 2)[plural]
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    """The resolved annotations of dataclass `cls` (cached: a TaskSpec is built for every prompt a server loads)."""
+    return typing.get_type_hints(cls)
+
+
 def _type_fix(name: str, kind: str) -> str:
     """The fix for option `name` of the wrong type: the flag to pass, or what to write in a config file."""
     flag = _flag(name)
@@ -109,7 +116,7 @@ def check_types(obj, skip=(), problem: str = "", fix=_type_fix) -> None:
     or an `init_text: 5` would otherwise fail later with a traceback. `skip`: fields with a check of their own;
     `problem`: what starts the message; `fix(name, kind)`: the fix (default: the flag to pass, or the config key).
     """
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.name not in skip and not _of_type(value, hints[f.name]):

@@ -1,23 +1,25 @@
 """Property-based tests (hypothesis): inputs nobody listed get a correct result or a one-line `SoftpromptError`.
 
-The property everywhere: a prompt file, a task spec, a config or a command line either gives a correct result or
-raises a `SoftpromptError` with a problem and a fix; never another exception (a traceback) and never a hang. No case
-runs a model forward, so the whole file takes seconds.
+The property everywhere: a prompt file, a task spec, a config or a command line either gives a correct result (a
+prompt that is what the file holds and survives a save, a spec that renders, a config whose fields have their
+annotated types) or raises a `SoftpromptError` with a problem and a one-line fix; never another exception (a
+traceback) and never a hang. No case runs a model forward.
 
-Generated cases per test (derandomized: the same cases on every run):
-    test_mutated_prompt_files_load_or_are_refused           500
-    test_random_bytes_are_refused_as_prompt_files           200
-    test_random_task_specs_load_and_render_or_are_refused   500
-    test_task_spec_files_load_or_are_refused                 100
-    test_train_options_build_configs_or_are_refused         300
-    test_serve_and_autoprompt_options_build_configs         200
-    test_method_configs_from_dicts                           200
-    test_library_configs_from_config_file_values            200
-    test_train_command_line_never_shows_a_traceback         200
-    test_train_config_files_never_show_a_traceback          150
-                                                   total   2,550
-
-SOFTPROMPT_FUZZ=N searches anew: random cases (not derandomized), N times as many.
+Generated cases per test (derandomized: the same cases on every run; the file takes about 30 s on one core):
+    test_mutated_prompt_files_load_or_are_refused           300  (each loaded without a base and with the tiny one)
+    test_random_bytes_are_refused_as_prompt_files           200  (the same)
+    test_random_task_specs_load_and_render_or_are_refused   300
+    test_task_spec_files_load_or_are_refused                100
+    test_train_options_build_configs_or_are_refused         200
+    test_serve_and_autoprompt_options_build_configs         100  (two command lines each)
+    test_method_configs_from_dicts                          150
+    test_library_configs_from_config_file_values            150
+    test_train_command_line_never_shows_a_traceback         120
+    test_train_config_files_never_show_a_traceback          100
+    test_every_train_config_key_takes_any_value             480  (40 keys x (11 explicit kinds + 1 generated))
+                                                   total  2,200
+SOFTPROMPT_FUZZ=N searches anew: random cases (not derandomized), N times as many generated ones.
+`--hypothesis-show-statistics` shows how often each call was accepted or refused.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def cases(n: int):
         deadline=None,
         derandomize=not _FUZZ,
         database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
 
 
@@ -114,6 +116,11 @@ YAML = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(YAML_SCALARS, inner, max_size=3),
     max_leaves=6,
 )
+
+
+def mostly(good, bad=YAML, one_in: int = 10):
+    """`good` values, and about one time in `one_in` a `bad` one: many cases then get past every check but one."""
+    return st.integers(1, one_in).flatmap(lambda i: bad if i == one_in else good)
 
 
 def jsonable(value):
@@ -257,9 +264,10 @@ def check_loaded(prompt, tensors: dict, meta: dict, tmp: Path) -> None:
         assert torch.equal(again.injection.tensors()[name], t.float())
 
 
-@cases(400)
+@cases(300)
 @given(data=st.data())
 def test_mutated_prompt_files_load_or_are_refused(data, valid_files, llama, tmp_path):
+    """A valid prompt file's metadata and tensors, edited at random, then loaded without a base and with its base."""
     tensors, meta = valid_files[data.draw(st.integers(0, 1), label="file")]
     meta = json.loads(json.dumps(meta))
     if data.draw(st.integers(0, 3), label="random task") == 0:  # a task spec of random fields, as in 2. below
@@ -304,6 +312,7 @@ FILES = st.one_of(
 @cases(200)
 @given(content=FILES)
 def test_random_bytes_are_refused_as_prompt_files(content, llama, tmp_path):
+    """Random bytes, other formats' magic bytes, and safetensors-shaped headers around random JSON."""
     path = tmp_path / "random.safetensors"
     path.write_bytes(content)
     for base in (None, llama):
@@ -311,11 +320,6 @@ def test_random_bytes_are_refused_as_prompt_files(content, llama, tmp_path):
 
 
 # --- 2. task specs ---------------------------------------------------------------------------------------------------
-
-
-def mostly(good, bad=YAML, one_in: int = 10):
-    """`good` values, and about one time in `one_in` a `bad` one: many cases then get past every check but one."""
-    return st.integers(1, one_in).flatmap(lambda i: bad if i == one_in else good)
 
 
 NAMES = st.sampled_from(["text", "x", "y", "mask", "a_b", "é", "trigger"])  # template fields that are names
@@ -423,9 +427,10 @@ def check_spec(spec, tmp: Path) -> None:
         outcome(task.check_split, split)
 
 
-@cases(400)
+@cases(300)
 @given(d=spec_dicts(), rows=st.lists(ROWS, max_size=3), inputs=st.lists(TEXT | JSON | ROWS, max_size=3), data=st.data())
 def test_random_task_specs_load_and_render_or_are_refused(d, rows, inputs, data, tmp_path):
+    """A spec mapping of random fields; one that loads renders random rows and inputs (as the server takes them)."""
     spec = outcome(TaskSpec.from_dict, d)
     if spec is None:
         return
@@ -433,7 +438,7 @@ def test_random_task_specs_load_and_render_or_are_refused(d, rows, inputs, data,
     # rows holding the template's columns, with random values, besides the random rows
     columns = [spec.column(f) for f in spec.template_fields]
     rows = [*rows, {c: data.draw(CELLS, label=f"value of {c}") for c in columns}]
-    inputs = [*inputs, rows[-1], *(rows[-1].values())]  # an object of the fields, and each value as a plain string
+    inputs = [*inputs, rows[-1], *rows[-1].values()]  # an object of the fields, and each value alone
     for row in rows:
         text = outcome(spec.render, row)
         assert text is None or isinstance(text, str)
@@ -493,6 +498,9 @@ ARGS = st.one_of(
     ARGV_TEXT,
 )
 SKIP = {"help", "config", "model"}
+# the choices of enum-like options, so that plausible values often pass
+CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "truncate": TRUNCATIONS, "eval_split": ("dev", "train")}
+CHOICES |= {"init": INITS + KV_INITS, "encoder": ("lstm", "mlp"), "vocab": VOCABULARIES}
 
 
 def arg_text(action: argparse.Action):
@@ -575,11 +583,6 @@ def test_serve_and_autoprompt_options_build_configs(argv, argv2):
                 typed(config)
 
 
-# the choices of enum-like options, so that plausible values often pass
-CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "truncate": TRUNCATIONS, "eval_split": ("dev", "train")}
-CHOICES |= {"init": INITS + KV_INITS, "encoder": ("lstm", "mlp"), "vocab": VOCABULARIES}
-
-
 def plausible(hint, name: str):
     """Values of the annotated type `hint` (with the choices of option `name`), as argparse would convert them."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -650,20 +653,19 @@ def no_traceback(run) -> None:
     event("argparse usage error" if usage else "reached the model" if "/nonexistent" in text else "refused before")
     assert "Traceback" not in text
     assert code == 2, text
-    if not usage:
+    if not usage:  # warnings may come first; the error is one line, its fix the next
         lines = text.strip().splitlines()
-        errors = [i for i, line in enumerate(lines) if line.startswith("softprompt: error: ")]
-        assert errors and lines[errors[-1] + 1 :][:1] and lines[errors[-1] + 1].startswith("  fix: "), text
+        assert len(lines) >= 2 and lines[-2].startswith("softprompt: error: ") and lines[-1].startswith("  fix: "), text
 
 
-@cases(150)
+@cases(120)
 @given(argv=options(TRAIN))
 def test_train_command_line_never_shows_a_traceback(argv, cli_dir):
+    """`softprompt train` with random options: everything up to loading the (missing) model runs."""
     no_traceback(lambda: main(["train", "--task", "task.yaml", "--model", "/nonexistent", *argv]))
 
 
-# --model and --dtype of a wrong type fail in base.py (BASE_PY below): the test of one key at a time covers them
-CONFIG_KEYS = sorted({a.dest for a in TRAIN._actions} - {"help", "model", "dtype"})
+CONFIG_KEYS = sorted({a.dest for a in TRAIN._actions} - {"help"})
 ACTIONS = {a.dest: a for a in TRAIN._actions}
 
 
@@ -696,6 +698,7 @@ def _train_with_config(folder: Path, values: dict, as_yaml: bool, task_flag: boo
 @cases(100)
 @given(values=CONFIG_FILES, as_yaml=st.booleans(), task_flag=st.booleans())
 def test_train_config_files_never_show_a_traceback(values, as_yaml, task_flag, cli_dir):
+    """`softprompt train --config FILE`: the file's values reach the configs unconverted unless they are text."""
     if not task_flag:  # the task from the file, where the file does not name one itself
         values.setdefault("task", "task.yaml")
     _train_with_config(cli_dir, values, as_yaml, task_flag)
@@ -703,8 +706,7 @@ def test_train_config_files_never_show_a_traceback(values, as_yaml, task_flag, c
 
 # One value of every kind a YAML file can give, tried on every option (then random ones): a value only reaches the
 # code that chokes on it when every other option is valid
-KINDS = [None, True, -1, 1.5, 10**30, math.nan, "", "x", "none", [1], {"a": 1}, datetime.date(2020, 1, 1)]
-BASE_PY = "base.py: load_base/parse_dtype look a non-string --model/--dtype up in a dict or a string (TypeError)"
+KINDS = [None, True, 1.5, 10**30, math.nan, "", "x", "none", [1], {"a": 1}, datetime.date(2020, 1, 1)]
 
 
 def _examples(values):
@@ -718,15 +720,13 @@ def _examples(values):
 
 @pytest.mark.parametrize(
     "key",
-    [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=BASE_PY)) if k in ("model", "dtype") else k
-        for k in sorted({a.dest for a in TRAIN._actions} - {"help"})
-    ],
+    [k for k in sorted(a.dest for a in TRAIN._actions)],
 )
-@cases(2)
+@cases(1)
 @_examples(KINDS)
 @given(value=YAML | ARGS)
 def test_every_train_config_key_takes_any_value(key, value, cli_dir):
+    """Each option alone in a --config file, with a value of every kind YAML gives."""
     if key == "model" and isinstance(value, str):
         value = "/nonexistent/" + value  # a name without '/' is a hub id: offline, the hub client retries for ~45 s
     _train_with_config(cli_dir, {key: value}, as_yaml=True, task_flag=key != "task")

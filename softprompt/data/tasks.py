@@ -187,13 +187,7 @@ class TaskSpec:
     dev_from_train: float | int | None = None  # carve a dev split out of train: a fraction (0.1) or a count (200)
 
     def __post_init__(self):
-        # a YAML spec holds any values: `template: 5` or `columns: {x: [a]}` would fail later with a traceback
-        check_types(
-            self,
-            skip=("max_new_tokens", "stop", "dev_from_train"),  # checked below, with their own messages
-            problem=f"Task '{self.name}': ",
-            fix=lambda name, kind: f"set `{name}:` in the task spec to {kind}.",
-        )
+        self._check_types()
         if not self.template:
             raise ConfigError(f"Task '{self.name}' has no template.", "add `template:` with {field} placeholders.")
         if [self.labels, self.target_column, self.references_column].count(None) != 2:
@@ -220,22 +214,12 @@ class TaskSpec:
         ]
         parsed = [(text, None if slot is None else slot.field) for (text, *_), slot in zip(pieces, slots)]
         fields = [f for _, f in parsed if f is not None]
-        plain = [(f, s, c) for _, f, s, c in pieces if f is not None and "|" not in f]  # the unfiltered placeholders
-        # an unfiltered placeholder is looked up as written: `{ x}` names the field ' x', which no row fills
-        if any(f == "" or not f.isidentifier() for f in fields) or any(not f.isidentifier() for f, _, _ in plain):
+        if any(f == "" or not f.isidentifier() for f in fields):
             raise ConfigError(
                 f"Task '{self.name}': template fields must be names like {{sentence}}.",
                 "name every placeholder in the template.",
             )
-        # str.format's `{x!r}` and `{x:>5}` would fail (or garble the label slot) on values of another type
-        extra = next((_placeholder(f, c, s) for f, s, c in plain if c or s), None)
-        if extra:
-            raise ConfigError(
-                f"Task '{self.name}': the template field {{{extra}}} has a conversion (!) or format spec (:), which "
-                "templates do not take.",
-                'write it as {name}; format lists and objects with a filter: {name|join:", "}, {name|json} or '
-                "{name|first}.",
-            )
+        self._check_plain(pieces)
         if fields.count(MASK_FIELD) > 1:
             raise ConfigError(
                 f"Task '{self.name}': the template has {fields.count(MASK_FIELD)} {{mask}} slots.",
@@ -250,6 +234,35 @@ class TaskSpec:
             [text for text, _ in parsed[[f for _, f in parsed].index(MASK_FIELD) + 1 :]] if MASK_FIELD in fields else []
         )
         self.mask_inside = any(after)
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong type: a YAML spec holds any values, and `template: 5` or `columns: {x: [a]}`
+        would fail later with a traceback."""
+        check_types(
+            self,
+            skip=("max_new_tokens", "stop", "dev_from_train"),  # checked below, with their own messages
+            problem=f"Task '{self.name}': ",
+            fix=lambda name, kind: f"set `{name}:` in the task spec to {kind}.",
+        )
+
+    def _check_plain(self, pieces: list) -> None:
+        """Refuse an unfiltered placeholder that `render` cannot fill: one with spaces (`{ x}` is looked up as ' x',
+        which no row has), a conversion (`{x!r}`) or a format spec (`{x:>5}`), which fail (or garble the label
+        slot) on values of another type."""
+        plain = [(f, s, c) for _, f, s, c in pieces if f is not None and "|" not in f]
+        if any(not f.isidentifier() for f, _, _ in plain):
+            raise ConfigError(
+                f"Task '{self.name}': template fields must be names like {{sentence}}.",
+                "name every placeholder in the template.",
+            )
+        extra = next((_placeholder(f, c, s) for f, s, c in plain if c or s), None)
+        if extra:
+            raise ConfigError(
+                f"Task '{self.name}': the template field {{{extra}}} has a conversion (!) or format spec (:), which "
+                "templates do not take.",
+                'write it as {name}; format lists and objects with a filter: {name|join:", "}, {name|json} or '
+                "{name|first}.",
+            )
 
     def _check_labels(self) -> None:
         """Refuse a label map of fewer than 2 classes, keys that match the same data value, or a word used twice."""
@@ -689,7 +702,7 @@ def load_task(name_or_path: str, data_dir: str | None = None, dev_from_train: fl
     dev split if it has one: what --dev-from-train sets.
     """
     for name, value in (("--task", name_or_path), ("--data-dir", data_dir)):  # a --config file passes any YAML value
-        if not isinstance(value, str) and (value is not None or name == "--task"):
+        if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "--task"):
             raise ConfigError(f"{name} must be a string, got {value!r:.60}.", f"pass {name} with a name or a path.")
     p = Path(name_or_path)
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
