@@ -246,22 +246,29 @@ class TaskSpec:
         )
 
     def _check_plain(self, pieces: list) -> None:
-        """Refuse an unfiltered placeholder that `render` cannot fill: one with spaces (`{ x}` is looked up as ' x',
-        which no row has), a conversion (`{x!r}`) or a format spec (`{x:>5}`), which fail (or garble the label
-        slot) on values of another type."""
+        """Refuse an unfiltered placeholder that `render` could never fill: one with spaces (`{ x}` is looked up as
+        ' x', which no row has), an unknown conversion (`{x!z}`), a field inside a format spec (`{x:{y}}`), or a
+        conversion or format spec on the label slot. Format specs of fields (`{n:03d}`) work as in `str.format`."""
         plain = [(f, s, c) for _, f, s, c in pieces if f is not None and "|" not in f]
         if any(not f.isidentifier() for f, _, _ in plain):
             raise ConfigError(
                 f"Task '{self.name}': template fields must be names like {{sentence}}.",
                 "name every placeholder in the template.",
             )
-        extra = next((_placeholder(f, c, s) for f, s, c in plain if c or s), None)
-        if extra:
+        bad = next(
+            (
+                _placeholder(f, c, s)
+                for f, s, c in plain
+                if (c and c not in "rsa") or "{" in (s or "") or (f == MASK_FIELD and (c or s))
+            ),
+            None,
+        )
+        if bad:
             raise ConfigError(
-                f"Task '{self.name}': the template field {{{extra}}} has a conversion (!) or format spec (:), which "
-                "templates do not take.",
-                'write it as {name}; format lists and objects with a filter: {name|join:", "}, {name|json} or '
-                "{name|first}.",
+                f"Task '{self.name}': the template field {{{bad}}} cannot be filled (an unknown conversion, a field "
+                "inside a format spec, or a spec on {mask}).",
+                'write it as {name} or {name:spec}; format lists and objects with a filter: {name|join:", "}, '
+                "{name|json} or {name|first}.",
             )
 
     def _check_labels(self) -> None:
@@ -375,7 +382,12 @@ class TaskSpec:
         """The template filled with one row's fields; `where` names the row in errors ("Row 3 of split 'dev'")."""
         plain = {s.field: self._shown(row, s, where) for s in self._plain}
         filtered = [self._shown(row, s, where) for s in self._filtered]
-        return self._format.format(*filtered, **plain, **{MASK_FIELD: MASK})
+        try:
+            return self._format.format(*filtered, **plain, **{MASK_FIELD: MASK})
+        except (ValueError, TypeError) as e:  # a format spec that does not fit this row's value, e.g. {n:03d} on text
+            raise DataError(
+                f"{where}: the template cannot format its values ({e}).", "fix the data, or the field's format spec."
+            ) from e
 
     def _shown(self, row: dict, slot: Slot, where: str):
         """What `slot` shows of `row`: its column's value through its filters; a list or dict must meet a filter."""
