@@ -101,16 +101,22 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+_CLEANED: set[Path] = set()  # folders this process has swept for leftovers (a sweep reads the whole folder)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (see the module docstring); a failure raises `StorageError`.
 
-    Leftover temporary files of writes that were killed are removed from the folder first (`clean_stale_temps`).
+    Leftover temporary files of writes that were killed are removed from the folder at this process's first write
+    there (`clean_stale_temps`): a folder of thousands of prompt files is not read again on every write.
     """
     path = Path(path)
     tmp = _temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(path.parent)
+        if path.parent not in _CLEANED:
+            clean_stale_temps(path.parent)
+            _CLEANED.add(path.parent)
         # Not mkstemp, whose files only their owner may read: the temporary file gets the mode of the file it
         # replaces, or of any new file (0o666 less the umask), so a server running as another user can read it.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
