@@ -147,7 +147,7 @@ def bench_prefill(base, prompt: sp.Prompt, rounds: int) -> dict:
     inputs = [ids for ids in (enc.example(t).source for t in texts) if len(ids) == 32][:8]
     assert len(inputs) == 8, "need 8 SST-2 dev inputs of 32 tokens"
     mt = MultiTask(base)
-    compiled = mt.add("sst2", prompt).injection
+    compiled = mt.injection(mt.add("sst2", prompt))
     peft = peft_model(base, {"sst2": prompt.injection.embeds})
     out = {"input_tokens": 32, "virtual_tokens": prompt.injection.num_embeds, "rounds": rounds}
     for B in (1, 8):

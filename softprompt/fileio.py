@@ -174,15 +174,72 @@ def header_metadata(data: bytes) -> str | None:
     return header.get("__metadata__", {}).get("softprompt") if isinstance(header, dict) else None
 
 
+def read_header(path: str | Path, what: str = "prompt file") -> tuple[dict[str, tuple[str, list[int]]], dict]:
+    """(tensor name -> (dtype, shape), softprompt metadata) from a safetensors file's header alone: the tensors are
+    not read, so indexing a store of thousands of files costs a few kilobytes each. Errors as `read_safetensors`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(16)
+            n = int.from_bytes(head[:8], "little")
+            raw = head[8:] + f.read(n - 8) if 2 <= n <= min(_MAX_HEADER, size - 8) else b""
+    except FileNotFoundError:
+        raise PromptFileError(f"{what} not found: {path}", "check the path.") from None
+    except OSError as e:
+        raise storage_error(e, path, "read") from e
+    _refuse_foreign(path, head, size, what)
+    try:
+        header = json.loads(raw[:n]) if raw else None
+    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+        header = None
+    if not isinstance(header, dict):
+        raise PromptFileError(
+            f"{path} is truncated or corrupted (its safetensors header does not parse).",
+            "restore it from a backup or re-run the training that wrote it.",
+        )
+    meta_raw = header.pop("__metadata__", None)
+    meta_raw = meta_raw.get("softprompt") if isinstance(meta_raw, dict) else None
+    try:
+        meta = json.loads(meta_raw) if isinstance(meta_raw, str) else None
+    except ValueError:
+        meta = None
+    if meta is None:
+        raise PromptFileError(
+            f"{path} is a safetensors file without (readable) softprompt metadata.",
+            "pass a file written by softprompt (PEFT adapters: `softprompt import`).",
+        )
+    shapes = {}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dims_ok = isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)
+        if not (dims_ok and isinstance(info.get("dtype"), str)):
+            raise PromptFileError(f"{path} has a corrupted header (tensor '{name}').", "re-create the file.")
+        shapes[name] = (info["dtype"], info["shape"])
+    return shapes, meta
+
+
 def peek_metadata(path: str | Path) -> dict | None:
     """softprompt metadata from a safetensors file's header alone (the tensors are not read), or None."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            meta = header_metadata(head + f.read(min(int.from_bytes(head, "little"), _MAX_HEADER)))
-        return json.loads(meta) if meta else None
-    except (OSError, ValueError, UnicodeDecodeError):
+        return read_header(path)[1]
+    except (PromptFileError, StorageError):
         return None
+
+
+def _refuse_foreign(path: Path, head: bytes, size: int, what: str) -> None:
+    """Name the format of a file that is not safetensors but another known kind (`head`: its first bytes)."""
+    # A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'; the length's first
+    # byte can be anything (0x80, pickle's magic, in 1 file of 256), so only a file that is not shaped like
+    # safetensors is checked for the magic bytes of other formats.
+    shaped = len(head) > 8 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+    for magic, kind in _FOREIGN.items():
+        if not shaped and head.startswith(magic):
+            raise PromptFileError(
+                f"{path} is {kind}, not a softprompt {what}; it was not loaded (loading pickles can "
+                "run arbitrary code).",
+                "pass a .safetensors file written by softprompt, or import a PEFT adapter with `softprompt import`.",
+            )
 
 
 def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[str, torch.Tensor], dict]:
@@ -196,17 +253,7 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
         data = path.read_bytes()
     except OSError as e:
         raise storage_error(e, path, "read") from e
-    # A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'; the length's first
-    # byte can be anything (0x80, pickle's magic, in 1 file of 256), so only a file that is not shaped like
-    # safetensors is checked for the magic bytes of other formats.
-    shaped = len(data) > 8 and data[8:9] == b"{" and 8 + int.from_bytes(data[:8], "little") <= len(data)
-    for magic, kind in _FOREIGN.items():
-        if not shaped and data.startswith(magic):
-            raise PromptFileError(
-                f"{path} is {kind}, not a softprompt {what}; it was not loaded (loading pickles can "
-                "run arbitrary code).",
-                "pass a .safetensors file written by softprompt, or import a PEFT adapter with `softprompt import`.",
-            )
+    _refuse_foreign(path, data, len(data), what)
     try:
         tensors = st_load(data)
         meta_raw = header_metadata(data)

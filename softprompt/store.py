@@ -23,7 +23,7 @@ from ._version import __version__
 from .data import TaskSpec
 from .errors import ConfigError, PromptFileError, SoftpromptError, StorageError
 from .families import Causal
-from .fileio import peek_metadata, read_safetensors, write_safetensors
+from .fileio import peek_metadata, read_header, read_safetensors, write_safetensors
 from .injection import Injection
 
 FORMAT_VERSION = 1
@@ -110,6 +110,9 @@ def check_meta(meta, path) -> PromptMeta:
     return checked
 
 
+# safetensors' names of the dtypes a prompt may hold (any other is refused as not floating point)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 # (name, rank, what the dimensions are)
 _TENSORS = {"embeds": (2, "(P, D)"), "kv": (5, "(L, 2, H_kv, P, head_dim)")}
 
@@ -127,6 +130,8 @@ def check_tensors(tensors: dict[str, torch.Tensor], path, fix: str = RECREATE) -
             )
         if not t.is_floating_point():
             raise PromptFileError(f"{path}: tensor '{name}' holds {t.dtype} numbers, not floating point.", fix)
+        if t.is_meta:  # read from the header alone (`Prompt.peek`): the values are checked when they are read
+            continue
         bad = (~torch.isfinite(t)).sum().item()
         if bad:
             raise PromptFileError(
@@ -275,6 +280,10 @@ class Prompt:
         a malformed file is one `PromptFileError` naming what is wrong, never a traceback from deeper down.
         """
         tensors, raw = read_safetensors(path)
+        return cls._from_checked(tensors, raw, path, base)
+
+    @classmethod
+    def _from_checked(cls, tensors: dict[str, torch.Tensor], raw, path, base) -> Prompt:
         meta = check_meta(raw, path)
         check_tensors(tensors, path)
         prompt = cls(
@@ -294,6 +303,17 @@ class Prompt:
         if base is not None:
             prompt.verify(base, what=f"Prompt file {path}")
         return prompt
+
+    @classmethod
+    def peek(cls, path: str | Path, base=None) -> Prompt:
+        """The prompt file at `path` from its header alone: metadata checked as `load` does, tensors of the right
+        shapes on the meta device (no values; `load` reads them). A store of thousands of files is indexed this way."""
+        shapes, raw = read_header(path)
+        tensors = {
+            name: torch.empty(shape, dtype=_DTYPES.get(dtype, torch.int64), device="meta")
+            for name, (dtype, shape) in shapes.items()
+        }
+        return cls._from_checked(tensors, raw, path, base)
 
     def verify(self, base, what: str = "This prompt") -> None:
         from .base import Fingerprint
@@ -348,13 +368,26 @@ class Store:
         return self.root / f"{name}{SUFFIX}"
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name[: -len(SUFFIX)]
-            for p in self.root.glob(f"*{SUFFIX}")
-            if not p.name.startswith(".") and _TASK_NAME.match(p.name[: -len(SUFFIX)])
-        )
+        return sorted(self.stamps())
+
+    def stamps(self) -> dict[str, tuple[int, int, int]]:
+        """Task name -> (mtime_ns, size, inode) of its file: one directory read, no file opened. A file replaced by
+        an atomic write (a new inode) or changed in place (mtime, size) gets a new stamp."""
+        out = {}
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:  # no such directory (yet), or it vanished
+            return out
+        for e in entries:
+            name = e.name[: -len(SUFFIX)]
+            if e.name.startswith(".") or not e.name.endswith(SUFFIX) or not _TASK_NAME.match(name) or ".." in name:
+                continue
+            try:
+                st = e.stat()
+            except OSError:  # removed between listing and stat
+                continue
+            out[name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return out
 
     def load(self, name: str, base=None) -> Prompt:
         p = self.path(name)

@@ -10,11 +10,11 @@ from helpers import build_tiny, make_prompt, spec_like
 
 import softprompt as sp
 from softprompt.data import Encoder
-from softprompt.errors import PromptFileError
+from softprompt.errors import ConfigError, PromptFileError
 from softprompt.evaluate import class_log_likelihoods
 from softprompt.generate import generate_ids
 from softprompt.multitask import MultiTask, UnknownTaskError, class_scores, padded_groups
-from softprompt.store import Store
+from softprompt.store import Prompt, Store
 
 SST2_INPUTS = ["the film was great fun", "bad", "who hated the plot and the acting of the actor", "a boring story"]
 E2E_INPUTS = ["name[The Eagle], eatType[pub]", "name[Fun], food[italian], area[near the shop]"]
@@ -57,7 +57,7 @@ def test_every_row_of_a_mixed_batch_equals_its_task_alone(base, prompts, compile
         mt.add(name, prompt)
     reqs = mixed_requests(prompts)
     rows = [mt.encode(t, v, reserve=8) for t, v in reqs]
-    assert len({e.injection.num_positions for e, _ in rows}) > 3  # really different prompt lengths
+    assert len({ex.injection.num_positions for _, ex in rows}) > 3  # really different prompt lengths
 
     # next-token logits of the whole mixed batch vs each row alone with its uncompiled prompt file
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_compiled_and_uncompiled_registries_agree(base, prompts):
     # soft prompts and P-tuning became pure KV prefixes whose keys carry their positions
     mt = MultiTask(base)
     entry = mt.add("s", prompts["sst2-soft"])
-    assert entry.injection.embeds is None and entry.injection.kv_positions == 3
+    assert mt.injection(entry).embeds is None and mt.injection(entry).kv_positions == 3
 
 
 def test_a_prompt_without_tensors_saves_and_loads(base, sst2, tmp_path):
@@ -154,9 +154,68 @@ def test_sync_follows_the_store_and_refuses_bad_files(base, arch, tokenizer, pro
     report = mt.sync(store)
     assert report == {"added": ["broken"], "updated": ["a"], "removed": ["b"], "refused": {}}
     assert mt.get("a").prompt.method == "deep" and "b" not in mt and "broken" in mt and "broken" not in mt.refused
-    store.path("a").write_bytes(store.path("a").read_bytes()[:100])  # a bad copy replaces a good file
+    # a bad copy replaces a good file: the task in use keeps serving its last good version, named in `stale`; a task
+    # whose prompt was never read has no good version in memory and is refused
+    assert mt.classify([("a", "great")])[0].label
+    for name in ("a", "broken"):
+        store.path(name).write_bytes(store.path(name).read_bytes()[:100])
     mt.sync(store)
-    assert "a" not in mt and "truncated" in mt.refused["a"] and "broken" in mt
+    assert "truncated" in mt.refused["a"] and mt.stale == {"a": mt.refused["a"]}
+    assert mt.get("a").prompt.method == "deep" and mt.classify([("a", "great")])[0].label
+    assert "broken" not in mt and "truncated" in mt.refused["broken"]
+    store.save("a", prompts["sst2-soft"])  # fixed again
+    mt.sync(store)
+    assert mt.get("a").prompt.method == "soft" and mt.stale == {} and "a" not in mt.refused
+
+
+def test_a_store_is_indexed_from_headers_and_read_on_first_use(base, prompts, tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    store.save("a", prompts["sst2-soft"])
+    store.save("b", prompts["sst2-deep"])
+    store.save("nan", make_prompt(base, prompts["sst2-soft"].spec, "ptuning", 2))
+    # NaN in the tensors of a file whose header is fine: found when its tensors are first read
+    data = bytearray(store.path("nan").read_bytes())
+    data[-4:] = bytes.fromhex("0000c07f")  # the last float32 of the tensors: NaN
+    store.path("nan").write_bytes(bytes(data))
+    reads = []
+    load = Prompt.load
+    monkeypatch.setattr(
+        Prompt, "load", classmethod(lambda cls, path, base=None: reads.append(path) or load(path, base))
+    )
+    mt = MultiTask(base)
+    assert mt.sync(store)["added"] == ["a", "b", "nan"] and reads == []  # headers only
+    assert mt.get("a").prompt.injection.embeds.is_meta and len(mt.cache) == 0
+    first = mt.classify([("a", "great"), ("b", "awful")])
+    assert len(reads) == 2 and len(mt.cache) == 2
+    assert mt.classify([("a", "great"), ("b", "awful")]) == first and len(reads) == 2  # warm: not read again
+    with pytest.raises(PromptFileError, match="NaN"):
+        mt.classify([("nan", "great")])
+    assert "nan" not in mt and "NaN" in mt.refused["nan"]
+    assert mt.sync(store)["refused"] == {}  # the same bad file is not read again
+
+
+def test_the_prompt_cache_keeps_its_budget_and_evicted_prompts_come_back_identical(base, prompts, tmp_path):
+    store = Store(tmp_path)
+    spec = prompts["sst2-soft"].spec
+    names = ["soft", "deep", "prefix", "ptuning"]
+    for i, n in enumerate(names):
+        store.save(n, make_prompt(base, spec, n, 2 + i, seed=i))
+    unlimited = MultiTask(base, cache_bytes=None)
+    unlimited.sync(store)
+    reference = unlimited.classify([(n, "great") for n in names])
+    sizes = [unlimited.cache._items[unlimited.get(n)][1] for n in names]
+    budget = max(sizes) + min(sizes)  # room for two prompts at most
+    mt = MultiTask(base, cache_bytes=budget)
+    mt.sync(store)
+    for _ in range(2):
+        for n, ref in zip(names, reference):
+            got = mt.classify([(n, "great")])[0]
+            assert got.label == ref.label
+            torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(ref.log_likelihoods))
+            assert mt.cache.bytes <= budget
+    assert mt.cache.stats["evictions"] >= 4 and len(mt.cache) <= 2
+    with pytest.raises(ConfigError, match="cache-bytes"):
+        MultiTask(base, cache_bytes=-1)
 
 
 def test_prompt_for_another_model_is_refused_on_add(arch, tokenizer, prompts):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, check_at_least, check_types
+from ..multitask import DEFAULT_CACHE_BYTES
 
 
 @dataclass
@@ -33,6 +34,13 @@ class ServerConfig:
     shutdown_timeout: float = field(
         default=30.0, metadata={"help": "seconds open requests get to finish on SIGTERM or Ctrl-C before the exit"}
     )
+    cache_bytes: int = field(
+        default=DEFAULT_CACHE_BYTES,
+        metadata={
+            "help": "memory for prompts ready to run (read, compiled); the least recently used beyond it are dropped "
+            "and read again on their next request"
+        },
+    )
     log_bodies: bool = field(default=False, metadata={"help": "log request bodies (off: only task, sizes, status)"})
 
     # the most a duration may be: beyond it a wait is a stall (and time.monotonic() + inf kills the worker thread)
@@ -48,6 +56,7 @@ class ServerConfig:
         check_at_least(
             self, 1, "max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"
         )
+        check_at_least(self, 0, "cache_bytes")
         for name, most in self.MOST_SECONDS.items():
             value, zero_ok = getattr(self, name), name == "max_wait_ms"
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= most):
