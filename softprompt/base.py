@@ -280,11 +280,8 @@ def load_base(
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     path, display = resolve_model_path(name_or_path)
-    if name_or_path not in EMBEDDED_MODELS and os.path.sep in name_or_path and not Path(path).exists():
-        raise SoftpromptError(
-            f"Model path '{name_or_path}' does not exist.",
-            f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.",
-        )
+    if not Path(path).exists():  # a hub id
+        path = _hub_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
@@ -301,6 +298,52 @@ def load_base(
             f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.",
         ) from e
     return freeze(model, tokenizer, display, device)
+
+
+def _hub_source(name: str) -> str:
+    """Where to load hub id `name` from (no such directory exists): the id itself when the hub answers (transformers
+    downloads the model, or checks its cached copy), else the folder of its copy in the local Hugging Face cache,
+    which loads as a local directory without a request (`local_files_only` does not reach every request transformers
+    makes, and each one the hub client retries for 20 s and more). Refuses at once a name that is no hub id (a path
+    that does not exist) and a model neither reachable nor cached, which used to fail after about 45 s of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(
+            f"Model path '{name}' does not exist.",
+            f"pass an existing Hugging Face model directory, a hub id, or '{DEFAULT_MODEL}'.",
+        ) from None
+    # the hub reads HF_HUB_OFFLINE once, at import; a caller may set it later
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if constants.HF_HUB_OFFLINE or any(f in constants.ENV_VARS_TRUE_VALUES for f in flags):
+        why = "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set"
+    elif _hub_reachable():
+        return name
+    else:
+        why = f"{constants.ENDPOINT} cannot be reached"
+    config = try_to_load_from_cache(name, "config.json")  # in the snapshot that refs/main names
+    if isinstance(config, str):
+        return str(Path(config).parent)
+    raise ConfigError(
+        f"Model '{name}' is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+        f"and it cannot be downloaded: {why}.",
+        f"download it where the hub is reachable (`hf download {name}`) or pass --model with a local model directory "
+        f"(or '{DEFAULT_MODEL}').",
+    )
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the hub, without the hub client's retries: whether it answers at all."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - whatever stops the request (DNS, refused, proxy, TLS, timeout) means offline
+        return False
+    return True
 
 
 def freeze(model, tokenizer, name: str, device: str | torch.device | None = None) -> Base:

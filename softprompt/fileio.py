@@ -274,18 +274,34 @@ def read_safetensors(path: str | Path, what: str = "prompt file") -> tuple[dict[
 
 
 def read_mapping(path: str | Path, what: str, shape_fix: str) -> dict:
-    """A YAML (or JSON) file that must hold a mapping, with one-line errors naming `what` it is."""
+    """The mapping in the YAML or JSON file `path` (`what` it is, e.g. "Config file", names it in errors): JSON for a
+    *.json file (YAML reads some JSON differently: `1e3` is text there, and its errors speak of YAML), YAML
+    otherwise; every way it can fail is one line naming the file."""
     import yaml
 
     path = Path(path)
+    json_file = path.suffix.lower() == ".json"
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}", "pass an existing YAML or JSON file.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if json_file else yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"Cannot read {what.lower()} {path}: {e.strerror or e}.", "check its permissions.") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text.", "re-encode it as UTF-8.") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.", "fix its syntax."
+        ) from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}", "fix its syntax.") from e
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}", "fix its syntax.") from e
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting deeper than Python recurses
+        raise ConfigError(f"{what} {path} cannot be read: {e}.", "write plain values.") from e
+    if values is None and not json_file:  # an empty YAML file
+        return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{what} {path} must be a mapping.", shape_fix)
+        raise ConfigError(f"{what} {path} must be a mapping, not {type(values).__name__}.", shape_fix)
     return values
 
 

@@ -5,6 +5,10 @@ the cache, the attention mask must cover it, and positions must continue from ea
 count. The family lays that out (`Family.start_decoding`, `continue_decoding`); this loop samples,
 stops rows at EOS or their length limit, and yields tokens as they come. Cached and uncached
 decoding give the same tokens (PEFT on transformers 5.x silently loses the prefix in `generate`).
+
+Log-probabilities (what OpenAI's `logprobs` report) are those of the model's raw logits, before
+temperature, top-k and top-p, as vLLM reports them by default: per step for the tokens decoded
+(`decode(..., top_logprobs=k)`), and for the tokens of a prompt itself (`prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, SoftpromptError
 from .example import Example
 
 
@@ -34,11 +38,46 @@ class Sampling:
 GREEDY = Sampling()
 
 
+class NonFiniteScoresError(SoftpromptError):
+    """The model scored the next token of some rows with NaN or inf (e.g. a prompt whose tensors hold NaN)."""
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise `NonFiniteScoresError` unless every row of logits (..., V) is usable: no NaN, no +inf, and some token
+    that is not -inf (a model may mask tokens with -inf; argmax of NaN would silently pick a token)."""
+    best = logits.amax(-1)  # NaN where a row holds NaN
+    bad = ~best.isfinite()
+    if bool(bad.any()):
+        rows = bad.reshape(-1).nonzero()[:, 0].tolist()
+        raise NonFiniteScoresError(
+            f"The next-token scores of row(s) {rows[:8]} are not finite (NaN or inf).",
+            "check the prompt's tensors and the base model's weights for NaN or inf.",
+        )
+
+
+@dataclass(frozen=True)
+class LogProbs:
+    """Log-probabilities of N tokens, each with the k most likely tokens in its place (most likely first)."""
+
+    chosen: torch.Tensor  # (N,) log p of each token picked (or given)
+    top_ids: torch.Tensor  # (N, k)
+    top: torch.Tensor  # (N, k) their log p, descending
+
+
+def log_probs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> LogProbs:
+    """`LogProbs` of tokens `chosen` (N,) under logits (N, V): one log_softmax and one topk for all rows."""
+    logp = logits.float().log_softmax(-1)  # (N, V)
+    top, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (N, k)
+    return LogProbs(logp.gather(-1, chosen[:, None])[:, 0], top_ids, top)
+
+
 def sample_next(logits: torch.Tensor, settings: list[Sampling], generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token of each row (B, V) -> (B,), each row with its own settings.
 
-    transformers' logits warpers take one setting per batch; a mixed batch carries one per request.
+    transformers' logits warpers take one setting per batch; a mixed batch carries one per request. Raises
+    `NonFiniteScoresError` when a row's logits are not usable, greedy rows included.
     """
+    check_finite(logits)
     greedy = logits.argmax(-1)
     if all(s.temperature == 0 for s in settings):
         return greedy
@@ -80,12 +119,15 @@ def decode(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     ended: Callable[[], list[int]] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    top_logprobs: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, LogProbs]]:
     """Yield (next tokens (B,), active (B,)) once per step; a row is inactive after its EOS or length limit.
 
     examples: one per row, each with its prompt (`Example.injection`); what is decoded follows each source.
     With use_cache=False every step re-runs the whole sequence (slow; a reference for tests).
     ended: called after each step the caller has consumed; the rows it returns end there (e.g. at a stop string).
+    top_logprobs: when given (k >= 0), each step yields a third element, the `LogProbs` of the tokens picked and of
+    the k most likely tokens, for the whole batch (a row that wants fewer reads the first of them).
     """
     B = len(examples)
     family = base.family
@@ -101,13 +143,35 @@ def decode(
     for step in range(int(limits.max())):
         nxt = sample_next(logits, settings, generator)
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
-        yield nxt, active.clone()
+        if top_logprobs is None:
+            yield nxt, active.clone()
+        else:
+            yield nxt, active.clone(), log_probs(logits, nxt, top_logprobs)
         active &= ~torch.isin(nxt, eos) & (limits > step + 1)
         if ended is not None:
             active[ended()] = False
         if not active.any():
             return
         logits = family.continue_decoding(state, nxt)
+
+
+def scores_prompts(base) -> bool:
+    """Whether a prompt's own tokens have log-probabilities: where one stack reads the prompt and predicts each of
+    its tokens (a causal LM), not in an encoder-decoder, whose encoder predicts nothing."""
+    return base.family.generates and not getattr(base.model.config, "is_encoder_decoder", False)
+
+
+@torch.inference_mode()
+def prompt_logprobs(base, example: Example, k: int) -> LogProbs:
+    """`LogProbs` of each source token after the ones before it, under the row's prompt: N = len(source) - 1 (the
+    first token has none). One uncached forward of the row scores its source as a target; one row at a time, since
+    the logits of a long prompt (N, V) are large."""
+    first, rest = example.source[:1], example.source[1:]
+    if not rest:  # a one-token prompt: nothing to score
+        return LogProbs(torch.empty(0), torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
+    logits, targets, _ = base.family.target_logits([Example(first, 1, rest, example.injection)])  # (1, N, V), (1, N)
+    check_finite(logits)
+    return log_probs(logits[0], targets[0], k)
 
 
 def generate_ids(

@@ -35,7 +35,7 @@ import torch
 from .data import Encoder, TaskSpec
 from .errors import ConfigError, SoftpromptError
 from .example import Example
-from .generate import GREEDY, Sampling, decode, generate_ids
+from .generate import GREEDY, NonFiniteScoresError, Sampling, decode, generate_ids
 from .injection import Injection
 from .store import Prompt, Store
 
@@ -163,14 +163,6 @@ def _reason(e: Exception) -> str:
     return e.problem if isinstance(e, SoftpromptError) else f"{type(e).__name__}: {e}"
 
 
-def _shapes_only(injection: Injection) -> Injection:
-    """`injection` with its tensors on the meta device: what encoding needs (its positions), holding no memory."""
-    return Injection(
-        *(None if t is None else t.to("meta") for t in (injection.embeds, injection.kv)),
-        kv_positions=injection.kv_positions,
-    )
-
-
 @dataclass
 class Classification:
     """The class of one input: `label` is the label map's key; `probs` are normalized over the classes."""
@@ -275,8 +267,23 @@ class MultiTask:
                 f"Task '{name}' generates max_new_tokens={encoder.spec.max_new_tokens} tokens.",
                 "set max_new_tokens to 1 or more in its task spec.",
             )
-        kept = replace(prompt, injection=_shapes_only(prompt.injection)) if path is not None else prompt
+        kept = replace(prompt, injection=self._shapes_as_run(prompt.injection)) if path is not None else prompt
         return Entry(name, kept, encoder, self.base.max_positions, stamp, path)
+
+    def _shapes_as_run(self, injection: Injection) -> Injection:
+        """`injection` as it will run (compiled or not), with tensors on the meta device: all that encoding reads of
+        it (its positions, whether the text may be empty), holding no memory."""
+        family = self.base.family
+        if self.compile and injection.embeds is not None and family.compiles:
+            lay = family.kv_layout  # `Family.compile` turns every position into a key/value prefix
+            kv = torch.empty(
+                (lay.num_layers, 2, lay.num_kv_heads, injection.num_positions, lay.head_dim), device="meta"
+            )
+            return Injection(kv=kv, kv_positions=injection.num_positions)
+        return Injection(
+            *(None if t is None else t.to("meta") for t in (injection.embeds, injection.kv)),
+            kv_positions=injection.kv_positions,
+        )
 
     def _ready(self, entry: Entry, prompt: Prompt) -> Injection:
         """`prompt` (with its tensors) ready to run as `entry`: on the model's device and dtype, compiled; cached."""
@@ -298,8 +305,11 @@ class MultiTask:
             return self._ready(entry, entry.prompt)
         try:
             prompt = Prompt.load(entry.path, self.base)
-            shapes = {k: tuple(t.shape) for k, t in prompt.injection.tensors().items()}
-            if shapes != {k: tuple(t.shape) for k, t in entry.prompt.injection.tensors().items()}:
+
+            def shapes(injection: Injection) -> dict:
+                return {k: tuple(t.shape) for k, t in injection.tensors().items()}
+
+            if shapes(self._shapes_as_run(prompt.injection)) != shapes(entry.prompt.injection):
                 raise ConfigError(
                     f"The prompt file of task '{entry.name}' changed since it was indexed.",
                     "retry: the store's next scan picks the new version up.",
@@ -397,6 +407,9 @@ class MultiTask:
                 )
         examples = self._resolved(rows)
         scores = class_scores(self.base, [(x, e.encoder.verbalizer_ids) for x, (e, _) in zip(examples, rows)])
+        for (entry, _), s in zip(rows, scores):
+            if not bool(s.isfinite().all()):  # a NaN probability is no answer (nor valid JSON)
+                raise NonFiniteScoresError(f"The class scores of task '{entry.name}' are not finite (NaN or inf).")
         out = []
         for (entry, _), s in zip(rows, scores):
             names = entry.spec.class_names
@@ -414,9 +427,12 @@ class MultiTask:
         max_new_tokens: int | list[int],
         sampling: Sampling | list[Sampling] = GREEDY,
         generator: torch.Generator | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`generate.decode` over encoded rows of any mix of tasks: yields (next tokens (B,), active (B,)) per step."""
-        return decode(self.base, self._resolved(rows), max_new_tokens, sampling, generator=generator)
+        top_logprobs: int | None = None,
+    ) -> Iterator[tuple]:
+        """`generate.decode` over encoded rows of any mix of tasks: yields (next tokens (B,), active (B,)) per step,
+        and the steps' `LogProbs` when `top_logprobs` is given."""
+        examples = self._resolved(rows)
+        return decode(self.base, examples, max_new_tokens, sampling, generator=generator, top_logprobs=top_logprobs)
 
     def generate_ids(
         self,

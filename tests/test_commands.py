@@ -210,6 +210,58 @@ def test_config_file_with_unknown_key(tmp_path, capsys):
     assert code == 2 and "stepz" in err
 
 
+def test_search_config_files_are_checked_against_the_subcommand(tmp_path, capsys):
+    """`search templates|autoprompt --config FILE`: the keys are the subcommand's options (they were once checked
+    against the `search` group's, which has none, so every key was unknown)."""
+    own = {"templates": {"search_size": 8, "finalists": 1}, "autoprompt": {"num_triggers": 2, "select_rows": 0}}
+    for kind, options in own.items():
+        cfg = tmp_path / f"{kind}.yaml"
+        values = {"task": "sst2", "data-dir": str(DATA), "model": "/nonexistent", "out": str(tmp_path / "p"), **options}
+        cfg.write_text(json.dumps(values))  # JSON is YAML: a .yaml file is read as YAML
+        code, _, err = run(capsys, "search", kind, "--config", cfg)
+        assert code == 2 and "Model path '/nonexistent' does not exist" in err  # every key taken; the model is next
+        cfg.write_text("stepz: 1\n")
+        code, _, err = run(capsys, "search", kind, "--config", cfg, "--task", "sst2")
+        assert code == 2 and "unknown option(s) ['stepz']" in err
+
+
+def test_json_config_files_are_read_as_json(tmp_path, capsys):
+    """A *.json config file is parsed as JSON: YAML refuses the tabs many JSON writers indent with."""
+    cfg = tmp_path / "run.json"
+    values = {"task": "sst2", "data_dir": str(DATA), "model": "/nonexistent", "out": str(tmp_path / "p"), "lr": 1e-3}
+    cfg.write_text(json.dumps(values, indent="\t"))
+    code, _, err = run(capsys, "train", "--config", cfg)
+    assert code == 2 and "Model path '/nonexistent' does not exist" in err and "JSON" not in err
+
+
+def test_info_shows_metrics_of_any_json_value_as_they_are(llama, sst2, tmp_path, capsys, monkeypatch):
+    """`info` on a file whose metrics (or sizes) are not the numbers it writes: shown as they are, never a traceback."""
+    from helpers import make_prompt
+
+    monkeypatch.setenv("COLUMNS", "2000")  # rich wraps at the terminal width; one line per row is easier to read
+    prompt = make_prompt(llama, sst2.spec, "soft", 2)
+    prompt.base_parameters = prompt.base_bytes = 10**400  # beyond any float
+    prompt.metrics = {
+        "dev": {"accuracy": 0.5, "n": "many"},
+        "huge": {"accuracy": 10**400, "n": 10**400, "split": ["a", "b"]},
+        "nan": {"macro_f1": float("nan"), "n": None},
+        "words": {"accuracy": "high"},
+        "a list": [1, "x"],
+        "[/]": "[/bold] not markup",
+    }
+    path = prompt.save(tmp_path / "p")
+    code, out, err = run(capsys, "info", path)
+    assert code == 0 and not err, err
+    assert "accuracy 50.0% on dev (many rows)" in out
+    assert f"accuracy {10**400} on ['a', 'b'] ({10**400:,} rows)" in out
+    assert "macro_f1 nan% on nan (None rows)" in out
+    assert '{"accuracy": "high", "split": "words"}' in out and '[1, "x"]' in out
+    assert '"[/bold] not markup"' in out and "metrics: [/]" in out
+    assert f"{10**400:,} parameters, {10**400:,} B" in out and "0.0000% of the parameters, 1/" in out
+    code, out, err = run(capsys, "info", path, "--json")
+    assert code == 0 and json.loads(out)["metrics"]["dev"]["n"] == "many"
+
+
 def _options(parser, path=()) -> dict[str, dict[str, list[str]]]:
     """Every command's option strings and positionals, by command path ("search templates", ...)."""
     import argparse

@@ -337,6 +337,33 @@ CLI_CASES = {
         "holds 128 NaN or infinite value(s) of 128",
         "re-train the adapter",
     ),
+    # config and spec files: JSON read as JSON (one line naming the line and column), any value checked
+    "config-not-json": (
+        lambda t, *_: ["train", "--config", _write(t / "run.json", b'{"task": "sst2",\n "steps": 1,}\n')],
+        "run.json is not valid JSON: Expecting property name enclosed in double quotes at line 2, column 13",
+        "fix its syntax",
+    ),
+    "config-json-not-a-mapping": (
+        lambda t, *_: ["train", "--config", _write(t / "run.json", b'["task", "sst2"]'), "--task", "sst2"],
+        "run.json must be a mapping, not list",
+        "(JSON: an object)",
+    ),
+    "config-number-of-the-wrong-type": (
+        lambda t, *_: ["search", "templates", "--config", _write(t / "s.yaml", b"task: sst2\nlimit: 1.5\n")],
+        "s.yaml: limit must be an integer, got 1.5 (float)",
+        "write `limit:` with an integer (or pass --limit)",
+    ),
+    "spec-not-json": (
+        lambda t, m, *_: ["eval", "--task", _write(t / "t.json", b'{"name": "t",\n "template": }'), "--model", m],
+        "t.json is not valid JSON: Expecting value at line 2, column 14",
+        "fix the syntax of the spec file",
+    ),
+    # a hub id the cache lacks, with the hub offline (the tests set HF_HUB_OFFLINE): refused at once, not retried
+    "offline-hub-id": (
+        lambda t, m, *_: ["eval", "--task", spec(t, dev_tsv=GOOD), "--model", "some-org/some-model"],
+        "Model 'some-org/some-model' is neither a local directory nor in the Hugging Face cache",
+        "download it where the hub is reachable (`hf download some-org/some-model`)",
+    ),
 }
 
 
@@ -440,6 +467,39 @@ def test_num_virtual_tokens_must_be_a_positive_integer(n):
 
 
 # --- prompt files -------------------------------------------------------------------------------------------------
+
+
+def test_a_hub_id_loads_from_the_cache_offline_and_fails_at_once_when_it_cannot(model_dir, tmp_path, monkeypatch):
+    """A hub id is looked up in the local cache first: offline, a cached one loads from it, and one it lacks is one
+    error at once (the hub client used to retry for ~45 s), whether HF_HUB_OFFLINE is set or the hub is unreachable."""
+    import shutil
+    import time
+
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--some-org--tiny"  # the cache's layout: refs/main names the snapshot
+    shutil.copytree(model_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sp.load_base("some-org/tiny", device="cpu").name == "some-org/tiny"
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="neither a local directory nor in the Hugging Face cache") as e:
+        sp.load_base("some-org/some-model")
+    assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" in e.value.problem
+    assert "hf download some-org/some-model" in e.value.fix and "local model directory" in e.value.fix
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(ConfigError, match="http://127.0.0.1:9 cannot be reached"):
+        sp.load_base("some-org/some-model")
+    assert time.monotonic() - start < 30  # one failed connection, no retries
+    with pytest.raises(sp.SoftpromptError, match="Model path '/no/such/model' does not exist"):
+        sp.load_base("/no/such/model")  # not a hub id: a path, refused as one
 
 
 def test_an_unreadable_prompt_file_is_a_storage_error(llama, sst2, tmp_path, monkeypatch):

@@ -184,7 +184,7 @@ def test_a_store_is_indexed_from_headers_and_read_on_first_use(base, prompts, tm
     )
     mt = MultiTask(base)
     assert mt.sync(store)["added"] == ["a", "b", "nan"] and reads == []  # headers only
-    assert mt.get("a").prompt.injection.embeds.is_meta and len(mt.cache) == 0
+    assert all(t.is_meta for t in mt.get("a").prompt.injection.tensors().values()) and len(mt.cache) == 0
     first = mt.classify([("a", "great"), ("b", "awful")])
     assert len(reads) == 2 and len(mt.cache) == 2
     assert mt.classify([("a", "great"), ("b", "awful")]) == first and len(reads) == 2  # warm: not read again

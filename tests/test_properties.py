@@ -728,5 +728,5 @@ def _examples(values):
 def test_every_train_config_key_takes_any_value(key, value, cli_dir):
     """Each option alone in a --config file, with a value of every kind YAML gives."""
     if key == "model" and isinstance(value, str):
-        value = "/nonexistent/" + value  # a name without '/' is a hub id: offline, the hub client retries for ~45 s
+        value = "/nonexistent/" + value  # a path, never a hub id: a hub id asks the network (or its cache) first
     _train_with_config(cli_dir, {key: value}, as_yaml=True, task_flag=key != "task")

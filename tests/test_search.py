@@ -371,6 +371,26 @@ def test_autoprompt_restarts_compete_on_the_same_held_out_rows(base, sst2):
         AutoPromptConfig(restarts=2)
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"iterations": 1.5}, "iterations must be an integer, got 1.5 (float)"),
+        ({"num_triggers": float("nan")}, "num_triggers must be an integer, got nan"),
+        ({"search_size": float("inf")}, "search_size must be an integer, got inf"),
+        ({"select_rows": True}, "select_rows must be an integer, got True (bool)"),
+        ({"vocab": 3}, "vocab must be a string, got 3 (int)"),
+        ({"init_token": None}, "init_token must be a string, got None"),
+        ({"search_min_words": -1}, "search_min_words must be >= 0, got -1"),
+        ({"seed": "0"}, "seed must be an integer, got '0' (str)"),
+    ],
+)
+def test_autoprompt_config_refuses_values_of_the_wrong_type_or_range(values, message):
+    """A --config file (or a caller) hands values over unconverted: each is one error naming the option."""
+    with pytest.raises(ConfigError) as e:
+        AutoPromptConfig(**values)
+    assert message in e.value.problem and f"--{next(iter(values)).replace('_', '-')}" in e.value.fix
+
+
 def test_autoprompt_rejects_bad_templates(base, sst2):
     cfg = AutoPromptConfig(**TINY_AUTOPROMPT)
     with pytest.raises(ConfigError, match="slots"):
@@ -441,7 +461,8 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
     assert code == 0 and json.loads(text)["accuracy"] == pytest.approx(d["metrics"]["dev"]["accuracy"])
 
     auto = tmp_path / "auto.safetensors"
-    flags = [x for k, v in TINY_AUTOPROMPT.items() for x in (f"--{k.replace('_', '-')}", v)]
+    config = tmp_path / "autoprompt.json"  # the search's own options from a JSON config file, the rest as flags
+    config.write_text(json.dumps({**TINY_AUTOPROMPT, "restarts": 2, "select-rows": 8}, indent="\t"))
     code, text, err = run(
         capsys,
         "search",
@@ -458,14 +479,11 @@ def test_cli_search_explain_and_use_of_the_hard_prompt(model_dir, candidates_fil
         8,
         "--out",
         auto,
-        "--restarts",
-        2,
-        "--select-rows",
-        8,
         "--max-length",
         400,
         "--no-progress",
-        *flags,
+        "--config",
+        config,
     )
     assert code == 0, err
     p = sp.load_prompt(auto)

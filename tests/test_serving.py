@@ -3,16 +3,20 @@ limits, the bounded queue, hot reload of the store, and the dynamic batcher."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import logging
 import signal
+import time
 
 import httpx
 import pytest
+import torch
 from helpers import KEY, Gate, Live, auth, build_tiny, make_prompt, registry, serve_process, spec_like, wait_for
 
 from softprompt.commands import main
+from softprompt.example import Example
 from softprompt.serving import Batcher, Job, ServerConfig, TextStream, create_app
 from softprompt.store import Store
 
@@ -86,7 +90,7 @@ def test_classify_returns_label_and_probabilities(live):
         ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "max_tokens": 65}), 400, "at most 64"),
         ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "n": 5}), 400, "allows 4"),
         ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x" * 5000}), 413, "larger than 4096"),
-        ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "Known tasks"),
+        ("/v1/completions", json.dumps({"model": "../e2e-soft", "prompt": "x"}), 404, "use one of"),
         ("/v1/completions", json.dumps({"model": "/etc/passwd", "prompt": "x"}), 404, "Unknown task"),
         ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "temperature": -1}), 400, "temperature"),
         ("/v1/completions", json.dumps({"model": "e2e-soft", "prompt": "x", "stop": list("abcde")}), 400, "at most 4"),
@@ -314,3 +318,169 @@ def test_softprompt_serve_command_end_to_end(store, model_dir):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert "serving 4 task(s)" in proc.stderr.read()
+
+
+# --- logprobs and echo -----------------------------------------------------------------------------------------------
+
+MR = "name[The Eagle], eatType[pub]"
+
+
+def completion(url: str, path: str = "/v1/completions", **body) -> dict:
+    r = httpx.post(url + path, json=body, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def streamed(url: str, path: str = "/v1/completions", **body) -> list[dict]:
+    """The chunks of a streamed request, without the [DONE] line."""
+    r = httpx.post(url + path, json=body | {"stream": True}, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def joined(chunks: list[dict]) -> dict:
+    """The completions logprobs of a stream's chunks, each column concatenated."""
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    return {key: [v for p in parts for v in p[key]] for key in parts[0]}
+
+
+def forward_logprobs(mt, task: str, prompt: str, new: list[int]) -> torch.Tensor:
+    """(N, V) log-softmax predicting each new token, from one uncached forward of the prompt and all of them."""
+    _, x = mt.encode(task, prompt)
+    logits, _, _ = mt.base.family.target_logits([x.with_target(new)])
+    return logits[0].float().log_softmax(-1)
+
+
+def test_completions_logprobs_are_those_of_an_uncached_forward_and_stream_alike(live):
+    body = {"model": "e2e-prefix", "prompt": MR, "max_tokens": 8, "temperature": 0, "logprobs": 3}
+    choice = completion(live.url, **body)["choices"][0]
+    lp = choice["logprobs"]
+    new = live.mt.generate_ids([("e2e-prefix", MR)], max_new_tokens=8)[0]
+    ref = forward_logprobs(live.mt, "e2e-prefix", MR, new)
+    assert len(lp["tokens"]) == len(new) and "".join(lp["tokens"]) == choice["text"]
+    assert lp["token_logprobs"] == pytest.approx(ref[torch.arange(len(new)), new].tolist(), abs=1e-4)
+    for token, logprob, top, row in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], ref):
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and next(iter(top)) == token  # greedy: the likeliest
+        assert top[token] == logprob and values == pytest.approx(row.topk(len(values)).values.tolist(), abs=1e-4)
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(len(new))]
+    chunks = streamed(live.url, **body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert joined(chunks) == lp
+
+
+def test_echo_starts_with_the_prompt_and_scores_its_tokens(live):
+    body = {"model": "e2e-soft", "prompt": MR, "max_tokens": 4, "temperature": 0}
+    plain = completion(live.url, **body | {"logprobs": 2})["choices"][0]
+    _, x = live.mt.encode("e2e-soft", MR)
+    prompt = live.mt.base.tokenizer.decode(x.source, skip_special_tokens=True)  # the template filled: as read
+    assert MR in prompt
+    assert completion(live.url, **body | {"echo": True})["choices"][0]["text"] == prompt + plain["text"]
+    echoed = completion(live.url, **body | {"echo": True, "logprobs": 2})["choices"][0]
+    assert echoed["text"] == prompt + plain["text"]
+    lp, n = echoed["logprobs"], len(x.source)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == n + 4
+    family = live.mt.base.family
+    for j in range(1, n):  # the next-token prediction of each prefix of the prompt, under the task's prompt
+        _, logits = family.start_decoding([Example(x.source[:j], j, [], x.injection)], use_cache=False)
+        assert lp["token_logprobs"][j] == pytest.approx(float(logits[0].float().log_softmax(-1)[x.source[j]]), abs=1e-4)
+    assert {k: v[n:] for k, v in lp.items() if k != "text_offset"} == {
+        k: v for k, v in plain["logprobs"].items() if k != "text_offset"
+    }
+    assert lp["text_offset"][n:] == [len(prompt) + o for o in plain["logprobs"]["text_offset"]]
+    chunks = streamed(live.url, **body | {"echo": True, "logprobs": 2})
+    assert chunks[0]["choices"][0]["text"] == prompt
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["text"] and joined(chunks) == lp
+
+
+def test_logprobs_end_where_a_stop_string_ends_the_text(live, tokenizer):
+    from softprompt.serving.batcher import Scored
+    from softprompt.serving.schemas import CompletionRequest
+    from softprompt.serving.streaming import Completion
+
+    ids = tokenizer("the film was great fun and the plot", add_special_tokens=False)["input_ids"]
+    entry = live.mt.get("e2e-soft")
+    _, example = live.mt.encode("e2e-soft", "x")
+
+    async def run(stop: str, stream: bool) -> tuple[str, dict]:
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(entry, example, 0, queue.put_nowait, logprobs=1)
+        for j, t in enumerate(ids):
+            queue.put_nowait((0, "scored", Scored(t, -1.0 - j, [(t, -1.0 - j)])))
+        queue.put_nowait((0, "done", "length"))
+        body = CompletionRequest(model="e2e-soft", prompt="x", stop=stop, stream=stream)
+        done = Completion(entry, [job], queue, tokenizer, body, False, time.monotonic() + 30)
+        if not stream:
+            choice = (await done.response())["choices"][0]
+            return choice["text"], choice["logprobs"]
+        chunks = [json.loads(e[6:]) async for e in done.sse() if e.startswith("data: {")]
+        return "".join(c["choices"][0]["text"] for c in chunks), joined(chunks)
+
+    full = tokenizer.decode(ids)
+    for stop, text in [("great f", "the film was "), (" g", "the film was"), ("zzz", full)]:
+        # the tokens that show some text: those that start before the text ends
+        kept = sum(len(tokenizer.decode(ids[:j])) < len(text) for j in range(len(ids)))
+        for stream in (False, True):
+            got, lp = asyncio.run(run(stop, stream))
+            assert got == text and lp["token_logprobs"] == [-1.0 - j for j in range(kept)], (stop, stream, lp)
+            assert "".join(lp["tokens"]).startswith(text) and lp["text_offset"][-1] < len(text)
+    assert kept == len(ids) and asyncio.run(run(" g", False))[1]["tokens"][-1] == " was"
+
+
+def test_chat_logprobs_come_in_openais_shape(live):
+    import openai
+
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+    ask = {"model": "e2e-soft", "messages": [{"role": "user", "content": MR}], "max_tokens": 5, "temperature": 0}
+    out = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for t in content:
+        assert t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob  # greedy
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+    # the same rows as a completion of the same prompt: the same log-probabilities
+    same = completion(live.url, model="e2e-soft", prompt=MR, max_tokens=5, temperature=0, logprobs=2)
+    assert [t.logprob for t in content] == same["choices"][0]["logprobs"]["token_logprobs"]
+    chunks = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
+    streamed_content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed_content == content
+    bare = client.chat.completions.create(**ask, logprobs=True)
+    assert all(t.top_logprobs == [] for t in bare.choices[0].logprobs.content)
+    assert client.chat.completions.create(**ask).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    "path, given, param",
+    [
+        ("/v1/completions", {"logprobs": 6}, "logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),  # chat's form: refused, not read as 1
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": "yes please"}, "logprobs"),
+        ("/v1/chat/completions", {"echo": True}, "echo"),  # no such thing in chat
+    ],
+)
+def test_logprobs_out_of_range_are_refused_naming_the_parameter(live, path, given, param):
+    ask = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(live.url + path, json={"model": "e2e-soft", "max_tokens": 2} | ask | given, headers=auth())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_echo_with_logprobs_is_refused_where_the_prompt_has_none(tokenizer, e2e):
+    from softprompt.multitask import MultiTask
+
+    t5 = build_tiny("t5", tokenizer)
+    mt = MultiTask(t5)
+    mt.add("gen", make_prompt(t5, e2e.spec, None))
+    with Live(create_app(mt, config=ServerConfig(max_tokens=4))) as server:
+        body = {"model": "gen", "prompt": "name[Fun]", "max_tokens": 2, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body | {"echo": True, "logprobs": 1}, timeout=60)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "echo" and "encoder" in error["message"], r.text
+        both = [completion(server.url, **body | extra)["choices"][0] for extra in ({"echo": True}, {"logprobs": 1})]
+        assert both[0]["text"].startswith("Table: name[Fun]") and len(both[1]["logprobs"]["tokens"]) >= 1

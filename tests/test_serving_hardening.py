@@ -313,14 +313,23 @@ def test_text_stream_work_per_token_is_bounded_by_the_stops(tokenizer):
 def test_a_row_that_fails_fails_alone(llama, store, e2e):
     mt = registry(llama, store)
     poisoned = mt.add("poisoned", make_prompt(llama, e2e.spec, "soft", 4, seed=3))
-    for t in poisoned.injection.tensors().values():
+    for t in mt.injection(poisoned).tensors().values():  # the cached, compiled prompt every row runs with
         t.fill_(float("nan"))  # as a file with NaN would be, were the store not to refuse it
     events: list = []
-    sampled = Sampling(temperature=1.0)
-    rows = [("e2e-soft", sampled), ("poisoned", sampled), ("e2e-prefix", Sampling()), ("poisoned", Sampling())]
+    sampled, greedy = Sampling(temperature=1.0), Sampling()
+    # (task, sampling, logprobs, echo): the poisoned prompt sampled and greedy, beside rows that ask for log-probs
+    rows = [
+        ("e2e-soft", sampled, None, False),
+        ("poisoned", sampled, None, False),
+        ("e2e-prefix", greedy, None, False),
+        ("poisoned", greedy, None, False),
+        ("e2e-prefix", greedy, 2, True),
+        ("poisoned", greedy, 2, True),
+    ]
     jobs = [
-        Job(mt.get(t), mt.get(t).encode("name[Fun]", 4), i, events.append, max_new_tokens=4, sampling=s)
-        for i, (t, s) in enumerate(rows)
+        Job(mt.get(t), x, i, events.append, max_new_tokens=4, sampling=s, logprobs=k, echo=e)
+        for i, (t, s, k, e) in enumerate(rows)
+        for x in [mt.get(t).encode("name[Fun]", 4)]
     ]
     sst2 = mt.get("sst2-soft")
     jobs.append(Job(sst2, sst2.encode("great", None), len(jobs), events.append, classify=True))
@@ -329,15 +338,18 @@ def test_a_row_that_fails_fails_alone(llama, store, e2e):
     batcher.start()
     wait_for(lambda: all(j.finished for j in jobs))
     batcher.stop()
-    ends = {i: (kind, v) for i, kind, v in events if kind != "token"}
-    assert set(ends) == {0, 1, 2, 3, 4} and len([e for e in events if e[1] != "token"]) == 5  # one end each
-    assert ends[0][0] == ends[2][0] == "done" and ends[4][0] == "result"
-    assert ends[1][0] == "error" and "not finite" in ends[1][1].message and ends[1][1].status == 500
-    # a greedy row of the poisoned prompt does not raise (argmax takes NaN) but must not fail the others either
-    assert ends[3][0] in ("done", "error")
-    assert [v for i, kind, v in events if i == 2 and kind == "token"] == mt.generate_ids(
-        [("e2e-prefix", "name[Fun]")], max_new_tokens=4
-    )[0][: len([e for e in events if e[0] == 2 and e[1] == "token"])]
+    ends = {i: (kind, v) for i, kind, v in events if kind in ("done", "result", "error")}
+    assert len(ends) == len(jobs) == len([e for e in events if e[1] in ("done", "result", "error")])  # one end each
+    assert ends[0][0] == ends[2][0] == ends[4][0] == "done" and ends[6][0] == "result"
+    for poisoned in (1, 3, 5):  # sampled or greedy (whose argmax would take NaN), each fails alone
+        kind, error = ends[poisoned]
+        assert kind == "error" and error.code == "non_finite_scores" and error.status == 500, ends[poisoned]
+        assert [e[1] for e in events if e[0] == poisoned] == ["error"]
+    expected = mt.generate_ids([("e2e-prefix", "name[Fun]")], max_new_tokens=4)[0]
+    assert [v for i, kind, v in events if i == 2 and kind == "token"] == expected
+    scored = [(kind, v) for i, kind, v in events if i == 4]
+    assert scored[0][0] == "prompt" and len(scored[0][1]) == len(jobs[4].example.source)
+    assert [v.token for kind, v in scored if kind == "scored"] == expected
 
 
 def test_a_decode_of_zero_steps_still_ends_its_request(llama, store):
@@ -385,9 +397,7 @@ def test_requests_time_out_and_are_dropped_when_their_client_goes(llama, store):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("logprobs", 2),
-        ("logprobs", True),
-        ("echo", True),
+        ("top_logprobs", 2),  # chat's; completions take `logprobs: k`
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1),
         ("logit_bias", {"50": 100}),

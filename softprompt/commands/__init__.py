@@ -37,13 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of the command `argv` names, and the arguments it parses: `search templates --config F` descends
+    two levels, so that the config file is checked against the options of `search templates`, not of `search`."""
+    while argv and parser._subparsers is not None:
+        sub = parser._subparsers._group_actions[0].choices.get(argv[0])
+        if sub is None:
+            break
+        parser, argv = sub, argv[1:]
+    return parser, argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        sub = parser._subparsers._group_actions[0].choices.get(argv[0]) if argv else None
-        if sub is not None:
-            apply_config_file(sub, argv[1:])
+        command, rest = _command_parser(parser, argv)
+        if command is not parser:
+            apply_config_file(command, rest)
         ns = parser.parse_args(argv)
         if ns.command is None:
             parser.print_help()

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fileio import read_mapping
 
 TRUNCATE_HELP = "over-long input policy: error, left (drop the start) or right (drop the end before the label)"
 
@@ -109,25 +110,52 @@ def method_config_from(ns: argparse.Namespace, names: list[str]):
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Read --config FILE (YAML or JSON) and make its keys the parser's defaults."""
+    """Read --config FILE (JSON for *.json, YAML otherwise) and make its keys the parser's defaults."""
+    if "--config" not in parser._option_string_actions:  # argparse refuses the flag on commands that lack it
+        return
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return
-    from ..fileio import read_mapping
-
     path = Path(known.config)
-    values = read_mapping(path, "Config file", "map option names to values: write `steps: 150` style lines.")
-    dests = {a.dest for a in parser._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - dests)
+    values = read_config(path)
+    actions = {a.dest: a for a in parser._actions}
+    values = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in values.items()}
+    unknown = sorted(set(values) - set(actions), key=str)  # YAML keys may be numbers, booleans or null
     if unknown:
         raise ConfigError(
             f"Config file {path} has unknown option(s) {unknown}.",
             "use the long option names from --help (with - or _).",
         )
+    for key, value in values.items():
+        _check_config_value(path, actions[key], value)
     parser.set_defaults(**values)
+
+
+_NUMBER_KINDS = {int: "an integer", float: "a number"}
+
+
+def _check_config_value(path: Path, action: argparse.Action, value) -> None:
+    """Refuse a config value that an `int` or `float` option cannot take: argparse converts a default only when it
+    is text, so a file's `limit: 1.5` or `batch_size: [8]` would reach the command as it is (options built from
+    config dataclasses are also checked by their dataclass; this covers the plain ones, e.g. `search --limit`)."""
+    kind = _NUMBER_KINDS.get(action.type)
+    if kind is None or isinstance(value, str) or (value is None and action.default is None):
+        return
+    numeric = isinstance(value, int) or (action.type is float and isinstance(value, float))
+    if isinstance(value, bool) or not numeric:
+        raise ConfigError(
+            f"Config file {path}: {action.dest} must be {kind}, got {value!r:.60} ({type(value).__name__}).",
+            f"write `{action.dest}:` with {kind} (or pass {max(action.option_strings, key=len)}).",
+        )
+
+
+def read_config(path: Path) -> dict:
+    """The mapping in config file `path` (YAML, or JSON for *.json)."""
+    return read_mapping(
+        path, "Config file", "map option names to values: write `steps: 150` style lines (JSON: an object)."
+    )
 
 
 # --- shared option groups --------------------------------------------------------------------------------------------
@@ -195,12 +223,24 @@ def console():
     return Console()
 
 
+def fmt_number(value, spec: str = ",") -> str:
+    """`value` formatted by `spec`, or as it is where it cannot be: a prompt file's metadata may hold any JSON value
+    where a number belongs (a string, a list, null, an integer too large for a float)."""
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError, OverflowError):
+        return str(value)
+
+
 def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
+    try:
+        for unit in ("B", "KB", "MB", "GB"):
+            if n < 1000:
+                return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+            n /= 1000
+        return f"{n:,.1f} TB"
+    except OverflowError:  # over about 1e308 bytes: no float holds it, the integer is shown as it is
+        return f"{fmt_number(n)} B"
 
 
 def fmt_metrics(m: dict | None) -> str:
@@ -209,7 +249,7 @@ def fmt_metrics(m: dict | None) -> str:
     from ..evaluate import scalar_metrics
 
     return ", ".join(
-        f"{k} {100 * v:.1f}%" if k in ("accuracy", "macro_f1") else f"{k} {v:.1f}" for k, v in scalar_metrics(m).items()
+        f"{k} {fmt_number(v, '.1%' if k in ('accuracy', 'macro_f1') else '.1f')}" for k, v in scalar_metrics(m).items()
     )
 
 
@@ -219,7 +259,9 @@ def fmt_scored(m: dict | None, split: str | None = None) -> str:
     if not m:
         return "-"
     split = split or m.get("split")
-    where = " ".join(x for x in (f"on {split}" if split else "", f"({m['n']:,} rows)" if "n" in m else "") if x)
+    where = " ".join(
+        x for x in (f"on {split}" if split else "", f"({fmt_number(m['n'])} rows)" if "n" in m else "") if x
+    )
     return f"{fmt_metrics(m)} {where}".strip()
 
 

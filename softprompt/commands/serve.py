@@ -111,7 +111,9 @@ def cmd_serve(ns) -> None:
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"softprompt: warning: serving on {ns.host} without an API key (set --api-key-env)", file=sys.stderr)
     base = load_base(ns)
-    mt = MultiTask(base, compile=not ns.no_compile, truncate=ns.truncate, max_length=ns.max_length)
+    mt = MultiTask(
+        base, compile=not ns.no_compile, truncate=ns.truncate, max_length=ns.max_length, cache_bytes=config.cache_bytes
+    )
     report = mt.sync(store)
     print(
         f"softprompt: serving {len(mt)} task(s) from {store.root} on {base.name}: {', '.join(mt.names()) or '-'}"

@@ -135,6 +135,7 @@ def cmd_generate(ns) -> None:
 
 
 def cmd_info(ns) -> None:
+    from ..evaluate import scalar_metrics
     from ..store import info, load_prompt
 
     d = info(load_prompt(ns.file))
@@ -143,24 +144,33 @@ def cmd_info(ns) -> None:
         print(json.dumps(d, indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=str(ns.file), show_header=False)
+    # Text cells: a file's metadata is shown as it is, never read as rich markup (a metric named "[/]" would raise)
+    t = Table(title=Text(str(ns.file)), show_header=False)
+
+    def row(name: str, value: str) -> None:
+        t.add_row(Text(name), Text(value))
+
     tokens = f"{d['virtual_tokens']} virtual tokens" if d["virtual_tokens"] else "a text template, no tensors"
-    t.add_row("method", f"{d['method']} ({tokens})")
-    t.add_row("task", str(d["task"]))
-    t.add_row("base model", str(d["base_model"]))
-    t.add_row("parameters saved", f"{d['parameters_saved']:,}")
-    t.add_row("parameters while training", f"{d['parameters_training']:,}")
-    t.add_row("file size", fmt_bytes(d["file_bytes"]))
+    row("method", f"{d['method']} ({tokens})")
+    row("task", str(d["task"]))
+    row("base model", str(d["base_model"]))
+    row("parameters saved", f"{d['parameters_saved']:,}")
+    row("parameters while training", f"{d['parameters_training']:,}")
+    row("file size", fmt_bytes(d["file_bytes"]))
     if d["base_parameters"]:
-        t.add_row("full copy of the base model", f"{d['base_parameters']:,} parameters, {fmt_bytes(d['base_bytes'])}")
-        t.add_row(
+        row("full copy of the base model", f"{d['base_parameters']:,} parameters, {fmt_bytes(d['base_bytes'])}")
+        # integer arithmetic: a file's base size may be any integer, beyond what a float holds
+        ratio = (d["base_bytes"] + d["file_bytes"] // 2) // d["file_bytes"]
+        row(
             "prompt / full copy",
-            f"{100 * d['fraction_of_base']:.4f}% of the parameters, "
-            f"1/{d['base_bytes'] / d['file_bytes']:,.0f} of the bytes",
+            f"{100 * d['fraction_of_base']:.4f}% of the parameters, 1/{ratio:,} of the bytes",
         )
     for k, v in d["metrics"].items():
-        t.add_row(f"metrics: {k}", fmt_scored(v) if isinstance(v, dict) else str(v))
+        # metrics are any JSON value: those that hold no number are shown as they are in the file
+        readable = isinstance(v, dict) and scalar_metrics(v)
+        row(f"metrics: {k}", fmt_scored(v) if readable else json.dumps(v, ensure_ascii=False))
     console().print(t)
 
 

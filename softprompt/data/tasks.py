@@ -733,10 +733,16 @@ def load_task(name_or_path: str, data_dir: str | None = None, dev_from_train: fl
             f"use one of {builtin_tasks()} or the path of a YAML/JSON task spec.",
         )
     try:
-        d = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+        d = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except OSError as e:  # a folder, or no permission
         raise ConfigError(f"Cannot read task spec {p}: {e.strerror or e}.", "pass a readable YAML/JSON file.") from e
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:  # worded as a --config file's: the line and column, no character offset
+        raise ConfigError(
+            f"Task spec {p} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.",
+            "fix the syntax of the spec file.",
+        ) from e
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: a 4,300-digit int
         raise ConfigError(f"Task spec {p} is not valid YAML/JSON: {e}", "fix the syntax of the spec file.") from e
     if not isinstance(d, dict):
         raise ConfigError(f"Task spec {p} must be a mapping of keys to values.", "see tasks/*.yaml for examples.")

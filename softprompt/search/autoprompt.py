@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Encoder, Split, Task, TaskSpec, frequent_token_ids
-from ..errors import ConfigError, check_at_least, check_choice
+from ..errors import ConfigError, check_at_least, check_choice, check_types
 from ..evaluate import gold_classes
 from ..example import Example
 from ..injection import EMPTY, Injection
@@ -97,6 +97,9 @@ class AutoPromptConfig:
     )
 
     def __post_init__(self):
+        # first: a --config file passes its values unconverted (`iterations: 1.5`, `vocab: 3`), which the range
+        # checks below would compare, or raise on, as they are
+        check_types(self)
         check_at_least(
             self,
             1,
@@ -110,6 +113,7 @@ class AutoPromptConfig:
             "verify_rows",
             "search_size",
         )
+        check_at_least(self, 0, "search_min_words")
         if not 0 <= self.select_rows < self.search_size:
             raise ConfigError(
                 f"select_rows must be >= 0 and leave search rows, got {self.select_rows} of "

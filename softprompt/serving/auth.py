@@ -10,9 +10,10 @@ import logging
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from .config import ServerConfig
-from .schemas import ApiError
+from .schemas import ApiError, Disconnected
 
 log = logging.getLogger("softprompt.serve")
 
@@ -55,6 +56,8 @@ async def _body(request: Request, config: ServerConfig) -> bytes:
                 body += chunk
                 if len(body) > config.max_request_bytes:
                     raise too_large
+    except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
+        raise Disconnected from None
     except TimeoutError:
         raise ApiError(408, f"Request body not received within {config.body_timeout:g} s.", "request_timeout") from None
     return bytes(body)

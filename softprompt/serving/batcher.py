@@ -11,6 +11,11 @@ One bad row must not fail its batch: when a batch raises (e.g. a prompt whose te
 sampling raise for every row), its rows that have not yet been sent anything run again in halves,
 down to single rows, so only the rows that fail alone get an error. Every job ends with exactly one
 "done", "result" or "error" event, even a decode of zero steps or a stop of the server.
+
+A job that asks for log-probabilities gets ("scored", `Scored`) events instead of ("token", id),
+computed once per step for the whole batch (`decode(..., top_logprobs=k)`, k the most any row asks);
+an echo job gets ("prompt", [Scored] or None) right before its first new token or its end: with
+log-probabilities, its source tokens scored under its prompt (one forward here, on this thread).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PromptFileError
 from ..example import Example
-from ..generate import Sampling, stop_ids
+from ..generate import LogProbs, NonFiniteScoresError, Sampling, prompt_logprobs, stop_ids
 from ..multitask import Entry, MultiTask
 from ..store import Store
 from .config import ServerConfig
-from .schemas import ApiError
+from .schemas import ApiError, redact
 
 log = logging.getLogger("softprompt.serve")
 
@@ -40,10 +46,26 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A token with its log-probability and the most likely tokens in its place, [(id, log p)] best first."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token, which nothing before it predicts
+    top: list[tuple[int, float]]
+
+
+def scored(tokens: list[int], lp: LogProbs, ks: list[int]) -> list[Scored]:
+    """`Scored` of each token (N,) from `lp`, keeping the first ks[i] most likely tokens of row i."""
+    chosen, ids, top = lp.chosen.tolist(), lp.top_ids.tolist(), lp.top.tolist()
+    return [Scored(t, c, list(zip(i[:k], p[:k]))) for t, c, i, p, k in zip(tokens, chosen, ids, top, ks)]
+
+
 @dataclass(eq=False)
 class Job:
     """One row of a batch: an encoded input of one task. Results go back to its request as events
-    (index, kind, value): ("token", id), ("done", finish_reason), ("result", Classification), ("error", ApiError)."""
+    (index, kind, value): ("token", id) or ("scored", Scored) per new token, ("prompt", [Scored] or None) first for
+    an echo job, then ("done", finish_reason); ("result", Classification); or ("error", ApiError)."""
 
     entry: Entry
     example: Example
@@ -52,6 +74,8 @@ class Job:
     classify: bool = False
     max_new_tokens: int = 0
     sampling: Sampling = Sampling()
+    logprobs: int | None = None  # each new token's log-probability and its k most likely alternatives (None: not)
+    echo: bool = False  # send the prompt ahead of the new tokens (scored when `logprobs` is asked)
     finished: bool = False  # set by the worker when done, or by the handler when it wants no more tokens
     generated: int = 0
 
@@ -180,27 +204,38 @@ class Batcher:
             self._generate(jobs)
 
     def _generate(self, jobs: list[Job]) -> None:
-        steps = self.mt.decode_rows(
-            [(j.entry, j.example) for j in jobs],
-            [j.max_new_tokens for j in jobs],
-            [j.sampling for j in jobs],
-            generator=self.generator,
-        )
+        # sent with a job's first event, not now: a batch that fails before then runs the job again
+        prompts = {j: self._prompt(j) for j in jobs if j.echo}
+        rows = [(j.entry, j.example) for j in jobs]
+        limits, sampling = [j.max_new_tokens for j in jobs], [j.sampling for j in jobs]
+        k = max((j.logprobs for j in jobs if j.logprobs is not None), default=None)
+        steps = self.mt.decode_rows(rows, limits, sampling, generator=self.generator, top_logprobs=k)
+
+        def send(job: Job, kind: str, value) -> None:
+            if job in prompts:
+                job.send((job.index, "prompt", prompts.pop(job)))
+            job.send((job.index, kind, value))
+
         try:
-            for nxt, active in steps:
-                for job, token, alive in zip(jobs, nxt.tolist(), active.tolist(), strict=True):
+            for nxt, active, *lp in steps:
+                tokens = nxt.tolist()
+                scores = scored(tokens, lp[0], [j.logprobs or 0 for j in jobs]) if lp else None
+                for i, (job, token, alive) in enumerate(zip(jobs, tokens, active.tolist(), strict=True)):
                     if not alive or job.finished:
                         continue
                     if token in self.eos:
                         job.finished = True
-                        job.send((job.index, "done", "stop"))
+                        send(job, "done", "stop")
                         continue
                     job.generated += 1
                     self.stats["tokens"] += 1
-                    job.send((job.index, "token", token))
+                    if job.logprobs is None:
+                        send(job, "token", token)
+                    else:
+                        send(job, "scored", scores[i])
                     if job.generated >= job.max_new_tokens:
                         job.finished = True
-                        job.send((job.index, "done", "length"))
+                        send(job, "done", "length")
                 if all(j.finished for j in jobs) or self.stopping:
                     break
         finally:
@@ -208,13 +243,28 @@ class Batcher:
         for job in jobs:  # e.g. a decode of zero steps (max_new_tokens 0), or rows ended with the loop
             if not job.finished:
                 job.finished = True
-                job.send((job.index, "done", "length"))
+                send(job, "done", "length")
+
+    def _prompt(self, job: Job) -> list[Scored] | None:
+        """What an echo job sends ahead of its new tokens: with logprobs, its source tokens scored under its prompt."""
+        if job.logprobs is None:
+            return None
+        source = job.example.source
+        ready = Example(source, job.example.slot, [], self.mt.injection(job.entry))  # read, compiled and cached
+        lp = prompt_logprobs(self.mt.base, ready, job.logprobs)
+        return [Scored(source[0], None, []), *scored(source[1:], lp, [job.logprobs] * len(source))]
 
 
 def _internal(e: Exception, task: str | None = None) -> ApiError:
     """The 500 of a failed row: the exception's kind, never its text (it may hold paths or the inputs)."""
-    text = str(e).lower()
-    if task is not None and ("nan" in text or "inf" in text):  # e.g. torch.multinomial on NaN probabilities
+    if task is not None and isinstance(e, PromptFileError):  # its file is read on first use, and turned out bad
+        return ApiError(
+            500,
+            f"Task '{task}': its prompt file was refused: {redact(e.problem)}",
+            "prompt_file_refused",
+            "server_error",
+        )
+    if task is not None and isinstance(e, NonFiniteScoresError):
         return ApiError(
             500,
             f"Task '{task}' produced scores that are not finite (NaN or inf); its prompt file may be corrupt.",

@@ -1,6 +1,7 @@
 """The HTTP routes: the OpenAI-compatible API over a `MultiTask` registry, and `create_app`.
 
-POST /v1/completions        OpenAI completions; `model` names the task (vLLM's convention for adapters)
+POST /v1/completions        OpenAI completions; `model` names the task (vLLM's convention for adapters); `echo`
+                            starts the text with the prompt as the model reads it (the task's template filled)
 POST /v1/chat/completions   OpenAI chat; the last user message fills the task's template
 POST /v1/classify           label and class probabilities of a classification task
 GET  /v1/models             the tasks being served
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from contextlib import asynccontextmanager
 
@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import InputTooLongError, SoftpromptError
 from ..example import Example
-from ..generate import Sampling
+from ..generate import Sampling, scores_prompts
 from ..multitask import Classification, Entry, MultiTask, UnknownTaskError
 from ..store import Store
 from .auth import ApiKey, HostCheck, read
@@ -34,6 +34,7 @@ from .schemas import (
     CompletionRequest,
     SampledRequest,
     openapi_schema,
+    redact,
     request_body,
 )
 from .streaming import Completion, channel, events
@@ -41,12 +42,6 @@ from .streaming import Completion, channel, events
 log = logging.getLogger("softprompt.serve")
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; a length that keeps matching cheap on every token
-_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"]+)+/([^\s/'\"]+)")
-
-
-def redact(text: str) -> str:
-    """`text` with absolute file paths cut to their last part: answers never show the server's directories."""
-    return _PATH.sub(r"\1", text)
 
 
 class Routes:
@@ -59,7 +54,7 @@ class Routes:
         try:
             return self.mt.get(name)
         except UnknownTaskError as e:
-            raise ApiError(404, f"{redact(e.problem)} Known tasks: {e.known}.", "model_not_found", param="model") from e
+            raise ApiError(404, f"{redact(e.problem)} Fix: {e.fix}", "model_not_found", param="model") from e
 
     @staticmethod
     def encode(entry: Entry, value, reserve: int | None = None, param: str = "prompt") -> Example:
@@ -122,15 +117,40 @@ class Routes:
         return max_new
 
     async def generation(
-        self, request: Request, body: SampledRequest, inputs: list, max_tokens: int | None, chat: bool
+        self,
+        request: Request,
+        body: SampledRequest,
+        inputs: list,
+        max_tokens: int | None,
+        chat: bool,
+        logprobs: int | None = None,
+        echo: bool = False,
     ):
+        """logprobs: the alternatives to report per token (None: no log-probabilities); echo: start with the prompt."""
         entry = self.task(body.model)
         max_new = self._generation_limits(body, entry, inputs, max_tokens)
+        if echo and logprobs is not None and not scores_prompts(self.mt.base):
+            raise ApiError(
+                400,
+                f"The base model '{self.mt.base.name}' reads the prompt with an encoder, which gives its tokens no "
+                "log-probabilities: echo cannot be combined with logprobs here.",
+                "echo_logprobs_not_supported",
+                param="echo",
+            )
         examples = [self.encode(entry, x, max_new) for x in inputs]
         queue, send = channel()
         sampling = Sampling(body.temperature, body.top_p, body.top_k)
         jobs = [
-            Job(entry, examples[i], i * body.n + k, send, max_new_tokens=max_new, sampling=sampling)
+            Job(
+                entry,
+                examples[i],
+                i * body.n + k,
+                send,
+                max_new_tokens=max_new,
+                sampling=sampling,
+                logprobs=logprobs,
+                echo=echo,
+            )
             for i in range(len(inputs))
             for k in range(body.n)
         ]
@@ -150,7 +170,7 @@ class Routes:
         inputs = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not inputs:
             raise ApiError(400, "prompt is empty.", "invalid_request", param="prompt")
-        return await self.generation(request, body, inputs, body.max_tokens, chat=False)
+        return await self.generation(request, body, inputs, body.max_tokens, False, body.logprobs, body.echo)
 
     async def chat_completions(self, request: Request):
         body = await read(request, ChatRequest, self.config)
@@ -163,7 +183,7 @@ class Routes:
                 param="messages",
             )
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self.generation(request, body, [users[-1].text()], max_tokens, chat=True)
+        return await self.generation(request, body, [users[-1].text()], max_tokens, True, body.top_k_logprobs())
 
     async def classify(self, request: Request):
         body = await read(request, ClassifyRequest, self.config)
@@ -233,7 +253,13 @@ class Routes:
         b = self.batcher
         out = {"status": "ok", "tasks": len(self.mt), "queued": b.queued, "running": b.running, **b.stats}
         if self.key.authorized(request):  # names and reasons only for those who may use the API
-            out |= {"model": self.mt.base.name, "refused": {k: redact(v) for k, v in self.mt.refused.items()}}
+            out |= {
+                "model": self.mt.base.name,
+                "refused": {k: redact(v) for k, v in self.mt.refused.items()},
+                # tasks whose file turned bad, serving their last good version
+                "stale": {k: redact(v) for k, v in self.mt.stale.items()},
+                "cache": {"prompts": len(self.mt.cache), "bytes": self.mt.cache.bytes, **self.mt.cache.stats},
+            }
         return out
 
     def router(self) -> APIRouter:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ApiError(Exception):
@@ -30,6 +31,21 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+class Disconnected(ApiError):
+    """The client closed its connection before its answer was complete (nginx's 499: nobody reads it)."""
+
+    def __init__(self):
+        super().__init__(499, "The client closed the connection.", "client_closed_request")
+
+
+_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"]+)+/([^\s/'\"]+)")
+
+
+def redact(text: str) -> str:
+    """`text` with absolute file paths cut to their last part: answers never show the server's directories."""
+    return _PATH.sub(r"\1", text)
 
 
 class _Request(BaseModel):
@@ -62,9 +78,6 @@ class SampledRequest(_Request):
 
     # OpenAI's parameters that we do not implement, with the values that mean "off" (accepted)
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
-        "echo": (None, False),
         "presence_penalty": (None, 0, 0.0),
         "frequency_penalty": (None, 0, 0.0),
         "repetition_penalty": (None, 1, 1.0),
@@ -87,6 +100,12 @@ class SampledRequest(_Request):
 
 class CompletionRequest(SampledRequest):
     prompt: str | list[str]
+    # the log-probabilities of each token and of the `logprobs` most likely tokens in its place (None: none); strict,
+    # so that a chat client's `logprobs: true` is refused rather than read as 1
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
+    echo: bool = False  # the text starts with the prompt as the model reads it (the task's template filled)
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = SampledRequest.UNSUPPORTED | {"top_logprobs": (None, 0)}
 
 
 class ContentPart(BaseModel):
@@ -113,6 +132,21 @@ class ChatMessage(BaseModel):
 class ChatRequest(SampledRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = SampledRequest.UNSUPPORTED | {"echo": (None, False)}
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def top_k_logprobs(self) -> int | None:
+        """How many most likely tokens to report per token (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 Fields = dict[str, str | int | float | bool]  # an input given as the template's fields: flat, never nested
