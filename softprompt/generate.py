@@ -49,10 +49,12 @@ def check_finite(logits: torch.Tensor) -> None:
     bad = ~best.isfinite()
     if bool(bad.any()):
         rows = bad.reshape(-1).nonzero()[:, 0].tolist()
-        raise NonFiniteScoresError(
+        error = NonFiniteScoresError(
             f"The next-token scores of row(s) {rows[:8]} are not finite (NaN or inf).",
             "check the prompt's tensors and the base model's weights for NaN or inf.",
         )
+        error.rows = rows  # for a caller that answers the other rows
+        raise error
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,94 @@ def stop_ids(base) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class Decoder:
+    """Rows decoding together with a KV cache, which rows may join and leave between steps: continuous batching.
+
+    `join` prefills new rows apart and merges them into the running batch (`Family.merge_decoding`); `sample` picks
+    every row's next token; `advance` feeds them, dropping the rows told to leave (`Family.select_decoding`). Where
+    the family cannot merge decoding states, rows join only an empty decoder and rows that leave stay in the batch
+    as padding until it empties: batches that start together, as static batching runs them.
+    """
+
+    def __init__(
+        self,
+        base,
+        generator: torch.Generator | None = None,
+        top_logprobs: int | None = None,
+        use_cache: bool = True,
+    ):
+        self.base, self.family, self.generator, self.k, self.use_cache = (
+            base,
+            base.family,
+            generator,
+            top_logprobs,
+            use_cache,
+        )
+        self.pad = base.tokenizer.pad_token_id
+        self.state = None
+        self.logits: torch.Tensor | None = None  # (B, V) the next-token logits of every row
+        self.settings: list[Sampling] = []
+        self.keys: list = []  # the caller's key of each row, in batch order; None for a row that left (padding)
+
+    def __len__(self) -> int:
+        """Rows decoding (not counting those that left and stay as padding)."""
+        return sum(k is not None for k in self.keys)
+
+    @property
+    def can_join(self) -> bool:
+        return self.state is None or self.family.merges_decoding(self.state)
+
+    @torch.inference_mode()
+    def join(self, keys: list, examples: list[Example], max_new_tokens: list[int], settings: list[Sampling]) -> None:
+        """Prefill `examples` (one per key) and add them to the batch; raises like `Family.start_decoding`, leaving
+        the running rows as they were."""
+        if not self.can_join:
+            raise ValueError("rows can join this decoder only once it is empty (its family merges no states)")
+        self.family.check_fits(examples, list(max_new_tokens))
+        state, logits = self.family.start_decoding(examples, self.use_cache)
+        if self.state is None:
+            self.state, self.logits = state, logits
+        else:
+            self.state = self.family.merge_decoding(self.state, state)
+            self.logits = torch.cat([self.logits, logits])
+        self.keys += list(keys)
+        self.settings += list(settings)
+
+    @torch.inference_mode()
+    def sample(self) -> tuple[torch.Tensor, LogProbs | None]:
+        """The next token of every row (B,), and with `top_logprobs` their `LogProbs`; rows that left get padding."""
+        nxt = sample_next(self.logits, self.settings, self.generator)
+        nxt = torch.where(self._live(), nxt, torch.full_like(nxt, self.pad))
+        return nxt, None if self.k is None else log_probs(self.logits, nxt, self.k)
+
+    @torch.inference_mode()
+    def release(self, rows: list[int]) -> None:
+        """Let rows leave at once, before their next token (e.g. rows whose scores are not finite): the others
+        sample as if they had never been there."""
+        for i in rows:
+            self.keys[i] = None
+            self.logits[i] = 0
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor, leave: list[bool] | None = None) -> None:
+        """Feed each row its token (B,); rows with `leave` true leave the batch first."""
+        if leave is not None:
+            self.keys = [None if gone else k for k, gone in zip(self.keys, leave)]
+        if not any(k is not None for k in self.keys):
+            self.state, self.logits, self.settings, self.keys = None, None, [], []
+            return
+        if None in self.keys and self.family.merges_decoding(self.state):
+            index = torch.tensor([i for i, k in enumerate(self.keys) if k is not None], device=tokens.device)
+            self.state = self.family.select_decoding(self.state, index)
+            tokens = tokens[index]
+            self.settings = [self.settings[i] for i in index.tolist()]
+            self.keys = [self.keys[i] for i in index.tolist()]
+        self.logits = self.family.continue_decoding(self.state, tokens)
+
+    def _live(self) -> torch.Tensor:
+        return torch.tensor([k is not None for k in self.keys], device=self.logits.device)
+
+
 @torch.inference_mode()
 def decode(
     base,
@@ -128,31 +218,26 @@ def decode(
     ended: called after each step the caller has consumed; the rows it returns end there (e.g. at a stop string).
     top_logprobs: when given (k >= 0), each step yields a third element, the `LogProbs` of the tokens picked and of
     the k most likely tokens, for the whole batch (a row that wants fewer reads the first of them).
+    The rows start together and stay in the batch (inactive ones as padding): `Decoder` lets rows come and go.
     """
     B = len(examples)
-    family = base.family
     settings = [sampling] * B if isinstance(sampling, Sampling) else list(sampling)
     limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    family.check_fits(examples, limits)
-    dev = base.device
-    state, logits = family.start_decoding(examples, use_cache)
-    eos = torch.tensor(sorted(stop_ids(base)), device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    limits = torch.tensor(limits, device=dev)
-    pad = base.tokenizer.pad_token_id
+    decoder = Decoder(base, generator, top_logprobs, use_cache)
+    decoder.join(list(range(B)), examples, limits, settings)
+    eos = torch.tensor(sorted(stop_ids(base)), device=base.device)
+    active = torch.ones(B, dtype=torch.bool, device=base.device)
+    limits = torch.tensor(limits, device=base.device)
     for step in range(int(limits.max())):
-        nxt = sample_next(logits, settings, generator)
-        nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
-        if top_logprobs is None:
-            yield nxt, active.clone()
-        else:
-            yield nxt, active.clone(), log_probs(logits, nxt, top_logprobs)
+        nxt, lp = decoder.sample()
+        nxt = torch.where(active, nxt, torch.full_like(nxt, decoder.pad))
+        yield (nxt, active.clone()) if lp is None else (nxt, active.clone(), lp)
         active &= ~torch.isin(nxt, eos) & (limits > step + 1)
         if ended is not None:
             active[ended()] = False
         if not active.any():
             return
-        logits = family.continue_decoding(state, nxt)
+        decoder.advance(nxt)
 
 
 def scores_prompts(base) -> bool:

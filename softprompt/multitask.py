@@ -387,7 +387,7 @@ class MultiTask:
             log.info("store %s: %s", store.root, {k: len(v) for k, v in report.items()})
         return report
 
-    def _resolved(self, rows: list[tuple[Entry, Example]]) -> list[Example]:
+    def ready(self, rows: list[tuple[Entry, Example]]) -> list[Example]:
         """The rows' examples with their prompts ready to run (rows of one task share one injection)."""
         return [Example(x.source, x.slot, x.target, self.injection(entry)) for entry, x in rows]
 
@@ -395,7 +395,7 @@ class MultiTask:
     def encode(self, task: str, value: str | dict, reserve: int | None = None) -> tuple[Entry, Example]:
         """One input of `task` encoded, its example ready to run (with the prompt's tensors, compiled)."""
         entry = self.get(task)
-        return entry, self._resolved([(entry, entry.encode(value, reserve))])[0]
+        return entry, self.ready([(entry, entry.encode(value, reserve))])[0]
 
     def classify_rows(self, rows: list[tuple[Entry, Example]]) -> list[Classification]:
         """Classify already encoded rows of any mix of classification tasks, batched together (`class_scores`)."""
@@ -405,7 +405,7 @@ class MultiTask:
                     f"Task '{entry.name}' is a generation task; it has no classes.",
                     "use a classification task, or /v1/completions for generation.",
                 )
-        examples = self._resolved(rows)
+        examples = self.ready(rows)
         scores = class_scores(self.base, [(x, e.encoder.verbalizer_ids) for x, (e, _) in zip(examples, rows)])
         for (entry, _), s in zip(rows, scores):
             if not bool(s.isfinite().all()):  # a NaN probability is no answer (nor valid JSON)
@@ -431,7 +431,7 @@ class MultiTask:
     ) -> Iterator[tuple]:
         """`generate.decode` over encoded rows of any mix of tasks: yields (next tokens (B,), active (B,)) per step,
         and the steps' `LogProbs` when `top_logprobs` is given."""
-        examples = self._resolved(rows)
+        examples = self.ready(rows)
         return decode(self.base, examples, max_new_tokens, sampling, generator=generator, top_logprobs=top_logprobs)
 
     def generate_ids(
@@ -443,7 +443,7 @@ class MultiTask:
         """(task, input) pairs -> new token ids per row (one decode loop); length: each task's max_new_tokens."""
         limits = [max_new_tokens or self.get(t).spec.max_new_tokens for t, _ in requests]
         rows = [self.encode(t, v, n) for (t, v), n in zip(requests, limits)]
-        return generate_ids(self.base, self._resolved(rows), limits, sampling)
+        return generate_ids(self.base, self.ready(rows), limits, sampling)
 
     def generate(
         self,

@@ -145,17 +145,18 @@ class Live:
 
 
 class Gate:
-    """Holds the batcher's decode loop until released, to fill the queue deterministically."""
+    """Holds the batcher's model work (before its rows' prompts are made ready) until released, to fill the queue
+    deterministically."""
 
     def __init__(self, mt):
         self.event = threading.Event()
-        inner = mt.decode_rows
+        inner = mt.ready
 
         def held(*args, **kwargs):
             self.event.wait(timeout=30)
             return inner(*args, **kwargs)
 
-        mt.decode_rows = held
+        mt.ready = held
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:

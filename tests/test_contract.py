@@ -25,7 +25,7 @@ from helpers import build_tiny
 import softprompt as sp
 from softprompt.data import Encoder
 from softprompt.errors import ConfigError
-from softprompt.generate import generate_ids
+from softprompt.generate import GREEDY, Decoder, generate_ids
 from softprompt.injection import EMPTY
 from softprompt.methods import METHODS, InitContext, build_method
 from softprompt.train import init_context
@@ -201,3 +201,40 @@ def test_cached_generation_equals_uncached_under_padding(zoo_arch, method_name, 
             torch.testing.assert_close(logits_c, logits_u, rtol=1e-4, atol=1e-4)
             logits_c, logits_u = family.continue_decoding(c, tokens), family.continue_decoding(u, tokens)
         torch.testing.assert_close(logits_c, logits_u, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("zoo_arch", zoo.CAUSAL + zoo.SEQ2SEQ)
+def test_rows_joining_and_leaving_a_running_batch_equal_the_row_alone(zoo_arch, method_name, task, tokenizer):
+    """Continuous batching: rows prefilled apart join a running decode (one with no prompt at all) and a row leaves
+    it; every row's logits at every step equal the row decoding alone. Families whose decoding states cannot be
+    merged refuse the join, and their rows decode in batches that start together."""
+    base = build_tiny(zoo_arch, tokenizer)
+    method = check_or_refused(zoo_arch, method_name, base, task)
+    if method is None:
+        return
+    enc = Encoder(task.spec, base)
+    rows = [enc.example(p, method.collapse()) for p in task.split("dev").prompts[:3]]
+    rows[1] = dataclasses.replace(rows[1], injection=EMPTY)
+    forced = torch.randint(3, len(tokenizer), (3, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        decoder = Decoder(base)
+        decoder.join([0], rows[:1], [8], [GREEDY])
+        if not decoder.can_join:
+            with pytest.raises(ValueError, match="only once it is empty"):
+                decoder.join([1], rows[1:2], [8], [GREEDY])
+            return
+        seen: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+        for step in range(7):
+            if step == 2:
+                decoder.join([1, 2], rows[1:], [8, 8], [GREEDY, GREEDY])
+            for j, key in enumerate(decoder.keys):
+                seen[key].append(decoder.logits[j].clone())
+            tokens = torch.stack([forced[k, len(seen[k]) - 1] for k in decoder.keys])
+            decoder.advance(tokens, [k == 0 and step == 4 for k in decoder.keys])
+        assert len(seen[0]) == 5 and len(seen[1]) == 5 and 0 not in decoder.keys
+        for key, logits in seen.items():
+            alone = Decoder(base)
+            alone.join([key], [rows[key]], [8], [GREEDY])
+            for step, got in enumerate(logits):
+                torch.testing.assert_close(got, alone.logits[0], rtol=1e-4, atol=1e-4)
+                alone.advance(forced[key, step : step + 1])

@@ -17,6 +17,7 @@ from helpers import KEY, Gate, Live, auth, build_tiny, make_prompt, registry, se
 
 from softprompt.commands import main
 from softprompt.example import Example
+from softprompt.generate import stop_ids
 from softprompt.serving import Batcher, Job, ServerConfig, TextStream, create_app
 from softprompt.store import Store
 
@@ -216,7 +217,8 @@ def test_new_changed_and_removed_prompt_files_are_picked_up(llama, sst2, e2e, tm
         assert classify("b").status_code == 404
 
 
-def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(llama, store):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(llama, store, batching):
     mt = registry(llama, store)
     reqs = [
         ("e2e-prefix", "name[The Eagle]"),
@@ -230,7 +232,7 @@ def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(ll
         Job(mt.get(t), mt.get(t).encode(v, 6), i, events.append, classify=t.startswith("sst2"), max_new_tokens=6)
         for i, (t, v) in enumerate(reqs)
     ]
-    batcher = Batcher(mt, None, ServerConfig(max_batch_size=8, max_wait_ms=0))
+    batcher = Batcher(mt, None, ServerConfig(max_batch_size=8, max_wait_ms=0, batching=batching))
     batcher.submit(jobs)  # queued before the worker starts: it must take them all at once
     batcher.start()
     wait_for(lambda: all(j.finished for j in jobs))
@@ -242,6 +244,31 @@ def test_the_batcher_runs_concurrent_requests_of_different_tasks_as_one_batch(ll
     assert list(got.values()) == expected
     labels = {i: v.label for i, kind, v in events if kind == "result"}
     assert labels == {2: mt.classify([reqs[2]])[0].label, 3: mt.classify([reqs[3]])[0].label}
+
+
+def test_continuous_batching_lets_a_request_join_and_finish_while_a_long_one_decodes(llama, store):
+    mt = registry(llama, store)
+    events: list = []
+    entry = mt.get("e2e-prefix")
+    long_job = Job(entry, entry.encode("name[The Eagle]", 60), 0, events.append, max_new_tokens=60)
+    short_job = Job(mt.get("e2e-soft"), mt.get("e2e-soft").encode("name[X]", 3), 1, events.append, max_new_tokens=3)
+    batcher = Batcher(mt, None, ServerConfig(max_wait_ms=0, batching="continuous"))
+    batcher.eos = set()  # a tiny random model often picks EOS at once: keep both rows decoding
+    batcher.submit([long_job])
+    batcher.start()
+    wait_for(lambda: long_job.generated >= 2)
+    batcher.submit([short_job])
+    wait_for(lambda: short_job.finished)
+    assert not long_job.finished and long_job.generated < 60  # it joined the running batch and left it first
+    wait_for(lambda: long_job.finished)
+    batcher.stop()
+    assert batcher.stats["batches"] == 2 and batcher.stats["largest_batch"] == 2
+    tokens = {j: [v for i, kind, v in events if i == j and kind == "token"] for j in (0, 1)}
+    assert [len(tokens[0]), len(tokens[1])] == [60, 3]
+    eos = stop_ids(llama)
+    for j, (task, text, n) in enumerate([("e2e-prefix", "name[The Eagle]", 60), ("e2e-soft", "name[X]", 3)]):
+        alone = mt.generate_ids([(task, text)], max_new_tokens=n)[0]  # up to its first EOS
+        assert tokens[j][: len(alone)] == alone and (len(alone) == n or tokens[j][len(alone)] in eos)
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):

@@ -503,6 +503,54 @@ class Causal(Family):
         logits, state.cache = self._run(layout, state.cache, 1, True, inputs_embeds=embeds, positions=q_pos, mask=mask)
         return logits[:, -1]
 
+    def merges_decoding(self, state) -> bool:
+        # plain key/value caches only: a recurrent state keeps the pads of a prefill, and a windowed layer's cache
+        # holds the last tokens of each row, which padding would misalign
+        return isinstance(state, _Decoding) and state.use_cache and not self.recurrent and not self._windowed
+
+    def merge_decoding(self, state: _Decoding, other: _Decoding) -> _Decoding:
+        """Rows of `state`, then of `other`: every layer's keys/values left-padded to the longer of the two and
+        stacked, with the attention mask padded alike; positions stay each row's own, so no row changes."""
+        T = max(state.layout.mask.shape[1], other.layout.mask.shape[1])
+        cache = self._new_cache(keep_all=False)
+        for i, layer in enumerate(cache.layers):
+            a, b = state.cache.layers[i], other.cache.layers[i]
+            layer.update(
+                torch.cat([_pad_left(a.keys, T, 2), _pad_left(b.keys, T, 2)]),
+                torch.cat([_pad_left(a.values, T, 2), _pad_left(b.values, T, 2)]),
+            )
+        mask = torch.cat([_pad_left(state.layout.mask, T, 1), _pad_left(other.layout.mask, T, 1)])  # (B, T)
+        return self._decoding_state(
+            state.examples + other.examples, mask, cache, torch.cat([state.position, other.position])
+        )
+
+    def select_decoding(self, state: _Decoding, index: torch.Tensor) -> _Decoding:
+        """Rows `index` of `state`; the slots no kept row attends (left pads, or rows that left) are cut away once they
+        are a quarter of the cache, so that a long-running batch does not keep the pads of rows long gone."""
+        mask = state.layout.mask[index]  # (N, T)
+        used = mask.any(0).nonzero()
+        lead = int(used[0]) if len(used) else mask.shape[1]
+        cache = state.cache
+        cache.batch_select_indices(index)
+        if lead * 4 < mask.shape[1]:
+            return self._decoding_state([state.examples[i] for i in index.tolist()], mask, cache, state.position[index])
+        trimmed = self._new_cache(keep_all=False)
+        for layer, old in zip(trimmed.layers, cache.layers):
+            layer.update(old.keys[:, :, lead:].contiguous(), old.values[:, :, lead:].contiguous())
+        examples = [state.examples[i] for i in index.tolist()]
+        return self._decoding_state(examples, mask[:, lead:], trimmed, state.position[index])
+
+    def _decoding_state(self, examples: list[Example], mask: torch.Tensor, cache, position: torch.Tensor) -> _Decoding:
+        """A cached decoding state of rows that left their prefill behind: all a step needs is the mask (B, T), the
+        cache and each row's last position (B,)."""
+        B, dev = mask.shape[0], mask.device
+        none = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        layout = Layout(torch.zeros(B, 0, self.hidden_size, dtype=self.dtype, device=dev), mask, none, None, none)
+        state = _Decoding(examples, layout, True)
+        state.cache, state.position = cache, position
+        state.k_positions, state.k_valid = none, none.bool()
+        return state
+
     # --- prompts ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def kv_of_embeddings(self, embeds: torch.Tensor, prefix: Injection | None = None) -> torch.Tensor:
@@ -531,6 +579,16 @@ class Causal(Family):
             return injection
         kv = self.kv_of_embeddings(injection.embeds, injection if injection.kv is not None else None)
         return Injection(kv=kv, kv_positions=injection.num_positions)
+
+
+def _pad_left(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """`x` with zeros before its entries along `dim`, to `size` of them."""
+    missing = size - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 class _Groups:

@@ -303,6 +303,20 @@ class Family:
     def check_fits(self, examples: list[Example], max_new_tokens: list[int]) -> None:
         """Raise `InputTooLongError` when a row plus its new tokens exceeds what the model takes."""
 
+    def merges_decoding(self, state) -> bool:
+        """Whether rows prefilled apart can join this decoding state (`merge_decoding`) and rows can leave it
+        (`select_decoding`): what continuous batching needs. Families whose caches cannot be padded and joined say
+        no, and their rows decode in batches that start together."""
+        return False
+
+    def merge_decoding(self, state, other):  # pragma: no cover - abstract
+        """One decoding state of the rows of `state` followed by those of `other`, each row unchanged."""
+        raise NotImplementedError
+
+    def select_decoding(self, state, index: torch.Tensor):  # pragma: no cover - abstract
+        """The decoding state of rows `index` (N,) of `state`, in that order; the others leave."""
+        raise NotImplementedError
+
     # --- prompts ----------------------------------------------------------------------------------------------------
     def kv_of_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """(L, 2, H_kv, P, hd): the keys/values the frozen model computes for the tokens (P, D) in its prefix layers.

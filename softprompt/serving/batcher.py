@@ -30,7 +30,7 @@ import torch
 
 from ..errors import PromptFileError
 from ..example import Example
-from ..generate import LogProbs, NonFiniteScoresError, Sampling, prompt_logprobs, stop_ids
+from ..generate import Decoder, LogProbs, NonFiniteScoresError, Sampling, prompt_logprobs, stop_ids
 from ..multitask import Entry, MultiTask
 from ..store import Store
 from .config import ServerConfig
@@ -78,6 +78,8 @@ class Job:
     echo: bool = False  # send the prompt ahead of the new tokens (scored when `logprobs` is asked)
     finished: bool = False  # set by the worker when done, or by the handler when it wants no more tokens
     generated: int = 0
+    prompt: list | None = None  # an echo job's ("prompt", ...) value, sent with its first event
+    echoed: bool = False
 
 
 class Batcher:
@@ -91,6 +93,7 @@ class Batcher:
         self.running = 0  # rows in the batch being run
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "tokens": 0}
         self.generator = torch.Generator(device=mt.base.device).manual_seed(seed)
+        self.decoder = Decoder(mt.base, self.generator)  # the running batch of continuous batching
         self.eos = stop_ids(mt.base)
         self.thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
         self.last_sync = time.monotonic()
@@ -120,41 +123,121 @@ class Batcher:
             self.pending.extend(jobs)
             self.cond.notify()
 
-    def _take(self) -> list[Job]:
-        """Wait for a first job, then up to max_wait_ms for more; returns [] when it is time to sync or stop."""
+    def _take(self, most: int, wait: bool = True) -> list[Job]:
+        """Up to `most` queued jobs. With `wait`: wait for a first job, then up to max_wait_ms for more; returns []
+        when it is time to sync or stop. Without: what is queued now (rows joining a running batch)."""
         cfg = self.config
         with self.cond:
-            self.cond.wait_for(lambda: self.pending or self.stopping, timeout=cfg.reload_interval)
-            if not self.pending or self.stopping:
-                return []
-            deadline = time.monotonic() + cfg.max_wait_ms / 1000
-            while len(self.pending) < cfg.max_batch_size and not self.stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
+            if wait:
+                self.cond.wait_for(lambda: self.pending or self.stopping, timeout=cfg.reload_interval)
+                deadline = time.monotonic() + cfg.max_wait_ms / 1000
+                while self.pending and len(self.pending) < most and not self.stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
             batch = []
-            while self.pending and len(batch) < cfg.max_batch_size:
+            while self.pending and len(batch) < most and not self.stopping:
                 job = self.pending.popleft()
                 if not job.finished:  # its client went away while it waited
                     batch.append(job)
-            self.running = len(batch)
             return batch
 
     def _loop(self) -> None:
+        continuous = self.config.batching == "continuous"
         while not self.stopping:
-            batch = self._take()
             try:
-                if batch:
-                    self._run_isolated(batch)
+                self._continuous_round() if continuous else self._static_round()
             except Exception:  # noqa: BLE001 - never let the worker thread die: later requests would hang
-                log.exception("batch of %d rows failed", len(batch))
-            finally:
-                self.running = 0
-                # a job must never wait forever: one the batch did not answer gets an error now
-                self._fail(batch, UNANSWERED)
+                log.exception("the batch loop failed")
             if self.store is not None and time.monotonic() - self.last_sync >= self.config.reload_interval:
                 self.sync()
+        self._end(self.decoder.keys, "length")  # the server stops: rows still decoding end where they are
+
+    def _static_round(self) -> None:
+        """Take a batch and run it to its end: rows that arrive meanwhile wait for the next batch."""
+        batch = self._take(self.config.max_batch_size)
+        self.running = len(batch)
+        try:
+            if batch:
+                self._count(batch)
+                self._run_isolated(batch)
+        finally:
+            self.running = 0
+            # a job must never wait forever: one the batch did not answer gets an error now
+            self._fail(batch, UNANSWERED)
+
+    def _continuous_round(self) -> None:
+        """Admit queued jobs into the running batch (classification at once, generation prefilled and merged into
+        the decode), then run one decode step. Newcomers are prefilled at most `max_batch_size` rows at a time,
+        between steps, so a running row waits at most one prefill per step."""
+        decoder = self.decoder
+        room = self.config.max_batch_size - len(decoder)
+        newcomers = self._take(room, wait=len(decoder) == 0) if room > 0 and decoder.can_join else []
+        if newcomers:
+            self._count(newcomers)
+        try:
+            scoring = [j for j in newcomers if j.classify]
+            if scoring:
+                self.running = len(decoder) + len(scoring)
+                self._run_isolated(scoring)
+            joining = [j for j in newcomers if not j.classify]
+            self._end([j for j in joining if j.max_new_tokens <= 0], "length")  # nothing to decode
+            joining = [j for j in joining if not j.finished]
+            if joining:
+                self.running = len(decoder) + len(joining)
+                self._join_isolated(joining)
+            self.running = len(decoder)
+            if len(decoder):
+                self._step()
+        finally:
+            self._fail([j for j in newcomers if j not in decoder.keys], UNANSWERED)
+            self.running = len(decoder)
+
+    def _join_isolated(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` into the decoder; when that raises, in halves, so that only a row that fails alone fails."""
+        try:
+            for job in jobs:
+                if job.echo:
+                    job.prompt = self._prompt(job)
+            examples = self.mt.ready([(j.entry, j.example) for j in jobs])
+            self.decoder.join(jobs, examples, [j.max_new_tokens for j in jobs], [j.sampling for j in jobs])
+        except Exception as e:  # noqa: BLE001 - answer the failing rows and keep serving the others
+            if len(jobs) == 1:
+                log.exception("task %s: a request failed", jobs[0].entry.name)
+                self._fail(jobs, _internal(e, jobs[0].entry.name))
+                return
+            half = (len(jobs) + 1) // 2
+            self._join_isolated(jobs[:half])
+            self._join_isolated(jobs[half:])
+
+    def _step(self) -> None:
+        """One decode step of every running row: its token (or its end) goes to its request; ended rows leave."""
+        decoder = self.decoder
+        jobs: list[Job | None] = list(decoder.keys)  # None: a row that left but stays as padding
+        decoder.k = max((j.logprobs for j in jobs if j is not None and j.logprobs is not None), default=None)
+        try:
+            try:
+                nxt, lp = decoder.sample()
+            except NonFiniteScoresError as e:  # poisoned rows fail alone; the others take their step
+                bad = [i for i in getattr(e, "rows", range(len(jobs))) if jobs[i] is not None]
+                for i in bad:
+                    self._fail([jobs[i]], _internal(e, jobs[i].entry.name))
+                decoder.release(bad)
+                jobs = list(decoder.keys)
+                nxt, lp = decoder.sample()
+            self._emit_step(jobs, nxt.tolist(), [j is not None for j in jobs], lp)
+            decoder.advance(nxt, [j is None or j.finished for j in jobs])
+        except Exception as e:  # noqa: BLE001 - the rows got tokens already and cannot restart: they end with errors
+            log.exception("decode step of %d rows failed", len(jobs))
+            self._fail([j for j in jobs if j is not None], _internal(e))
+            decoder.advance(torch.zeros(len(jobs), dtype=torch.long), [True] * len(jobs))
+
+    def _count(self, jobs: list[Job]) -> None:
+        """Count a batch: in continuous batching, the rows admitted together (joining those running)."""
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(jobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs) + len(self.decoder))
 
     @staticmethod
     def _fail(jobs: list[Job], error: ApiError) -> None:
@@ -191,9 +274,6 @@ class Batcher:
             return {}
 
     def _run(self, batch: list[Job]) -> None:
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         scoring = [j for j in batch if j.classify]
         if scoring:
             for job, result in zip(scoring, self.mt.classify_rows([(j.entry, j.example) for j in scoring])):
@@ -204,46 +284,50 @@ class Batcher:
             self._generate(jobs)
 
     def _generate(self, jobs: list[Job]) -> None:
-        # sent with a job's first event, not now: a batch that fails before then runs the job again
-        prompts = {j: self._prompt(j) for j in jobs if j.echo}
+        """Decode `jobs` from start to end together (static batching)."""
+        for job in jobs:  # sent with the job's first event, not now: a batch that fails before then runs it again
+            if job.echo:
+                job.prompt = self._prompt(job)
         rows = [(j.entry, j.example) for j in jobs]
         limits, sampling = [j.max_new_tokens for j in jobs], [j.sampling for j in jobs]
         k = max((j.logprobs for j in jobs if j.logprobs is not None), default=None)
         steps = self.mt.decode_rows(rows, limits, sampling, generator=self.generator, top_logprobs=k)
-
-        def send(job: Job, kind: str, value) -> None:
-            if job in prompts:
-                job.send((job.index, "prompt", prompts.pop(job)))
-            job.send((job.index, kind, value))
-
         try:
             for nxt, active, *lp in steps:
-                tokens = nxt.tolist()
-                scores = scored(tokens, lp[0], [j.logprobs or 0 for j in jobs]) if lp else None
-                for i, (job, token, alive) in enumerate(zip(jobs, tokens, active.tolist(), strict=True)):
-                    if not alive or job.finished:
-                        continue
-                    if token in self.eos:
-                        job.finished = True
-                        send(job, "done", "stop")
-                        continue
-                    job.generated += 1
-                    self.stats["tokens"] += 1
-                    if job.logprobs is None:
-                        send(job, "token", token)
-                    else:
-                        send(job, "scored", scores[i])
-                    if job.generated >= job.max_new_tokens:
-                        job.finished = True
-                        send(job, "done", "length")
+                self._emit_step(jobs, nxt.tolist(), active.tolist(), lp[0] if lp else None)
                 if all(j.finished for j in jobs) or self.stopping:
                     break
         finally:
             steps.close()
-        for job in jobs:  # e.g. a decode of zero steps (max_new_tokens 0), or rows ended with the loop
-            if not job.finished:
+        self._end(jobs, "length")  # e.g. a decode of zero steps (max_new_tokens 0), or rows ended with the loop
+
+    def _emit_step(self, jobs: list[Job], tokens: list[int], alive: list[bool], lp: LogProbs | None) -> None:
+        """Send each job its token of this step, or its end (EOS: "stop"; its max_new_tokens reached: "length")."""
+        scores = scored(tokens, lp, [(j.logprobs or 0) if j else 0 for j in jobs]) if lp is not None else None
+        for i, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+            if not alive[i] or job.finished:
+                continue
+            if token in self.eos:
+                self._end([job], "stop")
+                continue
+            job.generated += 1
+            self.stats["tokens"] += 1
+            self._send(job, "token", token) if job.logprobs is None else self._send(job, "scored", scores[i])
+            if job.generated >= job.max_new_tokens:
+                self._end([job], "length")
+
+    def _end(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            if job is not None and not job.finished:
                 job.finished = True
-                send(job, "done", "length")
+                self._send(job, "done", reason)
+
+    @staticmethod
+    def _send(job: Job, kind: str, value) -> None:
+        if job.echo and not job.echoed:
+            job.echoed = True
+            job.send((job.index, "prompt", job.prompt))
+        job.send((job.index, kind, value))
 
     def _prompt(self, job: Job) -> list[Scored] | None:
         """What an echo job sends ahead of its new tokens: with logprobs, its source tokens scored under its prompt."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError, check_at_least, check_types
 from ..multitask import DEFAULT_CACHE_BYTES
 
+BATCHING = ("continuous", "static")
+
 
 @dataclass
 class ServerConfig:
@@ -34,6 +36,14 @@ class ServerConfig:
     shutdown_timeout: float = field(
         default=30.0, metadata={"help": "seconds open requests get to finish on SIGTERM or Ctrl-C before the exit"}
     )
+    batching: str = field(
+        default="continuous",
+        metadata={
+            "help": "continuous: requests join the running batch at its next decode step and leave when done; static: "
+            "a batch runs to its end while newcomers wait (also what continuous falls back to on models whose "
+            "caches cannot be joined: windowed or recurrent layers, encoder-decoders)"
+        },
+    )
     cache_bytes: int = field(
         default=DEFAULT_CACHE_BYTES,
         metadata={
@@ -57,6 +67,10 @@ class ServerConfig:
             self, 1, "max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"
         )
         check_at_least(self, 0, "cache_bytes")
+        if self.batching not in BATCHING:
+            raise ConfigError(
+                f"Unknown batching '{self.batching}'.", f"pass --batching with one of {', '.join(BATCHING)}."
+            )
         for name, most in self.MOST_SECONDS.items():
             value, zero_ok = getattr(self, name), name == "max_wait_ms"
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= most):
