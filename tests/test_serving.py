@@ -271,6 +271,24 @@ def test_continuous_batching_lets_a_request_join_and_finish_while_a_long_one_dec
         assert tokens[j][: len(alone)] == alone and (len(alone) == n or tokens[j][len(alone)] in eos)
 
 
+def test_newcomers_join_a_running_batch_within_the_prefill_budget(llama, store):
+    mt = registry(llama, store)
+    entry = mt.get("e2e-soft")
+    events: list = []
+    first = Job(entry, entry.encode("name[The Eagle]", 40), 0, events.append, max_new_tokens=40)
+    rest = [Job(entry, entry.encode(f"name[X{i}]", 4), 1 + i, events.append, max_new_tokens=4) for i in range(3)]
+    batcher = Batcher(mt, None, ServerConfig(max_wait_ms=0, max_prefill_tokens=1))
+    batcher.eos = set()
+    batcher.submit([first])
+    batcher.start()
+    wait_for(lambda: first.generated >= 1)
+    batcher.submit(rest)  # one prefill each: over the budget, only one request joins per step
+    wait_for(lambda: first.finished and all(j.finished for j in rest))
+    batcher.stop()
+    assert batcher.stats["batches"] == 4 and batcher.stats["rows"] == 4
+    assert all(sum(1 for i, kind, _ in events if i == j.index and kind == "token") == 4 for j in rest)
+
+
 def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
     ids = tokenizer("the film was great fun and the plot", add_special_tokens=False)["input_ids"]
     s = TextStream(tokenizer, stops=["great f"])

@@ -123,9 +123,10 @@ class Batcher:
             self.pending.extend(jobs)
             self.cond.notify()
 
-    def _take(self, most: int, wait: bool = True) -> list[Job]:
+    def _take(self, most: int, wait: bool = True, tokens: int | None = None) -> list[Job]:
         """Up to `most` queued jobs. With `wait`: wait for a first job, then up to max_wait_ms for more; returns []
-        when it is time to sync or stop. Without: what is queued now (rows joining a running batch)."""
+        when it is time to sync or stop. Without: what is queued now (rows joining a running batch). `tokens`: the
+        most input tokens to take, beyond the first job (what one prefill may cost the rows waiting on it)."""
         cfg = self.config
         with self.cond:
             if wait:
@@ -136,11 +137,15 @@ class Batcher:
                     if left <= 0:
                         break
                     self.cond.wait(left)
-            batch = []
+            batch, taken = [], 0
             while self.pending and len(batch) < most and not self.stopping:
+                size = len(self.pending[0].example.source)
+                if batch and tokens is not None and taken + size > tokens:
+                    break
                 job = self.pending.popleft()
                 if not job.finished:  # its client went away while it waited
                     batch.append(job)
+                    taken += size
             return batch
 
     def _loop(self) -> None:
@@ -169,11 +174,13 @@ class Batcher:
 
     def _continuous_round(self) -> None:
         """Admit queued jobs into the running batch (classification at once, generation prefilled and merged into
-        the decode), then run one decode step. Newcomers are prefilled at most `max_batch_size` rows at a time,
-        between steps, so a running row waits at most one prefill per step."""
+        the decode), then run one decode step. Newcomers are prefilled between steps, at most `max_prefill_tokens` of
+        input while rows are decoding, so a running row waits at most one bounded prefill per step."""
         decoder = self.decoder
         room = self.config.max_batch_size - len(decoder)
-        newcomers = self._take(room, wait=len(decoder) == 0) if room > 0 and decoder.can_join else []
+        running = len(decoder) > 0
+        budget = self.config.max_prefill_tokens if running else None
+        newcomers = self._take(room, wait=not running, tokens=budget) if room > 0 and decoder.can_join else []
         if newcomers:
             self._count(newcomers)
         try:

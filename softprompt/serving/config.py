@@ -44,6 +44,13 @@ class ServerConfig:
             "caches cannot be joined: windowed or recurrent layers, encoder-decoders)"
         },
     )
+    max_prefill_tokens: int = field(
+        default=2048,
+        metadata={
+            "help": "continuous batching: most input tokens prefilled between two decode steps of running rows (one "
+            "request always joins): bounds how long a newcomer's prefill stalls the others"
+        },
+    )
     cache_bytes: int = field(
         default=DEFAULT_CACHE_BYTES,
         metadata={
@@ -66,6 +73,7 @@ class ServerConfig:
         check_at_least(
             self, 1, "max_batch_size", "max_queue", "max_tokens", "max_request_bytes", "max_prompts", "max_connections"
         )
+        check_at_least(self, 1, "max_prefill_tokens")
         check_at_least(self, 0, "cache_bytes")
         if self.batching not in BATCHING:
             raise ConfigError(
