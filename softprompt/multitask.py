@@ -322,11 +322,12 @@ class MultiTask:
 
     def _apply(self, changes: dict[str, Entry | None]) -> None:
         """Serve each entry of `changes` under its name (None: drop the task), in one replacement of the registry (a
-        sync of thousands of files must not copy it once per file); replaced entries leave the cache and refusals."""
+        sync of thousands of files must not copy it once per file). A replaced entry's prompt stays in the cache, no
+        longer pinned, until it ages out: requests queued with it before the change still run with it."""
         for name, entry in changes.items():
             old = self._entries.get(name)
             if old is not None and old is not entry:
-                self.cache.drop(old)
+                self.cache.pin(old, False)
         merged = {**self._entries, **changes}
         self._entries = {k: v for k, v in merged.items() if v is not None}
         self.refused = {k: v for k, v in self.refused.items() if k not in changes}
