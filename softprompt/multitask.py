@@ -226,6 +226,7 @@ class MultiTask:
         # The dicts are replaced, never mutated, so that other threads (the server's request handlers) read a
         # consistent view while the worker thread syncs the store.
         self._entries: dict[str, Entry] = {}
+        self.version = 0  # counts the registry's changes: what readers cache views of it by
         self.refused: dict[str, str] = {}  # task name -> why its file was not loaded
         self.stale: dict[str, str] = {}  # task name -> why its file is refused while its last good version serves
         self._refused_stamps: dict[str, tuple] = {}
@@ -259,7 +260,8 @@ class MultiTask:
     def _entry(self, name: str, prompt: Prompt, stamp: tuple | None, path: Path | None) -> Entry:
         """A registry entry for `prompt`, after refusing what would fail its requests."""
         Store(".").path(name)  # the same rule for names as the store's: no paths
-        prompt.verify(self.base, what=f"The prompt of task '{name}'")
+        what = f"Prompt file {path}" if path is not None else f"The prompt of task '{name}'"
+        prompt.verify(self.base, what=what)
         encoder = Encoder(prompt.spec, self.base, self.truncate, self.max_length)
         if not encoder.spec.is_classification and not encoder.spec.max_new_tokens >= 1:
             # a request that takes the task's default would decode zero steps
@@ -309,7 +311,14 @@ class MultiTask:
             def shapes(injection: Injection) -> dict:
                 return {k: tuple(t.shape) for k, t in injection.tensors().items()}
 
-            if shapes(self._shapes_as_run(prompt.injection)) != shapes(entry.prompt.injection):
+            # the file may have been replaced since it was indexed: serve its tensors only if they are the same task
+            indexed = entry.prompt
+            same = (prompt.task, prompt.method, prompt.method_config) == (
+                indexed.task,
+                indexed.method,
+                indexed.method_config,
+            )
+            if not same or shapes(self._shapes_as_run(prompt.injection)) != shapes(indexed.injection):
                 raise ConfigError(
                     f"The prompt file of task '{entry.name}' changed since it was indexed.",
                     "retry: the store's next scan picks the new version up.",
@@ -330,6 +339,7 @@ class MultiTask:
                 self.cache.pin(old, False)
         merged = {**self._entries, **changes}
         self._entries = {k: v for k, v in merged.items() if v is not None}
+        self.version += 1
         self.refused = {k: v for k, v in self.refused.items() if k not in changes}
         self.stale = {k: v for k, v in self.stale.items() if k not in changes}
         for name in changes:
@@ -373,7 +383,7 @@ class MultiTask:
                 continue
             path = store.path(name)
             try:
-                prompt = Prompt.load(path, self.base) if current is not None else Prompt.peek(path, self.base)
+                prompt = Prompt.load(path) if current is not None else Prompt.peek(path)  # `_entry` verifies it
                 changes[name] = self._entry(name, prompt, stamp, path)
                 if current is not None and current in self.cache:  # a task in use stays warm
                     self._ready(changes[name], prompt)

@@ -85,8 +85,9 @@ def _violations(e: ValidationError) -> str:
     return "; ".join(out)
 
 
-def check_meta(meta, path) -> PromptMeta:
-    """The metadata of the prompt file at `path`, validated; one `PromptFileError` naming every bad field."""
+def check_meta(meta, path) -> tuple[PromptMeta, TaskSpec]:
+    """The metadata of the prompt file at `path`, validated, and its task spec; one `PromptFileError` naming every
+    bad field."""
     if not isinstance(meta, dict):
         raise PromptFileError(f"{path} has malformed metadata: a JSON {type(meta).__name__}, not an object.", RECREATE)
     if meta.get("format") != "softprompt":
@@ -103,11 +104,11 @@ def check_meta(meta, path) -> PromptMeta:
     except ValidationError as e:
         raise PromptFileError(f"{path} has malformed metadata: {_violations(e)}.", RECREATE) from None
     try:
-        TaskSpec.from_dict(checked.task)
+        spec = TaskSpec.from_dict(checked.task)
     except (SoftpromptError, TypeError, ValueError, AttributeError, KeyError) as e:
         problem = e.problem if isinstance(e, SoftpromptError) else f"{type(e).__name__}: {e}"
         raise PromptFileError(f"{path} has malformed metadata: task: {' '.join(problem.split())}", RECREATE) from None
-    return checked
+    return checked, spec
 
 
 # safetensors' names of the dtypes a prompt may hold (any other is refused as not floating point)
@@ -224,9 +225,14 @@ class Prompt:
             **fields,
         )
 
+    _spec: tuple | None = field(default=None, repr=False, compare=False)  # (the `task` it was built from, TaskSpec)
+
     @property
     def spec(self) -> TaskSpec:
-        return TaskSpec.from_dict(self.task)
+        # built once per `task` (a store of thousands of files is indexed from their specs); a new dict rebuilds it
+        if self._spec is None or self._spec[0] is not self.task:
+            self._spec = (self.task, TaskSpec.from_dict(self.task))
+        return self._spec[1]
 
     @property
     def num_parameters(self) -> int:
@@ -284,7 +290,7 @@ class Prompt:
 
     @classmethod
     def _from_checked(cls, tensors: dict[str, torch.Tensor], raw, path, base) -> Prompt:
-        meta = check_meta(raw, path)
+        meta, spec = check_meta(raw, path)
         check_tensors(tensors, path)
         prompt = cls(
             injection=Injection(tensors.get("embeds"), tensors.get("kv"), meta.kv_positions),
@@ -299,6 +305,7 @@ class Prompt:
             train=meta.train,
             library_version=meta.library_version,
             created=meta.created,
+            _spec=(meta.task, spec),
         )
         if base is not None:
             prompt.verify(base, what=f"Prompt file {path}")

@@ -11,13 +11,14 @@ GET  /health                liveness, queue depth, refused prompt files (needs n
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from ..errors import InputTooLongError, SoftpromptError
 from ..example import Example
@@ -49,6 +50,7 @@ class Routes:
 
     def __init__(self, mt: MultiTask, batcher: Batcher, config: ServerConfig, key: ApiKey):
         self.mt, self.batcher, self.config, self.key = mt, batcher, config, key
+        self._models: tuple[int, bytes] | None = None  # (registry version, GET /v1/models body)
 
     def task(self, name: str) -> Entry:
         try:
@@ -235,10 +237,12 @@ class Routes:
                 raise ApiError(400, f"{where} is empty; give a text to classify.", "empty_input", param="input")
         return inputs
 
-    async def models(self):
-        return {
-            "object": "list",
-            "data": [
+    def models(self) -> Response:
+        """The task list, serialized once per change of the registry: thousands of tasks make megabytes of JSON.
+        A plain `def`: FastAPI runs it in its thread pool, off the event loop."""
+        version = self.mt.version
+        if self._models is None or self._models[0] != version:
+            data = [
                 {
                     "object": "model",
                     "owned_by": "softprompt",
@@ -246,8 +250,9 @@ class Routes:
                     **e.describe(),
                 }
                 for e in self.mt.entries()
-            ],
-        }
+            ]
+            self._models = (version, json.dumps({"object": "list", "data": data}).encode())
+        return Response(self._models[1], media_type="application/json")
 
     async def health(self, request: Request):
         b = self.batcher
