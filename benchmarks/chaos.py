@@ -110,7 +110,7 @@ class Sizes:
     slow_clients: int = 4  # (e)
     header_window_s: float = 15.0  # (e) how long a client trickling its headers is watched
     sigterm_requests: int = 16  # (f) requests in flight at the signal
-    sigterm_tokens: int = 64  # (f) max_tokens of each
+    sigterm_tokens: int = 24  # (f) max_tokens of each: a load the drain (--shutdown-timeout 10) can finish
     deadline_s: float = 120.0  # a request not answered by then is hung
 
 
