@@ -341,16 +341,24 @@ async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str]
 
 
 @contextmanager
-def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: int):
-    """`softprompt serve` on `store` in a subprocess on a free loopback port; yields (url, process) once it answers."""
+def running_server(
+    store: Store, max_batch: int, max_wait_ms: float, threads: int, args=(), env: dict | None = None, poll: float = 0.5
+):
+    """`softprompt serve` on `store` in a subprocess on a free loopback port; yields (url, process) once it answers.
+
+    args: more `softprompt serve` options; env: more environment variables; poll: seconds between /health tries."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = os.environ | {
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": str(threads),
-    }
+    env = (
+        os.environ
+        | {
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": str(threads),
+        }
+        | (env or {})
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -367,6 +375,7 @@ def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: in
         str(max_batch),
         "--max-wait-ms",
         str(max_wait_ms),
+        *args,
     ]
     # the server's log goes to a file: a pipe nobody drains fills up and blocks the server's next log line
     with tempfile.TemporaryFile(mode="w+") as errors:
@@ -383,7 +392,7 @@ def running_server(store: Store, max_batch: int, max_wait_ms: float, threads: in
                 except httpx.HTTPError:
                     pass
                 assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.5)
+                time.sleep(poll)
             yield url, server
         finally:
             server.terminate()
