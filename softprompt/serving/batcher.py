@@ -39,6 +39,8 @@ from .schemas import ApiError, redact
 log = logging.getLogger("softprompt.serve")
 
 
+JOIN_EVERY = 4  # decode steps between joins of newcomers that do not fill half the free room
+
 UNANSWERED = ApiError(500, "The request ended without an answer.", "internal_error", "server_error")
 
 
@@ -94,6 +96,7 @@ class Batcher:
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "tokens": 0}
         self.generator = torch.Generator(device=mt.base.device).manual_seed(seed)
         self.decoder = Decoder(mt.base, self.generator)  # the running batch of continuous batching
+        self._steps_since_join = 0
         self.eos = stop_ids(mt.base)
         self.thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
         self.last_sync = time.monotonic()
@@ -180,7 +183,11 @@ class Batcher:
         room = self.config.max_batch_size - len(decoder)
         running = len(decoder) > 0
         budget = self.config.max_prefill_tokens if running else None
-        newcomers = self._take(room, wait=not running, tokens=budget) if room > 0 and decoder.can_join else []
+        # A prefill of one short row costs about as much as a decode step of a full batch: while rows decode,
+        # newcomers join in groups (half the free room queued, or every JOIN_EVERY steps), not one per step.
+        due = not running or self.queued >= max(1, room // 2) or self._steps_since_join >= JOIN_EVERY
+        newcomers = self._take(room, wait=not running, tokens=budget) if room > 0 and decoder.can_join and due else []
+        self._steps_since_join = 0 if newcomers else self._steps_since_join + 1
         if newcomers:
             self._count(newcomers)
         try:
