@@ -200,7 +200,7 @@ class Batcher:
             joining = [j for j in joining if not j.finished]
             if joining:
                 self.running = len(decoder) + len(joining)
-                self._join_isolated(joining)
+                self._run_isolated(joining, self._join)
             self.running = len(decoder)
             if len(decoder):
                 self._step()
@@ -208,22 +208,13 @@ class Batcher:
             self._fail([j for j in newcomers if j not in decoder.keys], UNANSWERED)
             self.running = len(decoder)
 
-    def _join_isolated(self, jobs: list[Job]) -> None:
-        """Prefill `jobs` into the decoder; when that raises, in halves, so that only a row that fails alone fails."""
-        try:
-            for job in jobs:
-                if job.echo:
-                    job.prompt = self._prompt(job)
-            examples = self.mt.ready([(j.entry, j.example) for j in jobs])
-            self.decoder.join(jobs, examples, [j.max_new_tokens for j in jobs], [j.sampling for j in jobs])
-        except Exception as e:  # noqa: BLE001 - answer the failing rows and keep serving the others
-            if len(jobs) == 1:
-                log.exception("task %s: a request failed", jobs[0].entry.name)
-                self._fail(jobs, _internal(e, jobs[0].entry.name))
-                return
-            half = (len(jobs) + 1) // 2
-            self._join_isolated(jobs[:half])
-            self._join_isolated(jobs[half:])
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` into the running batch (continuous batching)."""
+        for job in jobs:
+            if job.echo:
+                job.prompt = self._prompt(job)
+        examples = self.mt.ready([(j.entry, j.example) for j in jobs])
+        self.decoder.join(jobs, examples, [j.max_new_tokens for j in jobs], [j.sampling for j in jobs])
 
     def _step(self) -> None:
         """One decode step of every running row: its token (or its end) goes to its request; ended rows leave."""
@@ -260,11 +251,13 @@ class Batcher:
                 job.finished = True
                 job.send((job.index, "error", error))
 
-    def _run_isolated(self, batch: list[Job]) -> None:
-        """Run `batch`; when it raises, run again in halves its rows that were sent nothing yet, so that a row that
-        fails fails alone. A row that got tokens before the failure cannot be restarted (its text is out): error."""
+    def _run_isolated(self, batch: list[Job], run=None) -> None:
+        """`run(batch)` (default: run it to its end); when it raises, run again in halves its rows that were sent
+        nothing yet, so that a row that fails fails alone. A row that got tokens before the failure cannot be
+        restarted (its text is out): error."""
+        run = run or self._run
         try:
-            self._run(batch)
+            run(batch)
             return
         except Exception as e:  # noqa: BLE001 - answer the failing rows and keep serving the others
             if len(batch) == 1:
@@ -277,7 +270,7 @@ class Batcher:
         half = (len(rest) + 1) // 2
         for part in (rest[:half], rest[half:]):
             if part:
-                self._run_isolated(part)
+                self._run_isolated(part, run)
 
     def sync(self) -> dict:
         self.last_sync = time.monotonic()
