@@ -6,15 +6,23 @@ Hugging Face directory under the cache (the converted directory loads in under a
 bit-identical weights) and loads that. Anything else is a local path or hub id, whose config
 picks the model family (`softprompt.families`: causal LM, seq2seq, masked LM) and with it the
 transformers Auto class to load it with.
+
+Bases too big for one device: `quantize` stores the frozen weights in 4-bit NF4 (double-quantized)
+or 8-bit through bitsandbytes, the QLoRA recipe; its current release runs on CPU too, so the tests
+exercise the very path a CUDA user takes. `device_map` places layers over several devices, CPU
+RAM and disk with accelerate's big-model hooks. Sharding over processes (FSDP2) is `shard_base`.
+The prompt stays in full precision whatever the base's storage.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -124,19 +132,49 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def quantization_config(quantize: str | None, compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for `quantize` ('nf4', 'int8' or None: full precision)."""
+    if quantize is None or quantize == "none":
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"Unknown quantization {quantize!r}.", f"use --quantize {' or '.join(QUANTIZATIONS)}.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"--quantize {quantize} needs the package bitsandbytes, which is not installed.",
+            "run `pip install 'softprompt[quantize]'` (or `pip install bitsandbytes`).",
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # NF4 with the quantization constants quantized again (QLoRA); matmuls run in the base's dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """Identifies a base model well enough to refuse prompts trained for another one.
 
     `config_hash` covers the shapes a prompt depends on; `embedding_sha256` is taken over the
     input embedding matrix rounded to bfloat16, so the same weights loaded in float32 or bfloat16
-    agree, while a different checkpoint of the same architecture does not.
+    agree, while a different checkpoint of the same architecture does not. `quantization` is how the
+    other weights were stored ('nf4', 'int8', None for full precision): the embedding is never
+    quantized, so the hashes agree and a prompt moves between the two with a warning.
     """
 
     model_id: str
     config_hash: str
     embedding_sha256: str
     family: str = Causal.name  # the model family (`softprompt.families`); prompt files older than families: causal
+    quantization: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,11 +182,14 @@ class Fingerprint:
     @classmethod
     def from_dict(cls, d: dict) -> Fingerprint:
         return cls(
-            **{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")}, family=d.get("family", Causal.name)
+            **{k: d[k] for k in ("model_id", "config_hash", "embedding_sha256")},
+            family=d.get("family", Causal.name),
+            quantization=d.get("quantization"),
         )
 
     def check(self, other: Fingerprint, what: str = "this prompt") -> None:
-        """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for."""
+        """Raise if `other` (the loaded model) is not the model `self` (the prompt's) was made for; warn (one line on
+        stderr) where only the storage of its weights differs, a quantized base against a full-precision one."""
         if self.config_hash != other.config_hash or self.embedding_sha256 != other.embedding_sha256:
             part = "architecture" if self.config_hash != other.config_hash else "weights"
             raise PromptFileError(
@@ -156,6 +197,16 @@ class Fingerprint:
                 f"'{other.model_id}' (their {part} differ).",
                 f"load it with --model {self.model_id!r} (or the same weights), or retrain it for '{other.model_id}'.",
             )
+        if self.quantization != other.quantization:
+            print(
+                f"softprompt: warning: {what} was trained on '{self.model_id}' {_storage(self.quantization)}, and runs "
+                f"on '{other.model_id}' {_storage(other.quantization)}; its scores may differ a little.",
+                file=sys.stderr,
+            )
+
+
+def _storage(quantization: str | None) -> str:
+    return f"quantized to {quantization}" if quantization else "in full precision"
 
 
 class Base:
@@ -170,6 +221,17 @@ class Base:
         self.tokenizer = tokenizer
         self.name = name
         self.family = family_class(model.config)(model, tokenizer)
+
+    @property
+    def quantization(self) -> str | None:
+        """'nf4' or 'int8' where the frozen weights are stored quantized (`load_base(quantize=...)`), else None."""
+        q = getattr(self.model.config, "quantization_config", None)
+        if q is None:
+            return None
+        q = q if isinstance(q, dict) else q.to_dict()
+        if q.get("load_in_4bit"):
+            return q.get("bnb_4bit_quant_type", "nf4")
+        return "int8" if q.get("load_in_8bit") else q.get("quant_method", "quantized")
 
     @property
     def device(self) -> torch.device:
@@ -215,8 +277,15 @@ class Base:
 
         DeepSpeed ZeRO-3 leaves an empty placeholder (its parameters carry `ds_id`) and FSDP2 a
         DTensor shard; both are gathered, which is a collective call: every process must make it.
+        An embedding offloaded by `device_map` (to CPU RAM or disk) sits on the meta device between
+        forwards; accelerate's hook loads it for the read.
         """
         w = self.embedding_matrix
+        if w.device.type == "meta":
+            from accelerate.utils import align_module_device
+
+            with align_module_device(self.model.get_input_embeddings()):
+                return self.model.get_input_embeddings().weight.detach().clone()
         if hasattr(w, "ds_id"):
             import deepspeed
 
@@ -233,8 +302,14 @@ class Base:
         return sum(p.numel() for p in self.model.parameters())
 
     def num_bytes(self) -> int:
-        """Bytes of a full copy of the model's weights, in the dtype it is loaded in."""
+        """Bytes of a full copy of the model's weights, as they are stored (dtype, or packed quantized blocks)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def local_bytes(self) -> int:
+        """Bytes of the weights this process holds: `num_bytes()`, or its shards' under FSDP2 (`shard_base`)."""
+        return sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters()
+        )
 
     @cached_property
     def fingerprint(self) -> Fingerprint:
@@ -247,10 +322,11 @@ class Base:
         arch = {"model_type": c.model_type, "vocab_size": emb.shape[0], "hidden_size": emb.shape[1], **layout}
         config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
         emb_hash = hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()
-        return Fingerprint(self.name, config_hash, emb_hash, self.family.name)
+        return Fingerprint(self.name, config_hash, emb_hash, self.family.name, self.quantization)
 
     def __repr__(self) -> str:
-        return f"Base({self.name!r}, device={self.device}, dtype={self.dtype})"
+        q = f", quantization={self.quantization}" if self.quantization else ""
+        return f"Base({self.name!r}, device={self.device}, dtype={self.dtype}{q})"
 
 
 def load_base(
@@ -258,14 +334,25 @@ def load_base(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    quantize: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Base:
     """Load a model of any family, freeze it and return it with its tokenizer as a `Base`.
 
     name_or_path: 'smollm2' (the embedded default), a local Hugging Face directory, or a hub id.
     device: 'cpu', 'cuda', 'cuda:1', ...; default: cuda when available.
-    dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on CUDA).
+    dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on CUDA); with `quantize`, the
+        dtype of the weights left unquantized (embeddings, norms) and of the matmuls.
     attn_implementation: 'sdpa' (default; models without an SDPA path, such as Bloom and Gemma 2, fall back to
         'eager'), 'eager', or another that transformers knows.
+    quantize: 'nf4' (4-bit NormalFloat, double-quantized) or 'int8': the frozen weights stored by bitsandbytes.
+    device_map: instead of `device`, place the layers with accelerate: 'auto', 'balanced', 'sequential' or a
+        {module: device} dict; layers that fit nowhere go to CPU RAM, then to disk (`offload_folder`).
+    max_memory: with `device_map`, the memory each device may take: {0: '20GiB', 'cpu': '60GiB'} or the
+        command line's '0=20GiB,cpu=60GiB'.
+    offload_folder: where disk-offloaded weights go (default: a temporary folder removed at exit).
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -277,8 +364,13 @@ def load_base(
             f"model and device must be names, got {name_or_path!r} and {device!r}.",
             f"pass --model '{DEFAULT_MODEL}', a model directory or a hub id, and --device cpu or cuda.",
         )
+    placement = _placement(device, device_map, max_memory, offload_folder)
     device = device or default_device()
-    torch_dtype = parse_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, device)  # under a device map `device` is the default one, which picks 'auto'
+    kwargs = {"dtype": torch_dtype, **placement}
+    if (q := quantization_config(quantize, torch_dtype)) is not None:
+        # bitsandbytes quantizes as the weights load, on the device they load to
+        kwargs = {"device_map": {"": device}, **kwargs, "quantization_config": q}
     path, display = resolve_model_path(name_or_path)
     if not Path(path).exists():  # a hub id
         path = _hub_source(name_or_path)
@@ -287,17 +379,85 @@ def load_base(
         config = AutoConfig.from_pretrained(path)
         auto = getattr(transformers, family_class(config).auto_class)
         try:
-            model = auto.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+            model = auto.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
         except ValueError as e:
             if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
                 raise
-            model = auto.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager")
+            model = auto.from_pretrained(path, attn_implementation="eager", **kwargs)
     except OSError as e:
         raise SoftpromptError(
             f"Could not load model '{name_or_path}': {e}",
             f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.",
         ) from e
-    return freeze(model, tokenizer, display, device)
+    if q is not None:
+        _own_memory(model)
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights for a CPU inference kernel at the first forward in eval mode whose
+            # input needs no gradient (a KV-prefix method's text does not); that kernel has no backward, so the
+            # prompt's gradients through every later forward would be silently wrong
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return freeze(model, tokenizer, display, None if "device_map" in kwargs else device)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device, device_map, max_memory, offload_folder) -> dict:
+    """from_pretrained's placement arguments for `device_map` (none without it), checked."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ConfigError("--max-memory and --offload-folder need --device-map.", "add --device-map auto.")
+        return {}
+    if device is not None:
+        raise ConfigError(
+            f"--device {device} and --device-map {device_map} both place the model.", "pass one of the two."
+        )
+    if not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
+        raise ConfigError(f"Unknown device map {device_map!r}.", f"use --device-map {' or '.join(DEVICE_MAPS)}.")
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    if offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="softprompt-offload-")
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(offload_folder)}
+
+
+def parse_max_memory(text: str) -> dict:
+    """'0=20GiB,1=20GiB,cpu=60GiB' -> {0: 21474836480, 1: 21474836480, 'cpu': 64424509440} (bytes)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = (x.strip() for x in part.partition("="))
+        try:
+            out[int(key) if key.isdigit() else key] = convert_file_size_to_int(int(size) if size.isdigit() else size)
+        except ValueError:
+            raise ConfigError(
+                f"--max-memory part {part!r} is not DEVICE=SIZE.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB."
+            ) from None
+        if not sep or not key:
+            raise ConfigError(
+                f"--max-memory part {part!r} is not DEVICE=SIZE.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB."
+            )
+    if not out:
+        raise ConfigError("--max-memory is empty.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB.")
+    return out
+
+
+def _own_memory(model) -> None:
+    """Copy the tensors a quantized load left full-precision (embeddings, norms) out of the checkpoint's memory map.
+
+    safetensors maps the checkpoint file, and a tensor read from it keeps the whole mapping alive: the pages that
+    the quantizer read stay resident, so a quantized base would also hold most of its full-precision file.
+    """
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if type(p) is torch.nn.Parameter and p.device.type == "cpu":  # quantized weights are subclasses
+                p.data = p.data.clone()
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.device.type == "cpu":
+                setattr(module, name, b.clone())
 
 
 def _hub_source(name: str) -> str:
@@ -350,7 +510,7 @@ def freeze(model, tokenizer, name: str, device: str | torch.device | None = None
     """Freeze an already loaded model (used by `load_base` and by tests that build tiny models)."""
     model.requires_grad_(False)
     model.eval()
-    if device is not None:
+    if device is not None and not getattr(model, "hf_device_map", None):  # a placed (or quantized) model stays put
         model.to(device)
     if tokenizer.pad_token is None:
         # Pad positions are always masked out, so any token will do; EOS is the usual choice.

@@ -63,7 +63,7 @@ def explain(
             "(or also carries per-layer key/values).",
             "pass a soft prompt (or P-tuning) file.",
         )
-    near = nearest_tokens(inj.embeds.to(base.device), base.embedding_matrix, k)
+    near = nearest_tokens(inj.embeds.to(base.device), base.full_embedding_matrix().to(base.device), k)
     tok = base.tokenizer
     out = {
         "tokens": [

@@ -49,6 +49,7 @@ def run_demo(
     out: str = "prompts/sst2-soft.safetensors",
     data_dir: str | None = None,
     overwrite: bool = False,
+    **placement,
 ) -> dict:
     from rich.console import Console
 
@@ -57,7 +58,7 @@ def run_demo(
     out = check_out(out, overwrite)  # before the model loads
     with _timed(times, "load model"):
         task = load_task("sst2", data_dir)
-        base = load_base(model, device=device, dtype=dtype)
+        base = load_base(model, device=device, dtype=dtype, **placement)  # quantize, device_map, ...
     console.print(
         f"[bold]softprompt demo[/]: {base.name} on {base.device}, task {task.name} "
         f"({len(task.split('train')):,} train / {len(task.split('dev')):,} dev rows)"

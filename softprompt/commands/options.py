@@ -13,6 +13,7 @@ import types
 import typing
 from pathlib import Path
 
+from ..base import QUANTIZATIONS
 from ..errors import ConfigError
 from ..fileio import read_mapping
 
@@ -170,6 +171,29 @@ def add_model_options(parser):
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, auto (float32 on CPU, bf16 on CUDA)")
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="store the frozen weights quantized with bitsandbytes: nf4 (4-bit, double-quantized) or int8; "
+        "the prompt stays in full precision (CPU and CUDA)",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="place the model over devices, CPU RAM and disk instead of --device: auto, balanced, sequential",
+    )
+    g.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB",
+    )
+    g.add_argument(
+        "--offload-folder",
+        default=None,
+        help="with --device-map: folder for weights offloaded to disk (default: temporary)",
+    )
 
 
 def add_task_options(parser, dev_split: bool = False):
@@ -214,7 +238,15 @@ def load_task_from(ns):
 def load_base(ns):
     from ..base import load_base as load
 
-    return load(ns.model, device=ns.device, dtype=ns.dtype)
+    return load(
+        ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        quantize=ns.quantize,
+        device_map=ns.device_map,
+        max_memory=ns.max_memory,
+        offload_folder=ns.offload_folder,
+    )
 
 
 def console():

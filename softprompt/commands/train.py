@@ -185,6 +185,10 @@ def cmd_demo(ns) -> None:
         out=ns.out,
         data_dir=ns.data_dir,
         overwrite=ns.overwrite,
+        quantize=ns.quantize,
+        device_map=ns.device_map,
+        max_memory=ns.max_memory,
+        offload_folder=ns.offload_folder,
     )
 
 

@@ -137,7 +137,13 @@ class Family:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the input embedding's device, or its execution device when a device map offloads it."""
+        embeddings = self.model.get_input_embeddings()
+        hook = getattr(embeddings, "_hf_hook", None)  # accelerate's big-model hook (`load_base(device_map=...)`)
+        if getattr(hook, "execution_device", None) is not None:
+            d = hook.execution_device
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        return embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -281,7 +281,7 @@ def _contest(
     grad = trigger_gradient(base, draw(config.grad_rows), verb, triggers)  # (K, D)
     pos = int(torch.randint(config.num_triggers, (1,), generator=g))
     # first-order loss change of putting token w at `pos`: (e_w - e_now) . grad; most negative first
-    gain = -(base.embedding_matrix.detach() @ grad[pos]).float().cpu()  # (V,)
+    gain = -(base.full_embedding_matrix().to(grad.device) @ grad[pos]).float().cpu()  # (V,)
     gain[~allowed] = -float("inf")
     gain[triggers[pos]] = -float("inf")
     candidates = [triggers[:pos] + [w] + triggers[pos + 1 :] for w in gain.topk(config.num_candidates).indices.tolist()]
