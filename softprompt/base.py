@@ -354,9 +354,6 @@ def load_base(
         command line's '0=20GiB,cpu=60GiB'.
     offload_folder: where disk-offloaded weights go (default: a temporary folder removed at exit).
     """
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
     if isinstance(name_or_path, Path):
         name_or_path = str(name_or_path)
     if not isinstance(name_or_path, str) or not isinstance(device, (str, type(None))):  # a config file holds any value
@@ -374,21 +371,7 @@ def load_base(
     path, display = resolve_model_path(name_or_path)
     if not Path(path).exists():  # a hub id
         path = _hub_source(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        auto = getattr(transformers, family_class(config).auto_class)
-        try:
-            model = auto.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
-        except ValueError as e:
-            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
-                raise
-            model = auto.from_pretrained(path, attn_implementation="eager", **kwargs)
-    except OSError as e:
-        raise SoftpromptError(
-            f"Could not load model '{name_or_path}': {e}",
-            f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.",
-        ) from e
+    model, tokenizer = _from_pretrained(path, name_or_path, attn_implementation, kwargs)
     if q is not None:
         _own_memory(model)
         for module in model.modules():
@@ -398,6 +381,28 @@ def load_base(
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return freeze(model, tokenizer, display, None if "device_map" in kwargs else device)
+
+
+def _from_pretrained(path: str, name: str, attn_implementation: str, kwargs: dict):
+    """(model, tokenizer) from `path` with the transformers Auto class of its family."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        auto = getattr(transformers, family_class(AutoConfig.from_pretrained(path)).auto_class)
+        try:
+            model = auto.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+        except ValueError as e:
+            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = auto.from_pretrained(path, attn_implementation="eager", **kwargs)
+    except OSError as e:
+        raise SoftpromptError(
+            f"Could not load model '{name}': {e}",
+            f"pass a local model directory, a reachable hub id, or '{DEFAULT_MODEL}'.",
+        ) from e
+    return model, tokenizer
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
