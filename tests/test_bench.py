@@ -16,6 +16,7 @@ import softprompt as sp
 from softprompt.bench import load_grid, run_grid, write_report
 from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
+from softprompt.errors import ConfigError
 from softprompt.example import Example
 from softprompt.train import Trainer, init_context
 
@@ -131,7 +132,13 @@ def test_the_smollm2_grid_expands_as_documented():
     tasks = ["sst2", "trec", "rte", "e2e_nlg"]
     assert [t for t in tasks if any(c.task == t for c in cells)] == tasks
     trained = [c for c in cells if c.kind != "hard"]
-    assert {c.seed for c in trained} == {0, 1}
+    question = {"soft", "prefix", "deep", "ptuning", "peft-prompt", "peft-prefix", "peft-ptuning"}
+    for t in tasks:  # 5 seeds for the methods that answer "prompt or prefix?" and their PEFT pairs, except on RTE
+        for m in {c.method for c in trained if c.task == t}:
+            seeds = {c.seed for c in trained if c.task == t and c.method == m}
+            assert seeds == ({0, 1, 2, 3, 4} if m in question and t != "rte" else {0, 1}), (t, m)
+    assert {c.method for c in trained if c.task == "rte"} == {"soft", "prefix", "deep", "ptuning", "full", "peft-lora"}
+    assert all(c.threads == 1 and c.determinism == "strict" and c.quantize is None for c in cells)
     for t in tasks:  # every method of a task trains the same number of steps
         assert len({c.steps for c in trained if c.task == t}) == 1
     assert sum(c.kind == "hard" for c in cells) == 4  # a template is scored once per task, not per seed
@@ -143,7 +150,7 @@ def test_the_smollm2_grid_expands_as_documented():
     }
     kinds = {c.kind for c in cells}
     assert kinds == {"hard", "soft", "prefix", "deep", "ptuning", *BASELINES}
-    for c in cells:  # every PEFT prompt method is paired with a softprompt entry of the same config
+    for c in cells:  # every PEFT prompt method is paired with a softprompt entry of the same config and seeds
         if c.pair:
             ours = next(o for o in cells if o.method == c.pair and o.task == c.task and o.seed == c.seed)
             shared = set(ours.config) & set(c.config)
@@ -151,6 +158,90 @@ def test_the_smollm2_grid_expands_as_documented():
     quick = grid.cells(quick=True)
     assert {c.seed for c in quick} == {0} and {c.steps for c in quick if c.kind != "hard"} == {2}
     assert len(quick) == len([c for c in cells if c.seed == 0])
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major: a partial grid covers all once
+
+
+def test_seeds_come_from_the_task_then_the_method_then_the_grid(tmp_path):
+    from softprompt.bench.grid import Grid
+
+    grid = Grid(
+        tasks={"a": {}, "b": {"seeds": [7]}},
+        methods={"hard": {"kind": "hard"}, "soft": {"seeds": [3, 4]}, "deep": {}},
+        seeds=[0, 1],
+        model="m",
+    )
+    got = {
+        (c.task, c.method): [x.seed for x in grid.cells() if (x.task, x.method) == (c.task, c.method)]
+        for c in grid.cells()
+    }
+    assert got == {
+        ("a", "hard"): [0],
+        ("a", "soft"): [3, 4],
+        ("a", "deep"): [0, 1],
+        ("b", "hard"): [0],  # a hard prompt is scored once, as seed 0
+        ("b", "soft"): [7],
+        ("b", "deep"): [7],
+    }
+
+
+def _cell(**kw) -> Cell:
+    d = dict(task="t", method="soft", kind="soft", config={}, seed=0, steps=2, lr=None, train={}, dev_limit=4)
+    return Cell(**{**d, "model": "m", **kw})
+
+
+def test_the_identity_holds_threads_determinism_quantization_and_versions(monkeypatch):
+    base = _cell(threads=1, deterministic=True)
+    assert base.identity == _cell(threads=1, deterministic=True).identity
+    changed = [
+        _cell(threads=2, deterministic=True),
+        _cell(threads=None, deterministic=True),
+        _cell(threads=1, deterministic="warn"),
+        _cell(threads=1, deterministic=False),
+        _cell(threads=1, deterministic=True, quantize="nf4"),
+        _cell(threads=1, deterministic=True, quantize="int8"),
+        _cell(threads=1, deterministic=True, dtype="bfloat16"),
+    ]
+    assert len({c.identity for c in changed} | {base.identity}) == len(changed) + 1
+    inputs = base.identity_inputs()
+    assert inputs["dtype"] == "float32" and inputs["device"] in ("cpu", "cuda:0") and inputs["versions"]["torch"]
+    assert _cell(threads=1, deterministic=True, device=inputs["device"]).identity == base.identity  # resolved
+    before = base.identity
+    monkeypatch.setattr("softprompt.bench.cell._versions", lambda: {**inputs["versions"], "torch": "0.0"})
+    assert base.identity != before  # another torch: the record is stale
+    with pytest.raises(ConfigError, match="not a mode"):
+        _cell(deterministic="sometimes")
+
+
+def test_quantize_reaches_load_base_and_the_cells(tiny_tasks, model_dir, tmp_path, monkeypatch):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path), quantize="nf4")
+    cell = grid.cells(quick=True)[0]
+    assert {c.quantize for c in grid.cells()} == {"nf4"} and cell.identity_inputs()["quantize"] == "nf4"
+    seen = {}
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit("loaded")
+
+    monkeypatch.setattr("softprompt.bench.cell.load_base", load)
+    with pytest.raises(SystemExit, match="loaded"):
+        run_cell(cell, tmp_path / "r")
+    assert seen["quantize"] == "nf4"
+    with pytest.raises(ConfigError, match="quantize: 'q3'"):
+        load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path), quantize="q3")
+
+
+def test_an_old_record_is_verified_as_it_ran():
+    from softprompt.bench.verify import compare, rerun_cell
+
+    spec = {k: v for k, v in vars(_cell()).items() if k not in ("threads", "deterministic", "quantize")}
+    cell, notes = rerun_cell({"spec": spec, "torch_threads": 2})  # written before the pinning
+    assert (cell.threads, cell.determinism) == (2, "off") and "predates pinning" in notes[0]
+    record = {"dev": {"accuracy": 0.775, "n": 200}, "rows": {"correct": "10"}}
+    assert compare(record, record) == []
+    assert compare(record, {"dev": {"accuracy": 0.6, "n": 200}, "rows": {"correct": "11"}}) == [
+        "accuracy 0.6 vs 0.775 recorded, -0.175",
+        "1 of 2 rows differ",
+    ]
 
 
 def test_quick_grid_runs_every_kind_resumes_and_reports(tiny_tasks, model_dir, tmp_path, capsys, monkeypatch):
@@ -162,6 +253,15 @@ def test_quick_grid_runs_every_kind_resumes_and_reports(tiny_tasks, model_dir, t
     assert len(records) == 22 and "22 cells run, 0 already done, 0 failed" in out
     for r in records:
         assert r["dev"]["n"] > 0 and r["zero_shot"]["n"] == r["dev"]["n"]
+        assert r["threads"] == r["torch_threads"] == 1 and r["determinism"] == "strict"
+        assert r["identity"] == Cell(**r["spec"]).identity and r["machine"]["cores"] >= 1
+        if r["metric"] == "accuracy":  # one outcome per dev row
+            n = r["dev"]["n"]
+            assert len(r["rows"]["correct"]) == n and r["rows"]["correct"].count("1") / n == pytest.approx(
+                r["dev"]["accuracy"]
+            )
+        else:
+            assert len(r["rows"]["bleu_stats"]) == r["dev"]["n"]
         assert r["peak_memory_bytes"] > 0 and r["latency_seconds_per_example"] > 0 and r["file_bytes"] > 0
         if r["kind"] == "hard":
             assert r["trainable_parameters"] == {"training": 0, "saved": 0} and r["dev"] == r["zero_shot"]
@@ -204,12 +304,16 @@ def test_a_changed_cell_runs_again_and_a_missing_one_is_reported(tiny_tasks, mod
     assert "## Missing cells (1 of 2)" in report and f"- {cells[0].id}" in report
 
 
-def test_a_cell_in_its_own_process_reports_its_own_memory(tiny_tasks, model_dir, tmp_path):
+def test_cells_in_their_own_processes_run_at_once_pinned_and_verify(tiny_tasks, model_dir, tmp_path, capsys):
     grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
-    cell = next(c for c in grid.cells(quick=True) if c.kind == "hard" and c.task == "cls")
-    assert run_grid([cell], tmp_path / "r", isolate=True, echo=lambda s: None)["done"] == 1
-    record = json.loads(record_path(tmp_path / "r", cell).read_text())
-    assert record["memory_kind"] == "ru_maxrss of the cell's own process" and record["peak_memory_bytes"] > 0
+    cells = [c for c in grid.cells(quick=True) if c.task == "cls" and c.method in ("hard", "soft")]
+    assert run_grid(cells, tmp_path / "r", isolate=True, echo=lambda s: None, jobs=2)["done"] == 2
+    for cell in cells:
+        record = json.loads(record_path(tmp_path / "r", cell).read_text())
+        assert record["memory_kind"] == "ru_maxrss of the cell's own process" and record["peak_memory_bytes"] > 0
+        assert record["torch_threads"] == 1 and record["determinism"] == "strict"
+    code, out, err = run(capsys, "bench", "--verify", cells[1].id, "--results", tmp_path / "r")  # its own process
+    assert code == 0 and f"{cells[1].id}: reproduced" in out, out + err
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(tiny_tasks, model_dir, tmp_path):
@@ -384,46 +488,150 @@ def test_a_partial_run_keeps_the_whole_grid_for_the_report(tiny_tasks, model_dir
     assert "Missing cells (21 of 22)" in report and "cls--soft--s0--2steps" in report
 
 
-def test_report_judges_against_the_seed_spread_only_with_two_seeds():
-    from softprompt.bench.report import Group, check, verdict
-
-    def records(task, method, kind, values, pair=None):
-        return Group(
-            [
-                {
-                    "task": task,
-                    "method": method,
-                    "kind": kind,
-                    "tool": "peft" if pair else "softprompt",
-                    "pair": pair,
-                    "metric": "accuracy",
-                    "seed": s,
-                    "dev": {"accuracy": v},
-                    "seconds_per_step": 1.0,
-                    "cpu_seconds_per_step": 1.0,
-                    "peak_memory_bytes": 1,
-                }
-                for s, v in enumerate(values)
-            ]
-        )
-
-    two = {
-        ("t", "soft"): records("t", "soft", "soft", [0.80, 0.84]),
-        ("t", "prefix"): records("t", "prefix", "prefix", [0.70, 0.72]),
-    }
-    assert check(two[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.85, 0.87], "soft")) == pytest.approx(
-        {"metric_ok": True, "spread": 4.0, "time_ratio": 1.0, "cpu_ratio": 1.0, "memory_ratio": 1.0}
-    )
-    assert verdict(two, ["t"], prefixes=("prefix",)) == [
-        "- t: soft 82.0 ±2.0 vs prefix 71.0 ±1.0 (accuracy): soft ahead (difference +11.0, seed spread 4.0, 2 seeds)."
+def _records(task, method, values, pair=None, rows=None, metric="accuracy"):
+    """Records of one (task, method), one per seed; rows: per seed a 0/1 string (None: an old record)."""
+    return [
+        {
+            "task": task,
+            "method": method,
+            "kind": method,
+            "tool": "peft" if pair else "softprompt",
+            "pair": pair,
+            "metric": metric,
+            "seed": s,
+            "steps": 10,
+            "dev": {metric: v},
+            "seconds_per_step": 1.0,
+            "cpu_seconds_per_step": 1.0,
+            "peak_memory_bytes": 1,
+            **({"rows": {"correct": rows[s], "gold": " ".join("01" * (len(rows[s]) // 2))}} if rows else {}),
+        }
+        for s, v in enumerate(values)
     ]
-    one = {
-        ("t", "soft"): records("t", "soft", "soft", [0.80]),
-        ("t", "prefix"): records("t", "prefix", "prefix", [0.90]),
+
+
+def _correct(accuracy: float, n: int = 200, shift: int = 0) -> str:
+    k = round(accuracy * n)
+    return ("1" * k + "0" * (n - k))[shift:] + ("1" * k + "0" * (n - k))[:shift]
+
+
+def test_bootstrap_intervals_are_sane_and_seeded():
+    import numpy as np
+
+    from softprompt.bench.stats import cell_interval, paired_difference
+
+    ones = [np.ones(50, dtype=np.uint8)] * 3
+    i = cell_interval([1.0] * 3, ones)
+    assert (i.lo, i.hi, i.over) == (1.0, 1.0, "seeds and rows")
+    rng = np.random.default_rng(1)
+    rows = [(rng.random(200) < p).astype(np.uint8) for p in (0.7, 0.75, 0.8, 0.72, 0.78)]
+    values = [float(r.mean()) for r in rows]
+    a, b = cell_interval(values, rows), cell_interval(values, rows)
+    assert a == b and a.lo < a.mean < a.hi and 0.02 < a.hi - a.lo < 0.2  # seeded; rows and seeds both count
+    assert cell_interval(values, rows, seed=1) != a
+    seeds_only = cell_interval(values, [None] * 5)
+    assert seeds_only.over == "seeds" and seeds_only.hi - seeds_only.lo < a.hi - a.lo  # rows' error left out
+    assert cell_interval([0.5], [None]).lo is None  # one seed without rows: nothing to resample
+    assert cell_interval([values[0]], rows[:1]).over == "rows"
+    # paired: the same rows scored on both sides; a constant gain of 10 rows out of 200 is exactly +0.05
+    better = [r.copy() for r in rows]
+    for r in better:
+        r[np.flatnonzero(r == 0)[:10]] = 1
+    ours = {s: (float(r.mean()), r) for s, r in enumerate(better)}
+    theirs = {s: (float(r.mean()), r) for s, r in enumerate(rows)}
+    d = paired_difference(ours, theirs)
+    assert d.mean == pytest.approx(0.05) and d.lo > 0 and d.excludes_zero and d.seeds == 5
+    only = paired_difference({0: ours[0], 9: ours[1]}, theirs)  # only the seeds both ran
+    assert only.seeds == 1 and only.over == "rows"
+    assert paired_difference({9: ours[0]}, theirs) is None
+
+
+def test_bleu_is_recomputed_from_per_row_statistics():
+    import sacrebleu
+
+    from softprompt.bench.outcomes import bleu_of, bleu_statistics
+    from softprompt.bench.stats import cell_interval, rows_of
+
+    refs = [["the eagle is a pub", "a pub called the eagle"], ["it is cheap"], ["a cafe near the river", "x y"]]
+    hyps = ["the eagle is a pub near", "cheap it is", ""]
+    stats = bleu_statistics(hyps, refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(2)]
+    rows = rows_of({"rows": {"bleu_stats": stats}})
+    assert bleu_of(rows.sum(axis=0)) == sacrebleu.corpus_bleu(hyps, streams).score
+    i = cell_interval([bleu_of(rows.sum(axis=0))] * 2, [rows, rows])
+    assert 0 <= i.lo <= i.mean <= i.hi <= 100
+
+
+def test_dev_outcomes_give_evaluates_metrics(base, sst2, e2e):
+    from softprompt.bench.outcomes import dev_outcomes
+    from softprompt.evaluate import evaluate
+
+    for task in (sst2, e2e):
+        metrics, rows = dev_outcomes(base, task, None, limit=6, seed=0)
+        assert metrics == evaluate(base, task, None, limit=6, seed=0)
+        assert len(next(iter(rows.values()))) == metrics["n"]
+
+
+def test_the_verdict_names_a_winner_only_where_intervals_separate():
+    from softprompt.bench.report import Group, check, learned, verdict
+
+    far = {
+        ("t", "soft"): Group(_records("t", "soft", [0.9] * 5, rows=[_correct(0.9, shift=s) for s in range(5)])),
+        ("t", "prefix"): Group(_records("t", "prefix", [0.6] * 5, rows=[_correct(0.6, shift=s) for s in range(5)])),
     }
-    c = check(one[("t", "soft")], records("t", "peft-prompt", "peft-prompt", [0.95], "soft"))
-    assert c["spread"] is None and c["metric_ok"] is None  # one seed: nothing to judge a 15-point gap against
-    assert verdict(one, ["t"], prefixes=("prefix",)) == [
-        "- t: soft 80.0 vs prefix 90.0 (accuracy): prefix higher on one seed, no spread to judge against yet "
-        "(difference -10.0, 1 seed)."
-    ]
+    assert "**soft** ahead (the intervals separate)" in verdict(far, ["t"], ("soft",), ("prefix",))[0]
+    near = {
+        ("t", "soft"): Group(_records("t", "soft", [0.71, 0.7], rows=[_correct(0.71), _correct(0.7)])),
+        ("t", "prefix"): Group(_records("t", "prefix", [0.7, 0.69], rows=[_correct(0.7), _correct(0.69)])),
+    }
+    line = verdict(near, ["t"], ("soft",), ("prefix",))[0]
+    assert "no difference shown (the intervals overlap)" in line and "[" in line
+    old = {k: Group(_records("t", k[1], [0.9, 0.91] if k[1] == "soft" else [0.6, 0.61])) for k in far}
+    line = verdict(old, ["t"], ("soft",), ("prefix",))[0]
+    assert "no verdict from intervals over seeds only (they separate, soft higher)" in line and "]†" in line
+    # nothing above the majority class (half the gold labels are 0): the task is dropped from the verdict
+    groups = {("t", "soft"): Group(_records("t", "soft", [0.5, 0.5], rows=[_correct(0.5), _correct(0.5)]))}
+    assert learned(groups, "t")[0] is False
+    assert verdict(groups, ["t"])[0].startswith("- t: dropped: no method above chance (majority class 50.0%")
+    # softprompt vs PEFT: paired per seed
+    peft = Group(_records("t", "peft-prompt", [0.6] * 5, "soft", rows=[_correct(0.6, shift=s) for s in range(5)]))
+    c = check(far[("t", "soft")], peft)
+    assert c["difference"].mean == pytest.approx(30.0) and c["difference"].lo > 0 and c["metric_ok"] is True
+    assert check(peft, far[("t", "soft")])["metric_ok"] is False
+
+
+def test_old_records_render_and_are_flagged(tmp_path):
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "smollm2"
+    if not (results / "cells").is_dir():
+        pytest.skip("no committed records")
+    report = write_report(results, tmp_path).read_text()  # the committed records: no rows, no pinning
+    assert "predate the pinning" in report and "**needs a re-run** (predates pinning)" in report
+    assert "]†" in report and "no verdict from intervals over seeds only" in report
+    assert "| 2 (not pinned) |" in report  # which cells ran with which thread count
+
+
+def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model_dir, tmp_path, capsys):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
+    cell = next(c for c in grid.cells(quick=True) if c.task == "cls" and c.method == "soft")
+    results = tmp_path / "results"
+    assert run_grid([cell], results, isolate=False, echo=lambda s: None)["done"] == 1
+    path = record_path(results, cell)
+    before = path.read_text()
+    code, out, err = run(capsys, "bench", "--verify", cell.id, "--results", results, "--in-process")
+    assert code == 0, err
+    assert out.strip().startswith(f"{cell.id}: reproduced (accuracy ") and len(out.strip().splitlines()) == 1
+    assert path.read_text() == before  # the record is not replaced
+    record = json.loads(before)
+    record["dev"]["accuracy"] += 0.25
+    record["rows"]["correct"] = ("0" if record["rows"]["correct"][0] == "1" else "1") + record["rows"]["correct"][1:]
+    path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "bench", "--verify", cell.id, "--verify", cell.id, "--results", results, "--in-process")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert e.value.code == 1 and len(out) == 2
+    assert "NOT reproduced: accuracy" in out[0] and "1 of 4 rows differ" in out[0] and "same settings" in out[0]
+    assert json.loads((results / "verify" / f"{cell.id}.json").read_text())["reproduced"] is False
+    report = write_report(results).read_text()
+    assert "**not reproduced: cls--soft--s0--2steps**" in report and "**NOT reproduced**" in report
+    code, _, err = run(capsys, "bench", "--verify", "nope", "--results", results)
+    assert code == 2 and "No record of cell 'nope'" in err

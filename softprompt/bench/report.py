@@ -1,9 +1,12 @@
 """`softprompt bench report RESULTS_DIR`: a Markdown report and PNG plots from a grid's cell records.
 
-Seeds are summarized as mean ± half their range (with two seeds: both lie inside the band); the
-softprompt-vs-PEFT checks use the full seed-to-seed spread (max - min, the larger of the two
-methods'). Everything is computed from `cells/*.json` and each run's `metrics.jsonl`, so a
-partial grid gives a partial report that names the missing cells.
+A cell's number is its metric's mean over seeds with a 95% bootstrap interval over seeds and dev
+rows (`stats.py`: two levels, 2,000 seeded resamples); records without per-row outcomes (older than
+them) get an interval over seeds only, marked †. softprompt against PEFT is a paired difference per
+seed (same seed, same dev rows) with its own interval. A winner is named only where intervals
+separate. Everything is computed from `cells/*.json`, each run's `metrics.jsonl` and `verify/*.json`,
+so a partial grid gives a partial report that names the missing cells; records of cells that are
+not in the grid (grid.json: an earlier budget, say) are listed, not summarized.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from functools import cached_property
 from pathlib import Path
 
 from ..fileio import atomic_write_text
+from .stats import Interval, cell_interval, chance, paired_difference, rows_of
 
 PLOTS = ("metric_vs_params.png", "metric_vs_steps.png", "cost.png", "softprompt_vs_peft.png")
+PROMPTS, PREFIXES = ("soft", "ptuning"), ("prefix", "deep")  # the methods of "prompt or prefix?"
+SEEDS_ONLY = "†"
 
 
 def load_records(results: str | Path) -> list[dict]:
@@ -24,6 +31,11 @@ def load_records(results: str | Path) -> list[dict]:
 
 def _scale(metric: str) -> float:
     return 100.0 if metric == "accuracy" else 1.0  # accuracy in %, BLEU already 0-100
+
+
+def pinned(record: dict) -> bool:
+    """The record ran with its thread count and deterministic mode pinned and in its identity."""
+    return "determinism" in record and record.get("threads") is not None
 
 
 class Group:
@@ -46,12 +58,25 @@ class Group:
         vals = self.values if key is None else [x[key] for x in self.records if x.get(key) is not None]
         return statistics.fmean(vals) if vals else None
 
+    @cached_property
+    def interval(self) -> Interval:
+        """Mean and 95% interval, in display units (accuracy in %)."""
+        i = cell_interval([x["dev"][self.metric] for x in self.records], [rows_of(x) for x in self.records])
+        return _scaled(i, _scale(self.metric))
+
     @property
-    def spread(self) -> float:
-        return max(self.values) - min(self.values)
+    def by_seed(self) -> dict:
+        """{seed: (metric, per-row outcomes or None)} for paired differences."""
+        return {x["seed"]: (x["dev"][self.metric], rows_of(x)) for x in self.records}
+
+    @property
+    def chance(self) -> float | None:
+        """Majority-class share of the dev rows (display units), from any record that has rows."""
+        c = next((c for x in self.records if (c := chance(x)) is not None), None)
+        return None if c is None else c * _scale(self.metric)
 
     def fmt(self) -> str:
-        return f"{self.mean():.1f} ±{self.spread / 2:.1f}" if len(self.values) > 1 else f"{self.mean():.1f}"
+        return fmt(self.interval)
 
     def extra(self, name: str) -> float:
         """Mean of another dev metric (e.g. rouge_l), in display units."""
@@ -66,6 +91,18 @@ class Group:
         for k in keys:
             v = v[k]
         return v
+
+
+def _scaled(i: Interval, k: float) -> Interval:
+    lo, hi = (None, None) if i.lo is None else (i.lo * k, i.hi * k)
+    return Interval(i.mean * k, lo, hi, i.over, i.seeds)
+
+
+def fmt(i: Interval, sign: str = "") -> str:
+    """'82.0 [79.5, 84.3]' (seeds and rows), '82.0 [80.0, 84.0]†' (seeds only), or '82.0' (nothing to resample)."""
+    if i.lo is None:
+        return f"{i.mean:{sign}.1f}"
+    return f"{i.mean:{sign}.1f} [{i.lo:{sign}.1f}, {i.hi:{sign}.1f}]" + (SEEDS_ONLY if i.over == "seeds" else "")
 
 
 def _groups(records: list[dict], order: list[tuple[str, str]]) -> dict[tuple[str, str], Group]:
@@ -101,21 +138,16 @@ def pairs(groups: dict) -> list[tuple[Group, Group]]:
     return out
 
 
-def _spread(a: Group, b: Group) -> float | None:
-    """The larger seed-to-seed spread of two groups; None with a single seed on either side (nothing to judge by)."""
-    return max(a.spread, b.spread) if min(a.seeds, b.seeds) > 1 else None
-
-
 def check(ours: Group, peft: Group) -> dict:
-    """The acceptance checks of one pair: metric within the seed spread, time per step and memory no worse.
-
-    With a single seed on either side there is no spread to judge against: spread and metric_ok are None.
-    """
-    spread = _spread(ours, peft)
+    """The acceptance checks of one pair: the paired difference ours - PEFT (same seeds, same dev rows) and whether
+    it shows ours worse (metric_ok False: the interval lies below 0; None: no interval over rows to judge by),
+    time per step and memory ratios."""
+    diff = paired_difference(ours.by_seed, peft.by_seed)
+    diff = diff and _scaled(diff, _scale(ours.metric))
     return {
-        "metric_ok": None if spread is None else ours.mean() >= peft.mean() - spread,
-        "spread": spread,
-        "time_ratio": ours.mean("seconds_per_step") / peft.mean("seconds_per_step"),
+        "difference": diff,
+        "metric_ok": None if diff is None or diff.lo is None or diff.over == "seeds" else diff.hi >= 0,
+        "time_ratio": _ratio(ours.mean("seconds_per_step"), peft.mean("seconds_per_step")),
         "cpu_ratio": _ratio(ours.mean("cpu_seconds_per_step"), peft.mean("cpu_seconds_per_step")),
         "memory_ratio": ours.mean("peak_memory_bytes") / peft.mean("peak_memory_bytes"),
     }
@@ -136,60 +168,96 @@ def _metric_of(groups: dict, task: str) -> str:
 
 
 def headline(groups: dict, tasks: list[str]) -> str:
-    """Markdown table: softprompt's methods (and full finetuning) by task, metric mean ± half the seed range."""
+    """Markdown table: softprompt's methods (and full finetuning) by task: mean [95% interval] (seeds)."""
     methods = list(dict.fromkeys(m for (_, m), g in groups.items() if g.tool == "softprompt"))
     head = ["method"] + [f"{t} ({_metric_of(groups, t)})" if _metric_of(groups, t) else t for t in tasks]
     rows = []
     for m in methods:
-        cells = [groups[(t, m)].fmt() if (t, m) in groups else "–" for t in tasks]
+        cells = [f"{groups[(t, m)].fmt()} ({groups[(t, m)].seeds})" if (t, m) in groups else "–" for t in tasks]
         if any(c != "–" for c in cells):
             rows.append([m] + cells)
     return _table(head, rows)
 
 
-def verdict(
-    groups: dict, tasks: list[str], prompt: str = "soft", prefixes: tuple[str, ...] = ("prefix", "deep")
-) -> list[str]:
-    """One line per task and prefix variant: which wins, by how much, against the seed-to-seed spread."""
+def learned(groups: dict, task: str) -> tuple[bool | None, str]:
+    """Whether some trained method scores above chance on a classification task (the lower end of its interval over
+    the majority-class share of the dev rows): (True/False, why), or (None, why) where that cannot be told."""
+    trained = [g for (t, _), g in groups.items() if t == task and g.first("steps")]
+    level = next((g.chance for g in trained if g.chance is not None), None)
+    if not trained or trained[0].metric != "accuracy":
+        return True, ""
+    if level is None:
+        return None, "chance level unknown: no record has per-row outcomes"
+    above = [g for g in trained if g.interval.lo is not None and g.interval.lo > level]
+    steps = "/".join(map(str, sorted({g.first("steps") for g in trained})))
+    if above:
+        return True, f"above chance ({level:.1f}%): {', '.join(g.method for g in above)}"
+    return False, f"no method above chance (majority class {level:.1f}% of the dev rows) at {steps} steps"
+
+
+def verdict(groups: dict, tasks: list[str], prompts=PROMPTS, prefixes=PREFIXES) -> list[str]:
+    """One line per task and (prompt, prefix) pair: a winner only where the 95% intervals separate."""
     lines = []
     for task in tasks:
-        for pre in prefixes:
-            a, b = groups.get((task, prompt)), groups.get((task, pre))
-            if not a or not b:
-                continue
-            diff, spread = a.mean() - b.mean(), _spread(a, b)
-            leader = prompt if diff > 0 else pre
-            if spread is None:
-                who, detail = f"{leader} higher on one seed, no spread to judge against yet", "1 seed"
-            else:
-                who = f"{leader} ahead" if abs(diff) > spread else "a tie within the seed spread"
-                detail = f"seed spread {spread:.1f}, {min(a.seeds, b.seeds)} seeds"
-            lines.append(
-                f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}): {who} "
-                f"(difference {diff:+.1f}, {detail})."
-            )
+        ok, why = learned(groups, task)
+        if ok is False:
+            lines.append(f"- {task}: dropped: {why}, so it cannot tell prompts from prefixes.")
+            continue
+        for prompt in prompts:
+            for pre in prefixes:
+                a, b = groups.get((task, prompt)), groups.get((task, pre))
+                if not a or not b:
+                    continue
+                ia, ib = a.interval, b.interval
+                higher = prompt if ia.mean > ib.mean else pre
+                if ia.lo is None or ib.lo is None:
+                    who = "no difference shown (one seed without rows: no interval yet)"
+                elif "seeds" in (ia.over, ib.over):  # without the rows' error such intervals are too narrow to judge
+                    sep = f"they separate, {higher} higher" if ia.separates(ib) else "they overlap"
+                    who = f"no verdict from intervals over seeds only ({sep}): re-run these cells to keep their rows"
+                elif ia.separates(ib):
+                    who = f"**{higher}** ahead (the intervals separate)"
+                else:
+                    who = "no difference shown (the intervals overlap)"
+                lines.append(
+                    f"- {task}: {prompt} {a.fmt()} vs {pre} {b.fmt()} ({a.metric}; {min(a.seeds, b.seeds)} seeds, "
+                    f"interval over {_over(ia, ib)}): {who}; difference {ia.mean - ib.mean:+.1f}."
+                )
     return lines
+
+
+def _over(*intervals: Interval) -> str:
+    kinds = {i.over for i in intervals}
+    return "seeds and dev rows" if kinds <= {"seeds and rows", "rows"} else "seeds only" + SEEDS_ONLY
 
 
 def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md and the PNG plots into `out` (default: the results directory); returns report.md."""
+    from .cell import Cell
+
     results = Path(results)
     out = Path(out) if out else results
     out.mkdir(parents=True, exist_ok=True)
-    records = load_records(results)
+    every = load_records(results)
     grid = json.loads((results / "grid.json").read_text()) if (results / "grid.json").exists() else []
+    in_grid = {Cell(**c).id for c in grid}
+    records = [r for r in every if not grid or r["cell"] in in_grid]
+    outside = [r for r in every if grid and r["cell"] not in in_grid]
     order = list(dict.fromkeys((c["task"], c["method"]) for c in grid))
     groups = _groups(records, order)
     tasks = list(dict.fromkeys([c["task"] for c in grid] + [r["task"] for r in records]))
     _plots(results, out, groups, [t for t in tasks if _metric_of(groups, t)])
+    checks = _verifications(results, every)
 
     md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
     if records:
-        md += _setup(records, grid)
+        md += _setup(records, grid, checks)
     md += [
-        "## Prompt or prefix? (dev metric, mean ± half the seed range)",
+        "## Prompt or prefix? (dev metric: mean over seeds [95% bootstrap interval] (seeds))",
         "",
         headline(groups, tasks),
+        "",
+        _legend(groups),
         "",
         *verdict(groups, tasks),
         "",
@@ -204,36 +272,144 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
         if _metric_of(groups, task):
             md += [f"## {task}", "", _task_table(groups, task), ""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS if (out / p).exists()] + [""]
-    md += _missing(results, grid, records)
+    md += _cells_table(records, checks) + _outside(outside) + _missing(results, grid, records)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     return path
 
 
-def _setup(records: list[dict], grid: list[dict]) -> list[str]:
+def _legend(groups: dict) -> str:
+    kinds = {g.interval.over for g in groups.values()}
+    text = "Intervals: 95%, two-level bootstrap (2,000 seeded resamples of seeds, then of dev rows within each seed)."
+    if "seeds" in kinds:
+        text += (
+            f" {SEEDS_ONLY}: over seeds only; these records predate per-row outcomes, so the dev rows' own "
+            "sampling error is left out (with 2 seeds the interval is about their range)."
+        )
+    if "none" in kinds:
+        text += " A number without an interval is one seed whose record has no per-row outcomes."
+    return text
+
+
+def _verifications(results: Path, records: list[dict]) -> dict[str, dict]:
+    """{cell id: the latest `--verify` of the record now there} (a verification of an older record is ignored)."""
+    identity = {r["cell"]: r["identity"] for r in records}
+    out = {}
+    for p in sorted((results / "verify").glob("*.json")) if (results / "verify").is_dir() else []:
+        v = json.loads(p.read_text())
+        if identity.get(v["cell"]) == v["record_identity"]:
+            out[v["cell"]] = v
+    return out
+
+
+def _setup(records: list[dict], grid: list[dict], checks: dict) -> list[str]:
     r = records[0]
     steps: dict[str, set] = {}  # task -> step budgets (tasks may have their own; hard cells train none)
     for x in records:
         if x["steps"]:
             steps.setdefault(x["task"], set()).add(x["steps"])
-    threads = "/".join(map(str, sorted({x["torch_threads"] for x in records})))
     batch = sorted({x["batch_size"] for x in records if x.get("batch_size")})
-    loads = [x["load_average"]["start"] for x in records]
     limits = {c["task"]: c["dev_limit"] for c in grid} or {x["task"]: x["spec"]["dev_limit"] for x in records}
     versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-    return [
-        f"Model {r['model']} on {r['device']} ({r['dtype']}, {threads} torch threads); {versions}.",
+    quantize = sorted({str(x.get("quantize")) for x in records if x.get("quantize")})
+    lines = [
+        f"Model {r['model']} on {r['device']} ({r['dtype']}{', quantized ' + '/'.join(quantize) if quantize else ''}); "
+        f"{versions}.",
         f"Training steps: {', '.join(f'{t} ' + '/'.join(map(str, sorted(s))) for t, s in steps.items())}, "
         f"at batch {', '.join(map(str, batch))}, each method's own learning rate (PEFT entries: that of the "
         "softprompt method they mirror), linear schedule with warmup, "
         f"seeds {sorted({x['seed'] for x in records})}. Dev subsets (fixed rows, the same for every method and "
         f"seed): {', '.join(f'{t} {n}' for t, n in limits.items())}. The metric is that of the final step.",
-        f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}; "
-        f"load average at cell start {min(loads):.1f}–{max(loads):.1f} (the machine was shared: times are "
-        "comparable within this report, not absolute). Memory: "
-        f"{r['memory_kind']}. Latency: seconds per example at batch size 1 on our inference path.",
+        f"Cells finished between {min(x['finished'] for x in records)} and {max(x['finished'] for x in records)}. "
+        f"Memory: {r['memory_kind']}. Latency: seconds per example at batch size 1 on our inference path.",
+        "",
+        "How the cells ran (torch threads, deterministic algorithms, 1-minute load average at cell start and end; "
+        "times are comparable within this report, not absolute; every cell is listed under "
+        "[Cells](#cells-threads-load-reproducibility)):",
+        "",
+        _how_table(records),
         "",
     ]
+    old = [x for x in records if not pinned(x)]
+    if old:
+        lines += [
+            f"**{len(old)} of {len(records)} records predate the pinning of threads and deterministic mode** (their "
+            "identity has neither, and the thread count changes results: one TREC cell gave 77.5% at 1 thread and "
+            "60.0% at 2): they need a re-run, which the grid does by itself (their identity is stale).",
+            "",
+        ]
+    failed = [c for c, v in checks.items() if not v["reproduced"]]
+    if checks:
+        lines += [
+            f"Re-run with `--verify`: {len(checks) - len(failed)} of {len(checks)} reproduced exactly"
+            + (f"; **not reproduced: {', '.join(failed)}**" if failed else "")
+            + ".",
+            "",
+        ]
+    return lines
+
+
+def _how_table(records: list[dict]) -> str:
+    by = defaultdict(list)
+    for x in records:
+        key = (x["torch_threads"], x.get("determinism", "(not recorded)"), pinned(x), x.get("machine", {}).get("cpu"))
+        by[key].append(x)
+    rows = []
+    for (threads, det, pin, cpu), xs in sorted(by.items(), key=lambda kv: str(kv[0])):
+        start = [x["load_average"]["start"] for x in xs]
+        end = [x["load_average"]["end"] for x in xs]
+        rows.append(
+            [
+                str(threads) + ("" if pin else " (not pinned)"),
+                det,
+                cpu or "(not recorded)",
+                str(len(xs)),
+                f"{min(start):.1f}–{max(start):.1f}",
+                f"{min(end):.1f}–{max(end):.1f}",
+            ]
+        )
+    return _table(["torch threads", "deterministic", "CPU", "cells", "load at start", "load at end"], rows)
+
+
+def _cells_table(records: list[dict], checks: dict) -> list[str]:
+    """Every record: how it ran and whether it is reproducible (verified, flagged or needing a re-run)."""
+    rows = []
+    for x in sorted(records, key=lambda r: r["cell"]):
+        v = checks.get(x["cell"])
+        if not pinned(x):
+            status = "**needs a re-run** (predates pinning)"
+        elif v is None:
+            status = "not verified"
+        else:
+            status = "reproduced" if v["reproduced"] else f"**NOT reproduced** ({v['finished']})"
+        load = x["load_average"]
+        rows.append(
+            [
+                x["cell"],
+                str(x["torch_threads"]),
+                x.get("determinism", "–"),
+                f"{load['start']:.1f} → {load['end']:.1f}",
+                x["finished"],
+                status,
+            ]
+        )
+    head = ["cell", "threads", "deterministic", "load start → end", "finished", "reproducibility"]
+    return ["## Cells: threads, load, reproducibility", "", _table(head, rows), ""]
+
+
+def _outside(records: list[dict]) -> list[str]:
+    if not records:
+        return []
+    return (
+        [
+            f"## Records outside the current grid ({len(records)}, not summarized above)",
+            "",
+            "Cells of an earlier grid (another step budget, say); their records are kept.",
+            "",
+        ]
+        + [f"- {r['cell']}: {r['metric']} {r['dev'][r['metric']] * _scale(r['metric']):.1f}" for r in records]
+        + [""]
+    )
 
 
 def _task_table(groups: dict, task: str) -> str:
@@ -286,7 +462,8 @@ def _task_table(groups: dict, task: str) -> str:
 
 
 def _peft_table(groups: dict, speed: dict) -> str:
-    """One row per pair. Time ratios: the grid's cells (wall, and CPU summed over threads; cells ran at different
+    """One row per pair: both metrics, the paired difference per seed (ours - PEFT, same seeds and dev rows) with
+    its interval, and time ratios: the grid's cells (wall, and CPU summed over threads; cells ran at different
     times, so on a shared machine these compare loads as much as code) and, where measured, the interleaved A/B
     run of benchmarks/peft_speed.py (same process, alternating steps)."""
     head = [
@@ -294,8 +471,8 @@ def _peft_table(groups: dict, speed: dict) -> str:
         "softprompt",
         "PEFT",
         "metric ours / PEFT",
-        "spread",
-        "metric ≥ PEFT − spread",
+        "ours − PEFT, paired [95%] (seeds)",
+        "verdict",
         "s/step ours / PEFT (grid wall)",
         "(grid CPU)",
         "(interleaved)",
@@ -304,6 +481,7 @@ def _peft_table(groups: dict, speed: dict) -> str:
     rows = []
     for ours, peft in pairs(groups):
         c = check(ours, peft)
+        d = c["difference"]
         ab = speed.get((ours.task, peft.kind))
         rows.append(
             [
@@ -311,8 +489,8 @@ def _peft_table(groups: dict, speed: dict) -> str:
                 ours.method,
                 peft.method,
                 f"{ours.fmt()} / {peft.fmt()}",
-                "– (1 seed)" if c["spread"] is None else f"{c['spread']:.1f}",
-                {None: "–", True: "yes", False: "**no**"}[c["metric_ok"]],
+                "– (no common seed)" if d is None else f"{fmt(d, '+')} ({d.seeds})",
+                _pair_verdict(d),
                 _flag(c["time_ratio"], "slower"),
                 _flag(c["cpu_ratio"], "slower"),
                 _flag(ab and ab["ratio_wall"], "slower"),
@@ -320,6 +498,16 @@ def _peft_table(groups: dict, speed: dict) -> str:
             ]
         )
     return _table(head, rows) if rows else "(no paired cells yet)"
+
+
+def _pair_verdict(d: Interval | None) -> str:
+    if d is None or d.lo is None:
+        return "– (no interval)"
+    if d.over == "seeds":
+        return f"no verdict (seeds only{SEEDS_ONLY})"
+    if not d.excludes_zero:
+        return "no difference shown"
+    return "ours ahead" if d.lo > 0 else "**PEFT ahead**"
 
 
 def _speed(results: Path) -> dict:
@@ -331,8 +519,9 @@ def _speed(results: Path) -> dict:
 
 
 def _missing(results: Path, grid: list[dict], records: list[dict]) -> list[str]:
-    have = {r["cell"] for r in records}
     from .cell import Cell
+
+    have = {r["cell"] for r in records}
 
     missing = [Cell(**c).id for c in grid if Cell(**c).id not in have]
     if not missing:
@@ -392,6 +581,13 @@ def _plots(results: Path, out: Path, groups: dict, tasks: list[str]) -> None:
         plt.close(fig)
 
 
+def _yerr(groups: list[Group]) -> list[list[float]]:
+    """Error bars from each group's 95% interval (none where it has none)."""
+    i = [g.interval for g in groups]
+    below = [x.mean - x.lo if x.lo is not None else 0.0 for x in i]
+    return [below, [x.hi - x.mean if x.lo is not None else 0.0 for x in i]]
+
+
 def _plot_metric_vs_params(plt, groups: dict, tasks: list[str], colors: dict):
     """Metric against trainable parameters (log x); the hard prompt (0 parameters) is a dashed line."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
@@ -403,11 +599,10 @@ def _plot_metric_vs_params(plt, groups: dict, tasks: list[str], colors: dict):
             if not params:
                 ax.axhline(g.mean(), ls="--", color="gray", label=f"{m} (0 params)")
                 continue
-            lo, hi = min(g.values), max(g.values)
             ax.errorbar(
                 [params],
                 [g.mean()],
-                yerr=[[g.mean() - lo], [hi - g.mean()]],
+                yerr=_yerr([g]),
                 fmt="x" if g.tool == "peft" else "o",
                 color=colors[m],
                 label=m,
@@ -494,7 +689,7 @@ def _plot_vs_peft(plt, groups: dict, tasks: list[str]):
                     ax.errorbar(
                         [i + shift for i in x],
                         [pair[side].mean() for pair in tp],
-                        yerr=[pair[side].spread / 2 for pair in tp],
+                        yerr=_yerr([pair[side] for pair in tp]),
                         fmt="none",
                         color="k",
                         capsize=3,
