@@ -5,8 +5,10 @@ eval mode, no gradients to its weights). Each step draws a fixed slice of a seed
 so a run killed at any point resumes from its last checkpoint with the same data, optimizer state
 and random state, and reaches the same prompt as an uninterrupted run.
 
-Runs unchanged under `accelerate launch`: micro-batches of the global stream are dealt to ranks,
-gradients of the (tiny) prompt are averaged by DDP, and only the main process writes files.
+Runs unchanged under `accelerate launch`: micro-batches of the global stream are dealt to ranks, the
+(tiny) prompt is replicated and its gradients are averaged over the processes, and only the main process
+writes files. Under an FSDP launch the frozen base is sharded over the processes (`softprompt.sharding`);
+the prompt stays replicated, so one step is the same computation either way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from .fileio import (
 )
 from .injection import Injection
 from .methods import InitContext, MethodConfig, PromptMethod, build_method
+from .sharding import average_gradients, launch_options, replicate, reshard, shard_base, sharding_requested
 from .store import Prompt, check_replace
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -175,18 +177,23 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _data_parallel(acc):
-    """`acc`, after refusing launches that would shard the prompt instead of the base model."""
+def _launch(acc, base) -> bool:
+    """Whether the base is sharded (FSDP launches: `softprompt.sharding`, done here before anything runs on it, so
+    that every process makes the same forwards from then on), after refusing DeepSpeed launches."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if acc.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            f"softprompt trains only the prompt, which {acc.distributed_type.value} would shard, while the frozen base "
-            "model stays whole on every process; this training loop runs data-parallel (DDP) only.",
-            "launch with `accelerate launch --multi_gpu --num_processes N -m softprompt train ...` and no "
-            "DeepSpeed/FSDP config (README: 'Training on several GPUs or machines').",
+            "softprompt does not train under DeepSpeed: its engine would partition the prompt (the only trainable "
+            "tensor), while the frozen base model stays whole on every process.",
+            "to shard the base model, launch with FSDP instead: `accelerate launch --use_fsdp --fsdp_version 2 "
+            "--num_processes N -m softprompt train ...`; for data parallelism alone, `--multi_gpu` (README: "
+            "'Training on several GPUs or machines').",
         )
-    return acc
+    if not (sharding_requested(acc) and acc.num_processes > 1):
+        return False
+    shard_base(base, **launch_options(acc))
+    return True
 
 
 def _optimizer(c: TrainConfig, params: list):
@@ -254,7 +261,8 @@ class Trainer:
             from accelerate import Accelerator
 
             accelerator = Accelerator(cpu=base.device.type == "cpu")
-        self.acc = _data_parallel(accelerator)
+        self.acc = accelerator
+        self.sharded = _launch(accelerator, base)
         self.run_dir = Path(run_dir) if run_dir else None
         c = self.config
         self.enc = Encoder(task.spec, base, c.truncate, c.max_length)
@@ -262,7 +270,7 @@ class Trainer:
         if trainable is None:
             trainable = build_method(method, method_config, init_context(base, task, c.seed, self.examples))
         self.method, self.method_name = trainable, trainable.name
-        self.model = self.acc.prepare_model(trainable) if self.acc.num_processes > 1 else trainable
+        replicate(trainable)  # every process starts from the first one's prompt (and keeps it: gradients averaged)
         if c.lr is None:
             self.config = c = dataclasses.replace(c, lr=type(trainable).default_lr)
         self.optimizer, self.scheduler = _optimizer(c, [p for p in trainable.parameters() if p.requires_grad])
@@ -311,7 +319,7 @@ class Trainer:
 
     # --- steps --------------------------------------------------------------------------------------------------
     def loss(self, batch: list[Example]) -> torch.Tensor:
-        injection = self.model()  # the live prompt, with its graph back to the method's parameters
+        injection = self.method()  # the live prompt, with its graph back to the method's parameters
         return self.base.family.loss([dataclasses.replace(e, injection=injection) for e in batch])
 
     def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
@@ -362,21 +370,30 @@ class Trainer:
             except OSError as e:
                 raise storage_error(e, self.run_dir / "metrics.jsonl", "write") from e
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.sharded:
+            self._log_sharding()
         if c.gradient_checkpointing:
             self.base.family.enable_gradient_checkpointing()
+
+    def _log_sharding(self) -> None:
+        """Record what each process holds of the sharded base: {"step", "sharding": {"processes", "local_bytes" (one
+        per process), "total_bytes"}}."""
+        reshard(self.base)  # gathered weights (kept after a forward by some groups) are freed: the shards remain
+        local = self.acc.gather(torch.tensor([self.base.local_bytes()], device=self.acc.device)).tolist()
+        sharding = {"processes": self.acc.num_processes, "local_bytes": local, "total_bytes": self.base.num_bytes()}
+        self._log({"step": self.step, "sharding": sharding})
 
     def _step(self) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the step's mean loss (over all processes)."""
         c, acc = self.config, self.acc
         total = 0.0
+        params = [p for p in self.method.parameters() if p.requires_grad]
         for micro in range(c.grad_accum):
-            batch = self.micro_batch(self.step, micro)
-            sync = micro == c.grad_accum - 1
-            with acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext():
-                loss = self.loss(batch) / c.grad_accum
-                acc.backward(loss)
+            loss = self.loss(self.micro_batch(self.step, micro)) / c.grad_accum
+            acc.backward(loss)
             total += loss.item()
         if acc.num_processes > 1:
+            average_gradients(params)  # one all-reduce per step: every process then takes the same step
             # every process logs (and stops on NaN) alike: the mean loss of the step's global batch
             total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
         if not math.isfinite(total):
@@ -386,7 +403,7 @@ class Trainer:
                 "lower --lr, raise --warmup-steps, or use float32 (--dtype float32).",
             )
         if c.max_grad_norm:
-            acc.clip_grad_norm_(self.method.parameters(), c.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)  # the prompt's own: whole on every process
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
