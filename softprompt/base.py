@@ -436,15 +436,13 @@ def parse_max_memory(text: str) -> dict:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, size = (x.strip() for x in part.partition("="))
         try:
+            if not sep or not key:
+                raise ValueError(part)
             out[int(key) if key.isdigit() else key] = convert_file_size_to_int(int(size) if size.isdigit() else size)
         except ValueError:
             raise ConfigError(
                 f"--max-memory part {part!r} is not DEVICE=SIZE.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB."
             ) from None
-        if not sep or not key:
-            raise ConfigError(
-                f"--max-memory part {part!r} is not DEVICE=SIZE.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB."
-            )
     if not out:
         raise ConfigError("--max-memory is empty.", "pass e.g. --max-memory 0=20GiB,cpu=60GiB.")
     return out

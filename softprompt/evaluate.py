@@ -138,6 +138,30 @@ def evaluate(
     compile: turn the prompt's virtual tokens into a KV prefix once (`Family.compile`: the same
     outputs, and no row pays for them again), where the family can.
     """
+    return evaluate_rows(
+        base, task, prompt, split, limit, batch_size, truncate, spec, seed, progress, max_length, compile
+    )[0]
+
+
+def evaluate_rows(
+    base,
+    task: Task,
+    prompt=None,
+    split: str = "dev",
+    limit: int | None = None,
+    batch_size: int = 32,
+    truncate: str = "error",
+    spec: TaskSpec | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    max_length: int | None = None,
+    compile: bool = True,
+) -> tuple[dict, dict]:
+    """`evaluate`'s metrics, and what each row gave (for resampling rows, e.g. a bootstrap interval).
+
+    Classification: {"predicted", "gold"}, class indices in the spec's order, one per row of the subset in its order.
+    Generation: {"hypotheses", "references"}, one per distinct input (first-seen order) with all its references.
+    """
     from .store import Prompt
 
     if isinstance(prompt, Prompt):
@@ -151,15 +175,14 @@ def evaluate(
     check_compatible(spec, task)
     data = subset(task.split(split), task.spec, limit, seed)
     if spec.is_classification:
-        return classification_metrics(
-            *classify(base, task, spec, data, injection, batch_size, truncate, progress, max_length)
-        )
+        scores, gold = classify(base, task, spec, data, injection, batch_size, truncate, progress, max_length)
+        return classification_metrics(scores, gold), {"predicted": scores.argmax(-1).tolist(), "gold": gold}
     enc = Encoder(spec, base, truncate, max_length)
     prompts = [spec.render(r) for r in data.rows]
     refs = grouped_references(prompts, data)
     stop = stop_strings(spec, list(refs.values()))
     hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, progress, stop=stop)
-    return generation_metrics(hyps, list(refs.values()))
+    return generation_metrics(hyps, list(refs.values())), {"hypotheses": hyps, "references": list(refs.values())}
 
 
 def grouped_references(prompts: list[str], data: Split) -> OrderedDict[str, list[str]]:

@@ -56,12 +56,6 @@ def launch_options(accelerator) -> dict:
     return {"reshard_after_forward": reshard, "cpu_offload": bool(plugin.cpu_offload), "layer_classes": layers or None}
 
 
-def is_sharded(base) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(base.model, FSDPModule)
-
-
 def shard_base(
     base,
     reshard_after_forward: bool = True,
@@ -148,8 +142,6 @@ def _warm_up(base) -> None:
     embedding (and a seq2seq model's encoder) on their own before the model's forward, which would make that module
     the root and then fail the model's own forward ("FSDP requires running forward through the root module first").
     """
-    from torch.distributed.fsdp import FSDPModule
-
     model = base.model
     ids = torch.full((1, 2), base.tokenizer.pad_token_id, dtype=torch.long, device=base.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -157,9 +149,7 @@ def _warm_up(base) -> None:
         inputs["decoder_input_ids"] = ids
     with torch.no_grad():
         model(**inputs, use_cache=False)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard(base)
 
 
 def reshard(base) -> None:

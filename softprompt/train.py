@@ -323,18 +323,19 @@ class Trainer:
         return self.base.family.loss([dataclasses.replace(e, injection=injection) for e in batch])
 
     def evaluate(self, injection: Injection | None, limit: int | None) -> dict:
+        return evaluate(self.base, self.task, injection, **self.eval_options(limit))
+
+    def eval_options(self, limit: int | None) -> dict:
+        """`evaluate`'s options for this run's evaluations of `limit` rows (None: the whole split)."""
         c = self.config
-        return evaluate(
-            self.base,
-            self.task,
-            injection,
-            split=c.eval_split,
-            limit=limit,
-            batch_size=c.eval_batch_size,
-            truncate=c.truncate,
-            seed=self.eval_seed,
-            max_length=c.max_length,
-        )
+        return {
+            "split": c.eval_split,
+            "limit": limit,
+            "batch_size": c.eval_batch_size,
+            "truncate": c.truncate,
+            "seed": self.eval_seed,
+            "max_length": c.max_length,
+        }
 
     def _log(self, record: dict) -> None:
         self.history.append(record)

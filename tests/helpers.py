@@ -6,7 +6,9 @@ Tiny models, prompt builders, task-spec files, the CLI runner, and a live server
 from __future__ import annotations
 
 import copy
+import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -103,6 +105,22 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# --- distributed launches ---------------------------------------------------------------------------------------------
+
+
+def launch(*flags: str) -> list[str]:
+    """`accelerate launch` of 2 processes on this machine with `flags` (--multi_gpu, or --use_fsdp ...): torchrun
+    starts them, and without GPUs they run on CPU with gloo (`--cpu` alone starts one process unless MPI is set up)."""
+    machine = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *machine]
+
+
+def launch_env() -> dict:
+    """The environment of a launch's processes: this checkout importable, one thread each, no hub requests."""
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # --- a live server ---------------------------------------------------------------------------------------------------

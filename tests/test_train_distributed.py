@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from helpers import DATA, build_tiny
+from helpers import DATA, build_tiny, launch, launch_env
 
 import softprompt as sp
 from softprompt.commands import main
@@ -56,28 +56,9 @@ TRAIN = [
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(model_dir, tmp_path, capsys):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
     two = subprocess.run(
-        # --multi_gpu is the launcher that starts N processes (torchrun); without GPUs they run on CPU with gloo.
-        # (`--cpu` alone starts one process unless MPI is set up.)
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *launch("--multi_gpu"),
             "-m",
             "softprompt",
             *TRAIN,
@@ -90,7 +71,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(model_dir, tmp_path
             "--run-dir",
             str(tmp_path / "two"),
         ],
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,

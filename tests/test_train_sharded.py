@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from helpers import DATA
+from helpers import DATA, launch, launch_env
 
 import softprompt as sp
 from softprompt.fileio import read_safetensors
@@ -25,24 +24,9 @@ from softprompt.sharding import shard_base
 
 # --use_fsdp starts the processes with torchrun and sets ACCELERATE_USE_FSDP (accelerate itself only turns GPU
 # launches into FSDP ones; softprompt reads the variable and shards on CPU too)
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--use_fsdp",
-    "--fsdp_version",
-    "2",
-    "--fsdp_auto_wrap_policy",
-    "TRANSFORMER_BASED_WRAP",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
+# --use_fsdp sets ACCELERATE_USE_FSDP (accelerate itself only turns GPU launches into FSDP ones; softprompt reads
+# the variable and shards on CPU too)
+LAUNCH = launch("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
 METHODS = {"soft": {"num_virtual_tokens": 3, "init": "vocab"}, "prefix": {"num_virtual_tokens": 3}}
 # eval_every 1: evaluations (inference-mode forwards of the sharded base) between training steps
 TRAIN = {"steps": 3, "batch_size": 2, "lr": 5e-2, "eval_every": 1, "eval_limit": 8, "final_eval_limit": 8}
@@ -60,16 +44,6 @@ for method, options in {methods!r}.items():  # one launch, two runs: the second 
 """
 
 
-def _env():
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def _tensors(path):
     return {k: v for k, v in read_safetensors(path)[0].items()}
 
@@ -80,7 +54,7 @@ def test_sharded_processes_match_one_unsharded_with_twice_the_accumulation(model
     t0 = time.perf_counter()
     run = subprocess.run(
         [*LAUNCH, str(script), model_dir, str(DATA), str(tmp_path / "two")],
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -166,7 +140,7 @@ def test_sharded_run_killed_after_a_checkpoint_resumes_sharded(model_dir, tmp_pa
         except (FileNotFoundError, IndexError, json.JSONDecodeError, KeyError):
             return 0
 
-    env = _env()
+    env = launch_env()
     t0 = time.perf_counter()
     killed = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -140,18 +140,7 @@ class BenchTrainer(Trainer):
 
     def evaluate(self, injection, limit: int | None) -> dict:
         """The loop's evaluation (the same metrics), keeping each row's outcome for the report's bootstrap."""
-        c = self.config
-        metrics, self.rows[self.step] = dev_outcomes(
-            self.base,
-            self.task,
-            injection,
-            split=c.eval_split,
-            limit=limit,
-            batch_size=c.eval_batch_size,
-            truncate=c.truncate,
-            seed=self.eval_seed,
-            max_length=c.max_length,
-        )
+        metrics, self.rows[self.step] = dev_outcomes(self.base, self.task, injection, **self.eval_options(limit))
         return metrics
 
     def micro_batch(self, step: int, micro: int) -> list:

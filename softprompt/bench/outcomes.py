@@ -1,7 +1,7 @@
 """A cell's dev metrics with what every dev row contributed, so that the report can resample rows.
 
-The same computation as `softprompt.evaluate.evaluate` on an injection (the same subset, batches and
-metric functions, so the metric is bit-identical; a test holds them equal), keeping per row:
+`softprompt.evaluate.evaluate_rows` (the computation of `evaluate`, so the metric is bit-identical; a
+test holds them equal), with its rows kept as:
 
 - classification: `correct`, one character 0/1 per dev row in dev-row order, and `gold`, the rows'
   gold class indices (space-separated; their most frequent class is the chance level);
@@ -12,51 +12,21 @@ metric functions, so the metric is bit-identical; a test holds them equal), keep
 
 from __future__ import annotations
 
-from ..data import Encoder, Task, TaskSpec
-from ..evaluate import (
-    check_compatible,
-    classification_metrics,
-    classify,
-    generate_texts,
-    generation_metrics,
-    grouped_references,
-    stop_strings,
-    subset,
-)
-from ..injection import EMPTY, Injection
+from ..data import Task
+from ..evaluate import evaluate_rows
+from ..injection import Injection
 
 ORDER = 4  # BLEU's n-gram orders: statistics are 2 + 2 * ORDER numbers per input
 
 
-def dev_outcomes(
-    base,
-    task: Task,
-    injection: Injection | None = None,
-    *,
-    split: str = "dev",
-    limit: int | None = None,
-    batch_size: int = 32,
-    truncate: str = "error",
-    spec: TaskSpec | None = None,
-    seed: int = 0,
-    max_length: int | None = None,
-) -> tuple[dict, dict]:
-    """(metrics as `evaluate` returns them, per-row outcomes) of an injection (None: the plain template)."""
-    injection = base.family.compile(injection or EMPTY)
-    spec = spec or task.spec
-    check_compatible(spec, task)
-    data = subset(task.split(split), task.spec, limit, seed)
-    if spec.is_classification:
-        scores, gold = classify(base, task, spec, data, injection, batch_size, truncate, False, max_length)
-        pred = scores.argmax(-1).tolist()
-        correct = "".join("1" if p == g else "0" for p, g in zip(pred, gold))
-        rows = {"correct": correct, "gold": " ".join(map(str, gold))}
-        return classification_metrics(scores, gold), rows
-    enc = Encoder(spec, base, truncate, max_length)
-    refs = grouped_references([spec.render(r) for r in data.rows], data)
-    stop = stop_strings(spec, list(refs.values()))
-    hyps = generate_texts(base, enc, list(refs), injection, spec.max_new_tokens, batch_size, False, stop=stop)
-    return generation_metrics(hyps, list(refs.values())), {"bleu_stats": bleu_statistics(hyps, list(refs.values()))}
+def dev_outcomes(base, task: Task, injection: Injection | None = None, **options) -> tuple[dict, dict]:
+    """(metrics as `evaluate` returns them, per-row outcomes) of an injection (None: the plain template); `options`
+    are `evaluate`'s."""
+    metrics, rows = evaluate_rows(base, task, injection, **options)
+    if "gold" in rows:
+        correct = "".join("1" if p == g else "0" for p, g in zip(rows["predicted"], rows["gold"]))
+        return metrics, {"correct": correct, "gold": " ".join(map(str, rows["gold"]))}
+    return metrics, {"bleu_stats": bleu_statistics(rows["hypotheses"], rows["references"])}
 
 
 def bleu_statistics(hypotheses: list[str], references: list[list[str]]) -> list[str]:

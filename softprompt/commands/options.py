@@ -238,15 +238,13 @@ def load_task_from(ns):
 def load_base(ns):
     from ..base import load_base as load
 
-    return load(
-        ns.model,
-        device=ns.device,
-        dtype=ns.dtype,
-        quantize=ns.quantize,
-        device_map=ns.device_map,
-        max_memory=ns.max_memory,
-        offload_folder=ns.offload_folder,
-    )
+    return load(ns.model, device=ns.device, dtype=ns.dtype, **storage(ns))
+
+
+def storage(ns) -> dict:
+    """`load_base`'s quantization and placement options from the model options (`add_model_options`)."""
+    names = ("quantize", "device_map", "max_memory", "offload_folder")
+    return {name: getattr(ns, name) for name in names}
 
 
 def console():

@@ -26,6 +26,7 @@ from .options import (
     load_task_from,
     method_config_from,
     pick,
+    storage,
     write_card,
 )
 
@@ -185,10 +186,7 @@ def cmd_demo(ns) -> None:
         out=ns.out,
         data_dir=ns.data_dir,
         overwrite=ns.overwrite,
-        quantize=ns.quantize,
-        device_map=ns.device_map,
-        max_memory=ns.max_memory,
-        offload_folder=ns.offload_folder,
+        **storage(ns),
     )
 
 
