@@ -104,7 +104,8 @@ def shard_base(
     if model.config.is_encoder_decoder:
         fully_shard(model.get_encoder(), **options)
     fully_shard(model, **{k: v for k, v in options.items() if k != "reshard_after_forward"})  # root: torch's default
-    _warm_up(base)
+    base.family.forward_whole()  # before the families run the embedding alone: the model becomes the root
+    reshard(base)
     return base
 
 
@@ -133,23 +134,6 @@ def _final_norm(model) -> torch.nn.Module | None:
     inner = getattr(model, getattr(model, "base_model_prefix", ""), model)
     norms = [m for m in inner.children() if "Norm" in type(m).__name__]
     return norms[-1] if norms else None
-
-
-def _warm_up(base) -> None:
-    """One forward through the whole model, then every weight sharded again.
-
-    FSDP2 makes the first sharded module that runs forward the root of the others. The families run the input
-    embedding (and a seq2seq model's encoder) on their own before the model's forward, which would make that module
-    the root and then fail the model's own forward ("FSDP requires running forward through the root module first").
-    """
-    model = base.model
-    ids = torch.full((1, 2), base.tokenizer.pad_token_id, dtype=torch.long, device=base.device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids
-    with torch.no_grad():
-        model(**inputs, use_cache=False)
-    reshard(base)
 
 
 def reshard(base) -> None:

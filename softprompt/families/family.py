@@ -161,6 +161,17 @@ class Family:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
+    @torch.no_grad()
+    def forward_whole(self) -> None:
+        """One forward of two pad tokens through the whole model, from its root module. The other methods run the
+        input embedding (a seq2seq model also its encoder) on its own first; FSDP2 makes the first sharded module
+        that runs the root of the others, so a sharded model runs this once first (`softprompt.sharding`)."""
+        ids = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(**self._whole_inputs(ids))
+
+    def _whole_inputs(self, ids: torch.Tensor) -> dict:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
     @cached_property
     def _parameters(self) -> frozenset[str]:
         # a task head's forward may take the cache only through **kwargs, which reach the base model's forward

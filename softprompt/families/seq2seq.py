@@ -44,6 +44,9 @@ class Seq2Seq(Family):
             and config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
         )
 
+    def _whole_inputs(self, ids: torch.Tensor) -> dict:
+        return {**super()._whole_inputs(ids), "decoder_input_ids": ids}
+
     @property
     def max_positions(self) -> int | None:
         # T5's relative position bias has no limit; BART's learned positions do
