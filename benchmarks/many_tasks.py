@@ -321,7 +321,9 @@ async def send(client, path: str, body: dict) -> str | None:
         return f"{path} {type(e).__name__}: {e}"
 
 
-async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str], float]:
+async def load(url: str, plan, concurrency: int, paths: list | None = None) -> tuple[list[float], list[str], float]:
+    """Send `plan` [(path, body)] from `concurrency` clients (closed loop): (latencies, failures, wall seconds).
+    paths: a list that gets each request's path, in the order of the latencies."""
     import httpx
 
     latencies, failures = [], []
@@ -334,6 +336,8 @@ async def load(url: str, plan, concurrency: int) -> tuple[list[float], list[str]
                 if failure := await send(client, path, body):
                     failures.append(failure)
                 latencies.append(time.perf_counter() - t)
+                if paths is not None:
+                    paths.append(path)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -306,8 +306,10 @@ def saturation_point(url: str, store: Store, n: int) -> dict:
     import httpx
 
     before = httpx.get(url + "/health").json()
-    latencies, failures, wall = asyncio.run(bench.load(url, bench.requests_plan(store, n), 64))
+    paths: list[str] = []
+    latencies, failures, wall = asyncio.run(bench.load(url, bench.requests_plan(store, n), 64, paths))
     tokens = httpx.get(url + "/health").json()["tokens"] - before["tokens"]
+    by_path = {p: [lat for q, lat in zip(paths, latencies) if q == p] for p in sorted(set(paths))}
     return {
         "requests": n,
         "concurrency": 64,
@@ -315,6 +317,10 @@ def saturation_point(url: str, store: Store, n: int) -> dict:
         "failure_examples": sorted(set(failures))[:3],
         "latency_p50_s": round(soak.quantile(latencies, 50), 3),
         "latency_p99_s": round(soak.quantile(latencies, 99), 3),
+        "by_endpoint": {
+            p: {"requests": len(v), "p50_s": round(soak.quantile(v, 50), 3), "p99_s": round(soak.quantile(v, 99), 3)}
+            for p, v in by_path.items()
+        },
         "wall_s": round(wall, 1),
         "requests_per_s": round(n / wall, 2),
         "generated_tokens_per_s": round(tokens / wall, 1),
@@ -518,17 +524,34 @@ def markdown(r: dict, name: str) -> str:
                 )
         lines += [
             "",
-            "Closed-loop saturation (64 clients):",
+            "Closed-loop saturation (64 clients), with the p50 per endpoint (classification is one forward pass; "
+            "completions decode 16 tokens):",
             "",
-            "| mode | requests | failed | p50 | p99 | throughput (req/s) | generated tokens/s |",
-            "|---|---|---|---|---|---|---|",
+            "| mode | requests | failed | p50 | p99 | p50 per endpoint | throughput (req/s) | generated tokens/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for mode, m in ld["modes"].items():
             s = m["saturation"]
+            per = ", ".join(f"{p.split('/')[-1]} {v['p50_s']} s" for p, v in s.get("by_endpoint", {}).items())
             lines.append(
                 f"| {mode} | {s['requests']} | {s['failures']} | {s['latency_p50_s']} s | {s['latency_p99_s']} s | "
-                f"{s['requests_per_s']} | {s['generated_tokens_per_s']} |"
+                f"{per or '-'} | {s['requests_per_s']} | {s['generated_tokens_per_s']} |"
             )
+        modes = ld["modes"]
+        if "static" in modes and "continuous" in modes:
+            st, co = modes["static"]["saturation"], modes["continuous"]["saturation"]
+            plain = modes.get("no prompts", {}).get("saturation")
+            lines += [
+                "",
+                f"Continuous against static in this run: p50 {co['latency_p50_s'] / st['latency_p50_s']:.2f}x "
+                f"(goal <= 0.5x), throughput {co['requests_per_s'] / st['requests_per_s']:.2f}x (goal >= 1x)"
+                + (
+                    f"; against no prompts: throughput {co['requests_per_s'] / plain['requests_per_s']:.2f}x "
+                    "(goal >= 0.95x)."
+                    if plain
+                    else "."
+                ),
+            ]
     if r.get("plots"):
         lines += ["", *[f"![{p}]({p})" for p in r["plots"]]]
     return "\n".join(lines) + "\n"

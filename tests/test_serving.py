@@ -289,6 +289,31 @@ def test_newcomers_join_a_running_batch_within_the_prefill_budget(llama, store):
     assert all(sum(1 for i, kind, _ in events if i == j.index and kind == "token") == 4 for j in rest)
 
 
+def test_a_classification_never_waits_for_a_decode_slot_it_does_not_use(llama, store):
+    """A full decode batch and generation requests queued ahead of it: the classification is scored at the next
+    step (its label as alone), and the queued generations keep their order and join when a slot frees."""
+    mt = registry(llama, store)
+    events: list = []
+    gen = mt.get("e2e-soft")
+    running = Job(gen, gen.encode("name[The Eagle]", 30), 0, events.append, max_new_tokens=30)
+    queued = [Job(gen, gen.encode(f"name[X{i}]", 2), 1 + i, events.append, max_new_tokens=2) for i in range(2)]
+    sst2 = mt.get("sst2-soft")
+    scoring = Job(sst2, sst2.encode("a great film", None), 3, events.append, classify=True)
+    batcher = Batcher(mt, None, ServerConfig(max_batch_size=1, max_wait_ms=0, batching="continuous"))
+    batcher.eos = set()
+    batcher.submit([running])
+    batcher.start()
+    wait_for(lambda: running.generated >= 1)
+    batcher.submit([*queued, scoring])  # behind two generations that wait for the only slot
+    wait_for(lambda: scoring.finished)
+    assert not running.finished and not any(j.generated for j in queued)
+    wait_for(lambda: all(j.finished for j in queued))
+    batcher.stop()
+    assert [i for i, kind, _ in events if kind == "done"] == [0, 1, 2]
+    (label,) = [v.label for i, kind, v in events if kind == "result"]
+    assert label == mt.classify([("sst2-soft", "a great film")])[0].label
+
+
 def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
     ids = tokenizer("the film was great fun and the plot", add_special_tokens=False)["input_ids"]
     s = TextStream(tokenizer, stops=["great f"])

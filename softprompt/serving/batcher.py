@@ -126,10 +126,12 @@ class Batcher:
             self.pending.extend(jobs)
             self.cond.notify()
 
-    def _take(self, most: int, wait: bool = True, tokens: int | None = None) -> list[Job]:
+    def _take(self, most: int, wait: bool = True, tokens: int | None = None, classify: bool | None = None) -> list[Job]:
         """Up to `most` queued jobs. With `wait`: wait for a first job, then up to max_wait_ms for more; returns []
         when it is time to sync or stop. Without: what is queued now (rows joining a running batch). `tokens`: the
-        most input tokens to take, beyond the first job (what one prefill may cost the rows waiting on it)."""
+        most input tokens to take, beyond the first job (what one prefill may cost the rows waiting on it).
+        `classify`: take only classification jobs (True) or only generation jobs (False), the others keep their
+        places in the queue; None: any, first come first served."""
         cfg = self.config
         with self.cond:
             if wait:
@@ -140,16 +142,26 @@ class Batcher:
                     if left <= 0:
                         break
                     self.cond.wait(left)
-            batch, taken = [], 0
+            batch, kept, taken = [], collections.deque(), 0
             while self.pending and len(batch) < most and not self.stopping:
-                size = len(self.pending[0].example.source)
-                if batch and tokens is not None and taken + size > tokens:
-                    break
                 job = self.pending.popleft()
-                if not job.finished:  # its client went away while it waited
-                    batch.append(job)
-                    taken += size
+                if job.finished:  # its client went away while it waited
+                    continue
+                size = len(job.example.source)
+                if classify is not None and job.classify != classify:
+                    kept.append(job)
+                    continue
+                if batch and tokens is not None and taken + size > tokens:
+                    self.pending.appendleft(job)
+                    break
+                batch.append(job)
+                taken += size
+            self.pending.extendleft(reversed(kept))
             return batch
+
+    def _queued_generation(self) -> int:
+        with self.cond:
+            return sum(1 for j in self.pending if not j.classify)
 
     def _loop(self) -> None:
         continuous = self.config.batching == "continuous"
@@ -176,18 +188,10 @@ class Batcher:
             self._fail(batch, UNANSWERED)
 
     def _continuous_round(self) -> None:
-        """Admit queued jobs into the running batch (classification at once, generation prefilled and merged into
-        the decode), then run one decode step. Newcomers are prefilled between steps, at most `max_prefill_tokens` of
-        input while rows are decoding, so a running row waits at most one bounded prefill per step."""
+        """Admit queued jobs (`_admit`): classification rows are scored at once, generation rows prefilled and merged
+        into the running decode; then run one decode step."""
         decoder = self.decoder
-        room = self.config.max_batch_size - len(decoder)
-        running = len(decoder) > 0
-        budget = self.config.max_prefill_tokens if running else None
-        # A prefill of one short row costs about as much as a decode step of a full batch: while rows decode,
-        # newcomers join in groups (half the free room queued, or every JOIN_EVERY steps), not one per step.
-        due = not running or self.queued >= max(1, room // 2) or self._steps_since_join >= JOIN_EVERY
-        newcomers = self._take(room, wait=not running, tokens=budget) if room > 0 and decoder.can_join and due else []
-        self._steps_since_join = 0 if newcomers else self._steps_since_join + 1
+        newcomers = self._admit()
         if newcomers:
             self._count(newcomers)
         try:
@@ -207,6 +211,26 @@ class Batcher:
         finally:
             self._fail([j for j in newcomers if j not in decoder.keys], UNANSWERED)
             self.running = len(decoder)
+
+    def _admit(self) -> list[Job]:
+        """The queued jobs to run before the next decode step. Idle: any, as a static batch would take them. While
+        rows decode, each step costs them at most one scoring forward and one prefill of `max_prefill_tokens` input:
+        - classification rows hold no decode slot, so they never wait for one: every step scores those queued (a
+          row queued behind generation requests would otherwise wait for a slot it does not use);
+        - generation rows join in groups (half the free room queued, or every JOIN_EVERY steps), not one per step:
+          a prefill of one short row costs about as much as a decode step of a full batch."""
+        decoder, cfg = self.decoder, self.config
+        room = cfg.max_batch_size - len(decoder)
+        if not len(decoder):
+            self._steps_since_join = 0
+            return self._take(room, wait=True)
+        scoring = self._take(cfg.max_batch_size, wait=False, tokens=cfg.max_prefill_tokens, classify=True)
+        due = self._queued_generation() >= max(1, room // 2) or self._steps_since_join >= JOIN_EVERY
+        joining = []
+        if room > 0 and decoder.can_join and due:
+            joining = self._take(room, wait=False, tokens=cfg.max_prefill_tokens, classify=False)
+        self._steps_since_join = 0 if joining else self._steps_since_join + 1
+        return scoring + joining
 
     def _join(self, jobs: list[Job]) -> None:
         """Prefill `jobs` into the running batch (continuous batching)."""
