@@ -34,17 +34,20 @@ subprocess on 127.0.0.1 with 1 torch thread (`many_tasks.running_server`), batch
    scheduled arrival (client-side lag counts), achieved throughput (completed requests and generated tokens per
    second of wall time, the drain of the last requests included), failures (goal 0; a 429 from a full queue
    counts). Then one closed-loop saturation point per mode: --saturation-requests from 64 clients
-   (`many_tasks.load`), p50/p99 and throughput.
+   (`many_tasks.load`), p50/p99 (overall and per endpoint) and throughput, sent in --saturation-rounds rounds that
+   take the modes in turn (every server runs for the whole part), so a drift of the shared machine's speed moves
+   every mode alike.
 
 Writes serving_scale.json (everything, with metadata), serving_scale.md (tables) and the plots
 serving_scale_tasks.png (startup and RSS vs N) and serving_scale_load.png (p50/p99 vs offered load per mode);
-with --quick the names end in -quick.
+with --quick the names end in -quick, with --suffix S in S.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -301,18 +304,29 @@ def open_loop_point(url: str, pid: int, plan, rate: float, seconds: float, seed:
     }
 
 
-def saturation_point(url: str, store: Store, n: int) -> dict:
-    """The 1,000-request test: n requests of the load test's mix from 64 concurrent clients (closed loop)."""
+def saturation_round(url: str, plan) -> dict:
+    """One closed-loop round of the 1,000-request test: `plan` from 64 concurrent clients."""
     import httpx
 
     before = httpx.get(url + "/health").json()
     paths: list[str] = []
-    latencies, failures, wall = asyncio.run(bench.load(url, bench.requests_plan(store, n), 64, paths))
+    latencies, failures, wall = asyncio.run(bench.load(url, plan, 64, paths))
     tokens = httpx.get(url + "/health").json()["tokens"] - before["tokens"]
+    return {"latencies": latencies, "paths": paths, "failures": failures, "wall_s": wall, "tokens": tokens}
+
+
+def saturation_point(rounds: list[dict]) -> dict:
+    """The closed-loop point of one mode from its rounds: latency quantiles over all their requests (overall and
+    per endpoint), throughput over their summed wall time, and each round's throughput."""
+    latencies = [x for r in rounds for x in r["latencies"]]
+    paths = [x for r in rounds for x in r["paths"]]
+    failures = [x for r in rounds for x in r["failures"]]
+    wall = sum(r["wall_s"] for r in rounds)
     by_path = {p: [lat for q, lat in zip(paths, latencies) if q == p] for p in sorted(set(paths))}
     return {
-        "requests": n,
+        "requests": len(latencies),
         "concurrency": 64,
+        "rounds": len(rounds),
         "failures": len(failures),
         "failure_examples": sorted(set(failures))[:3],
         "latency_p50_s": round(soak.quantile(latencies, 50), 3),
@@ -322,51 +336,66 @@ def saturation_point(url: str, store: Store, n: int) -> dict:
             for p, v in by_path.items()
         },
         "wall_s": round(wall, 1),
-        "requests_per_s": round(n / wall, 2),
-        "generated_tokens_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(latencies) / wall, 2),
+        "requests_per_s_by_round": [round(len(r["latencies"]) / r["wall_s"], 2) for r in rounds],
+        "generated_tokens_per_s": round(sum(r["tokens"] for r in rounds) / wall, 1),
     }
 
 
-def bench_load(base, args, tmp: Path, server_args: list[str]) -> dict:
-    batching = has_batching_option()
+def load_modes(args, tmp: Path, base) -> list[tuple[str, Store, list[str]]]:
+    """(mode, store, extra `serve` options): static and continuous batching with the prompts, and the plain model."""
     tasks = bench.make_store(base, bench.SERVER_TASKS, tmp / "tasks")
     plain = bench.make_store(base, [(name, task, None, 0) for name, task, _, _ in bench.SERVER_TASKS], tmp / "plain")
-    if batching:
-        modes = [
-            ("static", tasks, ["--batching", "static"]),
-            ("continuous", tasks, ["--batching", "continuous"]),
-            ("no prompts", plain, ["--batching", args.plain_batching]),
-        ]
-    else:  # the server has one way to batch: its default
-        modes = [("default", tasks, []), ("no prompts", plain, [])]
+    if not has_batching_option():  # the server has one way to batch: its default
+        return [("default", tasks, []), ("no prompts", plain, [])]
+    return [
+        ("static", tasks, ["--batching", "static"]),
+        ("continuous", tasks, ["--batching", "continuous"]),
+        ("no prompts", plain, ["--batching", args.plain_batching]),
+    ]
+
+
+def bench_load(base, args, tmp: Path, server_args: list[str]) -> dict:
+    """Every mode's server runs for the whole part: the open-loop points mode after mode, then the closed-loop
+    requests in rounds that take the modes in turn (the order reversed every round), so that a machine whose speed
+    drifts (it is shared) moves every mode alike."""
+    modes = load_modes(args, tmp, base)
     plan_n = int(max(args.rates) * args.seconds * 1.5) + 100
     out = {
         "load_before": load_avg(),
-        "batching_option": batching,
-        "plain_batching": args.plain_batching if batching else "default",
+        "batching_option": modes[0][0] != "default",
+        "plain_batching": args.plain_batching if modes[0][0] != "default" else "default",
         "tasks": [name for name, *_ in bench.SERVER_TASKS],
-        "methods": sorted({sp.load_prompt(tasks.path(t)).method for t in tasks.names()}),
+        "methods": sorted({sp.load_prompt(modes[0][1].path(t)).method for t in modes[0][1].names()}),
         "seconds": args.seconds,
         "seed": args.seed,
         "modes": {},
     }
-    for mode, store, extra in modes:
-        plan = bench.requests_plan(store, plan_n)
-        out.setdefault("mix", {p: sum(1 for x, _ in plan if x == p) for p in sorted({x for x, _ in plan})})
-        with bench.running_server(store, SERVER_BATCH, SERVER_WAIT_MS, args.threads, server_args + extra) as (
-            url,
-            server,
-        ):
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for mode, store, extra in modes:
+            servers[mode] = stack.enter_context(
+                bench.running_server(store, SERVER_BATCH, SERVER_WAIT_MS, args.threads, server_args + extra)
+            )
+        for mode, store, _ in modes:
+            url, server = servers[mode]
+            plan = bench.requests_plan(store, plan_n)
+            out.setdefault("mix", {p: sum(1 for x, _ in plan if x == p) for p in sorted({x for x, _ in plan})})
             asyncio.run(bench.load(url, plan[: 2 * len(store.names())], 4))  # warm-up: every prompt compiled once
-            r = {"load_before": load_avg(), "open_loop": []}
+            r = out["modes"][mode] = {"load_before": load_avg(), "open_loop": []}
             for rate in args.rates:
                 point = open_loop_point(url, server.pid, plan, rate, args.seconds, args.seed)
                 print(f"(2) {mode} at {rate}/s: {point}", flush=True)
                 r["open_loop"].append(point)
-            r["saturation"] = saturation_point(url, store, args.saturation_requests)
-            print(f"(2) {mode} saturation: {r['saturation']}", flush=True)
             r["load_after"] = load_avg()
-        out["modes"][mode] = r
+        n = args.saturation_requests // args.saturation_rounds
+        rounds: dict[str, list[dict]] = {mode: [] for mode, *_ in modes}
+        for i in range(args.saturation_rounds):
+            for mode, store, _ in modes if i % 2 == 0 else modes[::-1]:
+                rounds[mode].append(saturation_round(servers[mode][0], bench.requests_plan(store, n)))
+                print(f"(2) {mode} saturation round {i + 1}: {n / rounds[mode][-1]['wall_s']:.2f} req/s", flush=True)
+        for mode in rounds:
+            out["modes"][mode]["saturation"] = saturation_point(rounds[mode])
     out["load_after"] = load_avg()
     return out
 
@@ -423,6 +452,11 @@ def plots(r: dict, out: Path, suffix: str) -> list[str]:
         plt.close(fig)
         written.append(path.name)
     return written
+
+
+def _rounds(s: dict) -> str:
+    by = s.get("requests_per_s_by_round", [])
+    return f" ({', '.join(map(str, by))})" if len(by) > 1 else ""
 
 
 def markdown(r: dict, name: str) -> str:
@@ -527,15 +561,16 @@ def markdown(r: dict, name: str) -> str:
             "Closed-loop saturation (64 clients), with the p50 per endpoint (classification is one forward pass; "
             "completions decode 16 tokens):",
             "",
-            "| mode | requests | failed | p50 | p99 | p50 per endpoint | throughput (req/s) | generated tokens/s |",
+            "| mode | requests | failed | p50 | p99 | p50 per endpoint | throughput (req/s; per round) "
+            "| generated tokens/s |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for mode, m in ld["modes"].items():
             s = m["saturation"]
-            per = ", ".join(f"{p.split('/')[-1]} {v['p50_s']} s" for p, v in s.get("by_endpoint", {}).items())
+            per = ", ".join(f"{p.removeprefix('/v1/')} {v['p50_s']} s" for p, v in s.get("by_endpoint", {}).items())
             lines.append(
                 f"| {mode} | {s['requests']} | {s['failures']} | {s['latency_p50_s']} s | {s['latency_p99_s']} s | "
-                f"{per or '-'} | {s['requests_per_s']} | {s['generated_tokens_per_s']} |"
+                f"{per or '-'} | {s['requests_per_s']}{_rounds(s)} | {s['generated_tokens_per_s']} |"
             )
         modes = ld["modes"]
         if "static" in modes and "continuous" in modes:
@@ -571,6 +606,9 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, help="seconds of arrivals per offered load (default 60)")
     ap.add_argument("--saturation-requests", type=int, help="requests of the closed-loop point (default 1000)")
+    ap.add_argument(
+        "--saturation-rounds", type=int, default=2, help="rounds the closed-loop requests are split in, modes in turn"
+    )
     ap.add_argument("--cold-tasks", type=int, default=3, help="cold tasks per N after the first request")
     ap.add_argument("--plain-batching", default="continuous", help="--batching of the no-prompts server")
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
@@ -578,6 +616,7 @@ def main() -> None:
     ap.add_argument("--skip-tasks", action="store_true", help="skip part 1 (task count)")
     ap.add_argument("--skip-load", action="store_true", help="skip part 2 (offered load)")
     ap.add_argument("--out", default=str(bench.ROOT / "benchmarks" / "results"), help="folder of the results")
+    ap.add_argument("--suffix", help="end of the result files' names (default: none; -quick with --quick)")
     args = ap.parse_args()
     args.counts = args.counts or ([0, 1, 100] if args.quick else [0, 1, 100, 1000, 10000])
     args.rates = args.rates or ([2.0, 4.0] if args.quick else [1.0, 2.0, 4.0, 8.0])
@@ -617,7 +656,7 @@ def main() -> None:
             results["load"] = bench_load(base, args, Path(tmp), server_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = args.suffix if args.suffix is not None else "-quick" if args.quick else ""
     name = "serving_scale" + suffix
     results["plots"] = plots(results, out, suffix)
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
