@@ -635,3 +635,9 @@ def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model
     assert "**not reproduced: cls--soft--s0--2steps**" in report and "**NOT reproduced**" in report
     code, _, err = run(capsys, "bench", "--verify", "nope", "--results", results)
     assert code == 2 and "No record of cell 'nope'" in err
+    with pytest.raises(SystemExit):  # the only pinned record, the edited one, is picked
+        run(capsys, "bench", "--verify", "random:1", "--results", results, "--in-process")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"verifying: {cell.id}" and "NOT reproduced" in out[1]
+    code, _, err = run(capsys, "bench", "--verify", "random:2", "--results", results)
+    assert code == 2 and "only 1 recorded cells ran pinned" in err

@@ -11,6 +11,7 @@ a cell that did not reproduce is flagged there.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -30,6 +31,31 @@ def record_of(results: Path, name: str) -> Path:
         hint = f"use one of {len(known)} ids in {results}/cells (e.g. {known[0]})" if known else "run the grid first"
         raise ConfigError(f"No record of cell '{name}' ({path}).", hint + ".")
     return path
+
+
+def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
+    """The cell ids to verify: `names` with each `random:N` replaced by N recorded cells picked at random among those
+    that ran pinned (threads and deterministic mode in their identity), never one named twice."""
+    out: list[str] = []
+    for name in names:
+        if not name.startswith("random:"):
+            out.append(name)
+            continue
+        n = name.removeprefix("random:")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--verify {name}: N in random:N must be a whole number of cells.", "e.g. random:3.")
+        pool = sorted(
+            p.stem
+            for p in (Path(results) / "cells").glob("*.json")
+            if p.stem not in out and "determinism" in json.loads(p.read_text())
+        )
+        if len(pool) < int(n):
+            raise ConfigError(
+                f"--verify {name}: only {len(pool)} recorded cells ran pinned in {results}/cells.",
+                "verify fewer cells, or run more of the grid first.",
+            )
+        out += rng.sample(pool, int(n))
+    return out
 
 
 def rerun_cell(record: dict) -> tuple[Cell, list[str]]:

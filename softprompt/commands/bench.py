@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from ..base import QUANTIZATIONS
 from ..bench import load_grid, run_grid, write_report
 from ..bench.grid import estimate_seconds, finished, run_in_own_process, run_in_process
 from ..bench.report import load_records
-from ..bench.verify import verify
+from ..bench.verify import pick, verify
 from ..errors import ConfigError
 
 
@@ -61,9 +62,9 @@ def add_commands(sub) -> None:
         "--verify",
         action="append",
         metavar="CELL",
-        help="re-run the recorded cell CELL (an id from RESULTS/cells, repeatable) without replacing its record "
-        "and compare: one line each, exit 0 only if every one reproduces exactly (results: the grid's, --results "
-        "or RESULTS_DIR)",
+        help="re-run the recorded cell CELL (an id from RESULTS/cells, repeatable; random:N for N pinned cells "
+        "picked at random) without replacing its record and compare: one line each, exit 0 only if every one "
+        "reproduces exactly (results: the grid's, --results or RESULTS_DIR)",
     )
     b.add_argument(
         "--list", action="store_true", help="list the cells, whether each is done, and estimated times; run nothing"
@@ -147,6 +148,9 @@ def _verify(ns) -> None:
     def run(cell, tmp):
         return run_in_process(cell, tmp, tasks) if ns.in_process else run_in_own_process(cell, tmp)
 
-    ok = [verify(Path(results), name, run) for name in ns.verify]
+    names = pick(Path(results), ns.verify, random.SystemRandom())
+    if names != ns.verify:
+        print(f"verifying: {' '.join(names)}", flush=True)
+    ok = [verify(Path(results), name, run) for name in names]
     if not all(ok):
         raise SystemExit(1)
