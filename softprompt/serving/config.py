@@ -47,8 +47,9 @@ class ServerConfig:
     max_prefill_tokens: int = field(
         default=2048,
         metadata={
-            "help": "continuous batching: most input tokens prefilled between two decode steps of running rows (one "
-            "request always joins): bounds how long a newcomer's prefill stalls the others"
+            "help": "continuous batching: most input tokens of newcomers run between two decode steps of running "
+            "rows, once for classifications and once for generations joining (one of each always runs): bounds how "
+            "long newcomers stall the others"
         },
     )
     cache_bytes: int = field(
