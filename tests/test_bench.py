@@ -610,6 +610,23 @@ def test_old_records_render_and_are_flagged(tmp_path):
     assert "| 2 (not pinned) |" in report  # which cells ran with which thread count
 
 
+def test_a_replaced_record_is_kept_and_compared_with_its_rerun(tiny_tasks, model_dir, tmp_path):
+    grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
+    cell = next(c for c in grid.cells(quick=True) if c.task == "cls" and c.method == "soft")
+    results = tmp_path / "results"
+    run_grid([cell], results, isolate=False, echo=lambda s: None)
+    path = record_path(results, cell)
+    old = json.loads(path.read_text())
+    old["identity"] = "older"  # a record from before a change of what identifies the cell
+    path.write_text(json.dumps(old))
+    assert run_grid([cell], results, isolate=False, echo=lambda s: None)["done"] == 1
+    assert json.loads((results / "superseded" / path.name).read_text())["identity"] == "older"
+    assert json.loads(path.read_text())["identity"] == cell.identity
+    report = write_report(results).read_text()
+    assert "1 of the 1 that ran at the same thread count both times have every dev metric equal" in report
+    assert f"| {cell.id} |" in report.split("## Re-runs of replaced records")[1]
+
+
 def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model_dir, tmp_path, capsys):
     grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
     cell = next(c for c in grid.cells(quick=True) if c.task == "cls" and c.method == "soft")

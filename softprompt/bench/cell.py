@@ -291,8 +291,19 @@ def run_cell(cell: Cell, results: str | Path, isolated: bool = False, task=None)
     if isolated:  # the whole process: model loading, zero-shot, training, evaluation, latency
         usage = resource.getrusage(resource.RUSAGE_SELF)
         record["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    supersede(record_path(results, cell), record["identity"])
     atomic_write_text(record_path(results, cell), json.dumps(record, indent=1))
     return record
+
+
+def supersede(path: Path, identity: str) -> None:
+    """Move the record at `path` to RESULTS/superseded/ when a run of another identity replaces it (e.g. one from
+    before the pinning of threads): the report compares the two, which shows what the changes between them moved."""
+    if not path.exists() or json.loads(path.read_text()).get("identity") == identity:
+        return
+    kept = path.parent.parent / "superseded" / path.name
+    kept.parent.mkdir(exist_ok=True)
+    os.replace(path, kept)
 
 
 def _measure(cell: Cell, results: Path, isolated: bool, task) -> dict:

@@ -25,8 +25,8 @@ PROMPTS, PREFIXES = ("soft", "ptuning"), ("prefix", "deep")  # the methods of "p
 SEEDS_ONLY = "†"
 
 
-def load_records(results: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("cells/*.json"))]
+def load_records(results: str | Path, folder: str = "cells") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results).glob(f"{folder}/*.json"))]
 
 
 def _scale(metric: str) -> float:
@@ -272,7 +272,8 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
         if _metric_of(groups, task):
             md += [f"## {task}", "", _task_table(groups, task), ""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS if (out / p).exists()] + [""]
-    md += _cells_table(records, checks) + _outside(outside) + _missing(results, grid, records)
+    md += _cells_table(records, checks) + _superseded(results, every) + _outside(outside)
+    md += _missing(results, grid, records)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     return path
@@ -395,6 +396,42 @@ def _cells_table(records: list[dict], checks: dict) -> list[str]:
         )
     head = ["cell", "threads", "deterministic", "load start → end", "finished", "reproducibility"]
     return ["## Cells: threads, load, reproducibility", "", _table(head, rows), ""]
+
+
+def _superseded(results: Path, records: list[dict]) -> list[str]:
+    """Each record that a run of another identity replaced (`cell.supersede`) beside the record now there: where both
+    ran at one thread count, an equal metric shows that the code changed between them moved nothing."""
+    now = {r["cell"]: r for r in records}
+    pairs = [(old, now[old["cell"]]) for old in load_records(results, "superseded") if old["cell"] in now]
+    if not pairs:
+        return []
+    rows, same, alike = [], 0, 0
+    for old, new in sorted(pairs, key=lambda p: p[0]["cell"]):
+        k = _scale(old["metric"])
+        equal = old["dev"] == new["dev"]
+        comparable = old["torch_threads"] == new["torch_threads"]
+        same, alike = same + (equal and comparable), alike + comparable
+        why = "equal" if equal else ("**differs**" if comparable else "differs (another thread count)")
+        rows.append(
+            [
+                old["cell"],
+                f"{old['torch_threads']}{'' if pinned(old) else ' (not pinned)'}, {old['finished'][:10]}",
+                f"{new['torch_threads']}, {new['finished'][:10]}",
+                f"{old['dev'][old['metric']] * k:.1f} → {new['dev'][new['metric']] * k:.1f}",
+                why,
+            ]
+        )
+    head = ["cell", "before: threads, finished", "now: threads, finished", "metric before → now", "every dev metric"]
+    return [
+        "## Re-runs of replaced records",
+        "",
+        f"{len(pairs)} records were replaced by a run of another identity (the old ones are in `superseded/`). "
+        f"{same} of the {alike} that ran at the same thread count both times have every dev metric equal; the thread "
+        "count alone changes the sums' order, so the others are not comparable.",
+        "",
+        _table(head, rows),
+        "",
+    ]
 
 
 def _outside(records: list[dict]) -> list[str]:
