@@ -399,8 +399,9 @@ def _cells_table(records: list[dict], checks: dict) -> list[str]:
 
 
 def _superseded(results: Path, records: list[dict]) -> list[str]:
-    """Each record that a run of another identity replaced (`cell.supersede`) beside the record now there: where both
-    ran at one thread count, an equal metric shows that the code changed between them moved nothing."""
+    """Each record that a run of another identity replaced (`cell.supersede`) beside the record now there. Where both
+    ran at one thread count on one kind of machine, an equal metric shows that the code changed between them moved
+    nothing; another thread count or CPU sums in another order, and a record without its machine cannot tell."""
     now = {r["cell"]: r for r in records}
     pairs = [(old, now[old["cell"]]) for old in load_records(results, "superseded") if old["cell"] in now]
     if not pairs:
@@ -409,25 +410,39 @@ def _superseded(results: Path, records: list[dict]) -> list[str]:
     for old, new in sorted(pairs, key=lambda p: p[0]["cell"]):
         k = _scale(old["metric"])
         equal = old["dev"] == new["dev"]
-        comparable = old["torch_threads"] == new["torch_threads"]
-        same, alike = same + (equal and comparable), alike + comparable
-        why = "equal" if equal else ("**differs**" if comparable else "differs (another thread count)")
+        if old["torch_threads"] != new["torch_threads"]:
+            unlike = "another thread count"
+        elif "machine" not in old:
+            unlike = "machine not recorded"
+        elif old["machine"] != new["machine"]:
+            unlike = "another machine"
+        else:
+            unlike = None
+        same, alike = same + (equal and not unlike), alike + (not unlike)
         rows.append(
             [
                 old["cell"],
-                f"{old['torch_threads']}{'' if pinned(old) else ' (not pinned)'}, {old['finished'][:10]}",
-                f"{new['torch_threads']}, {new['finished'][:10]}",
+                f"{old['torch_threads']}{'' if pinned(old) else ' (not pinned)'}, "
+                f"{old.get('machine', {}).get('cpu', '?')}, {old['finished'][:10]}",
+                f"{new['torch_threads']}, {new['machine']['cpu']}, {new['finished'][:10]}",
                 f"{old['dev'][old['metric']] * k:.1f} → {new['dev'][new['metric']] * k:.1f}",
-                why,
+                ("equal" if equal else "**differs**" if not unlike else "differs") + (f" ({unlike})" if unlike else ""),
             ]
         )
-    head = ["cell", "before: threads, finished", "now: threads, finished", "metric before → now", "every dev metric"]
+    head = [
+        "cell",
+        "before: threads, CPU, finished",
+        "now: threads, CPU, finished",
+        "metric before → now",
+        "every dev metric",
+    ]
     return [
         "## Re-runs of replaced records",
         "",
         f"{len(pairs)} records were replaced by a run of another identity (the old ones are in `superseded/`). "
-        f"{same} of the {alike} that ran at the same thread count both times have every dev metric equal; the thread "
-        "count alone changes the sums' order, so the others are not comparable.",
+        f"{same} of the {alike} that ran at the same thread count on the same kind of machine have every dev metric "
+        "equal. The others cannot tell: another thread count or CPU sums in another order, and the records from "
+        "before the pinning did not record their machine.",
         "",
         _table(head, rows),
         "",

@@ -35,7 +35,9 @@ def record_of(results: Path, name: str) -> Path:
 
 def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
     """The cell ids to verify: `names` with each `random:N` replaced by N recorded cells picked at random among those
-    that ran pinned (threads and deterministic mode in their identity), never one named twice."""
+    that ran pinned (threads and deterministic mode in their identity) on this kind of machine (another CPU's
+    kernels may sum in another order), never one named twice."""
+    here = _machine()
     out: list[str] = []
     for name in names:
         if not name.startswith("random:"):
@@ -44,15 +46,13 @@ def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
         n = name.removeprefix("random:")
         if not n.isdigit() or int(n) < 1:
             raise ConfigError(f"--verify {name}: N in random:N must be a whole number of cells.", "e.g. random:3.")
-        pool = sorted(
-            p.stem
-            for p in (Path(results) / "cells").glob("*.json")
-            if p.stem not in out and "determinism" in json.loads(p.read_text())
-        )
+        records = [json.loads(p.read_text()) for p in sorted((Path(results) / "cells").glob("*.json"))]
+        pool = [r["cell"] for r in records if r["cell"] not in out and "determinism" in r and r["machine"] == here]
         if len(pool) < int(n):
             raise ConfigError(
-                f"--verify {name}: only {len(pool)} recorded cells ran pinned in {results}/cells.",
-                "verify fewer cells, or run more of the grid first.",
+                f"--verify {name}: only {len(pool)} recorded cells ran pinned on this kind of machine ({here['cpu']}, "
+                f"{here['cores']} cores) in {results}/cells.",
+                "verify fewer cells, name them, or run more of the grid here first.",
             )
         out += rng.sample(pool, int(n))
     return out
