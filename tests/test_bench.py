@@ -627,7 +627,7 @@ def test_a_replaced_record_is_kept_and_compared_with_its_rerun(tiny_tasks, model
     assert f"| {cell.id} |" in report.split("## Re-runs of replaced records")[1]
 
 
-def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model_dir, tmp_path, capsys):
+def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model_dir, tmp_path, capsys, monkeypatch):
     grid = load_grid(tiny_grid(tiny_tasks, model_dir, tmp_path))
     cell = next(c for c in grid.cells(quick=True) if c.task == "cls" and c.method == "soft")
     results = tmp_path / "results"
@@ -658,3 +658,10 @@ def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model
     assert out[0] == f"verifying: {cell.id}" and "NOT reproduced" in out[1]
     code, _, err = run(capsys, "bench", "--verify", "random:2", "--results", results)
     assert code == 2 and "only 1 recorded cells ran pinned on this kind of machine" in err
+    # on another kind of machine a re-run checks nothing: it is kept apart and reported as such
+    monkeypatch.setattr("softprompt.bench.verify._machine", lambda: {"cpu": "Another CPU", "cores": 2, "system": "-"})
+    with pytest.raises(SystemExit):
+        run(capsys, "bench", "--verify", cell.id, "--results", results, "--in-process")
+    assert "another kind of machine" in capsys.readouterr().out
+    assert json.loads((results / "verify" / "other-machines" / f"{cell.id}.json").read_text())["reproduced"] is False
+    assert f"{cell.id} on Another CPU: differs" in write_report(results).read_text()

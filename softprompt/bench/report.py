@@ -251,7 +251,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
 
     md = [f"# Benchmark: {records[0]['model'] if records else '(no records)'}", ""]
     if records:
-        md += _setup(records, grid, checks)
+        md += _setup(results, records, grid, checks)
     md += [
         "## Prompt or prefix? (dev metric: mean over seeds [95% bootstrap interval] (seeds))",
         "",
@@ -303,7 +303,7 @@ def _verifications(results: Path, records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _setup(records: list[dict], grid: list[dict], checks: dict) -> list[str]:
+def _setup(results: Path, records: list[dict], grid: list[dict], checks: dict) -> list[str]:
     r = records[0]
     steps: dict[str, set] = {}  # task -> step budgets (tasks may have their own; hard cells train none)
     for x in records:
@@ -344,6 +344,15 @@ def _setup(records: list[dict], grid: list[dict], checks: dict) -> list[str]:
         lines += [
             f"Re-run with `--verify`: {len(checks) - len(failed)} of {len(checks)} reproduced exactly"
             + (f"; **not reproduced: {', '.join(failed)}**" if failed else "")
+            + ".",
+            "",
+        ]
+    other = load_records(results, "verify/other-machines")
+    if other:
+        lines += [
+            "Re-runs on another kind of machine than their record's (they check nothing: another CPU's kernels sum in "
+            "another order): "
+            + "; ".join(f"{v['cell']} on {v['machine']['cpu']}: {('differs', 'equal')[v['reproduced']]}" for v in other)
             + ".",
             "",
         ]

@@ -4,7 +4,8 @@ The cell is rebuilt from its record (`spec`), so what runs is what ran, whatever
 now; it runs into a temporary results folder (the record is never replaced), in its own process
 like the grid's cells. A record from before the pinning runs at the thread count it recorded, with
 deterministic mode off, as it ran. Reproduced means every dev metric equal (`==` on the floats) and
-every row's outcome equal. The result goes to `RESULTS/verify/ID.json`, which the report reads:
+every row's outcome equal. The result goes to `RESULTS/verify/ID.json`, which the report reads (a re-run on
+another kind of machine than the record's goes to `RESULTS/verify/other-machines/ID.json`: it checks nothing):
 a cell that did not reproduce is flagged there.
 """
 
@@ -135,10 +136,13 @@ def verify(results: str | Path, name: str, run, echo=print) -> bool:
         line = f"{cell.id}: NOT reproduced: {'; '.join(differences)}" + (
             f"; re-run with {', '.join(settings)}" if settings else "; same settings and machine"
         )
+    elsewhere = record.get("machine") not in (None, _machine())
+    if elsewhere:  # what a re-run on another CPU shows is kept apart: it does not check the record's reproducibility
+        line += " [on another kind of machine than the record's: kept in verify/other-machines/]"
     if notes:
         line += f" [{'; '.join(notes)}]"
     atomic_write_text(
-        results / "verify" / f"{cell.id}.json",
+        results / "verify" / ("other-machines" if elsewhere else "") / f"{cell.id}.json",
         json.dumps(
             {
                 "cell": cell.id,
