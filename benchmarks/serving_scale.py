@@ -342,16 +342,14 @@ def saturation_point(rounds: list[dict]) -> dict:
     }
 
 
-def load_modes(args, tmp: Path, base) -> list[tuple[str, Store, list[str]]]:
+def load_modes(tasks: Store, plain: Store, batching: bool, plain_batching: str) -> list[tuple[str, Store, list[str]]]:
     """(mode, store, extra `serve` options): static and continuous batching with the prompts, and the plain model."""
-    tasks = bench.make_store(base, bench.SERVER_TASKS, tmp / "tasks")
-    plain = bench.make_store(base, [(name, task, None, 0) for name, task, _, _ in bench.SERVER_TASKS], tmp / "plain")
-    if not has_batching_option():  # the server has one way to batch: its default
+    if not batching:  # the server has one way to batch: its default
         return [("default", tasks, []), ("no prompts", plain, [])]
     return [
         ("static", tasks, ["--batching", "static"]),
         ("continuous", tasks, ["--batching", "continuous"]),
-        ("no prompts", plain, ["--batching", args.plain_batching]),
+        ("no prompts", plain, ["--batching", plain_batching]),
     ]
 
 
@@ -359,14 +357,17 @@ def bench_load(base, args, tmp: Path, server_args: list[str]) -> dict:
     """Every mode's server runs for the whole part: the open-loop points mode after mode, then the closed-loop
     requests in rounds that take the modes in turn (the order reversed every round), so that a machine whose speed
     drifts (it is shared) moves every mode alike."""
-    modes = load_modes(args, tmp, base)
+    batching = has_batching_option()
+    tasks = bench.make_store(base, bench.SERVER_TASKS, tmp / "tasks")
+    plain = bench.make_store(base, [(name, task, None, 0) for name, task, _, _ in bench.SERVER_TASKS], tmp / "plain")
+    modes = load_modes(tasks, plain, batching, args.plain_batching)
     plan_n = int(max(args.rates) * args.seconds * 1.5) + 100
     out = {
         "load_before": load_avg(),
-        "batching_option": modes[0][0] != "default",
-        "plain_batching": args.plain_batching if modes[0][0] != "default" else "default",
+        "batching_option": batching,
+        "plain_batching": args.plain_batching if batching else "default",
         "tasks": [name for name, *_ in bench.SERVER_TASKS],
-        "methods": sorted({sp.load_prompt(modes[0][1].path(t)).method for t in modes[0][1].names()}),
+        "methods": sorted({sp.load_prompt(tasks.path(t)).method for t in tasks.names()}),
         "seconds": args.seconds,
         "seed": args.seed,
         "modes": {},
@@ -389,10 +390,11 @@ def bench_load(base, args, tmp: Path, server_args: list[str]) -> dict:
                 r["open_loop"].append(point)
             r["load_after"] = load_avg()
         n = args.saturation_requests // args.saturation_rounds
+        plans = {mode: bench.requests_plan(store, n) for mode, store, _ in modes}  # every round sends the same
         rounds: dict[str, list[dict]] = {mode: [] for mode, *_ in modes}
         for i in range(args.saturation_rounds):
-            for mode, store, _ in modes if i % 2 == 0 else modes[::-1]:
-                rounds[mode].append(saturation_round(servers[mode][0], bench.requests_plan(store, n)))
+            for mode, *_ in modes if i % 2 == 0 else modes[::-1]:
+                rounds[mode].append(saturation_round(servers[mode][0], plans[mode]))
                 print(f"(2) {mode} saturation round {i + 1}: {n / rounds[mode][-1]['wall_s']:.2f} req/s", flush=True)
         for mode in rounds:
             out["modes"][mode]["saturation"] = saturation_point(rounds[mode])

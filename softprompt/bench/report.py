@@ -295,12 +295,7 @@ def _legend(groups: dict) -> str:
 def _verifications(results: Path, records: list[dict]) -> dict[str, dict]:
     """{cell id: the latest `--verify` of the record now there} (a verification of an older record is ignored)."""
     identity = {r["cell"]: r["identity"] for r in records}
-    out = {}
-    for p in sorted((results / "verify").glob("*.json")) if (results / "verify").is_dir() else []:
-        v = json.loads(p.read_text())
-        if identity.get(v["cell"]) == v["record_identity"]:
-            out[v["cell"]] = v
-    return out
+    return {v["cell"]: v for v in load_records(results, "verify") if identity.get(v["cell"]) == v["record_identity"]}
 
 
 def _setup(results: Path, records: list[dict], grid: list[dict], checks: dict) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from .cell import Cell, _machine, record_path
+from .report import load_records, pinned
 
 
 def record_of(results: Path, name: str) -> Path:
@@ -39,6 +40,7 @@ def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
     that ran pinned (threads and deterministic mode in their identity) on this kind of machine (another CPU's
     kernels may sum in another order), never one named twice."""
     here = _machine()
+    ours = [r["cell"] for r in load_records(results) if pinned(r) and r["machine"] == here] if names else []
     out: list[str] = []
     for name in names:
         if not name.startswith("random:"):
@@ -47,8 +49,7 @@ def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
         n = name.removeprefix("random:")
         if not n.isdigit() or int(n) < 1:
             raise ConfigError(f"--verify {name}: N in random:N must be a whole number of cells.", "e.g. random:3.")
-        records = [json.loads(p.read_text()) for p in sorted((Path(results) / "cells").glob("*.json"))]
-        pool = [r["cell"] for r in records if r["cell"] not in out and "determinism" in r and r["machine"] == here]
+        pool = [c for c in ours if c not in out]
         if len(pool) < int(n):
             raise ConfigError(
                 f"--verify {name}: only {len(pool)} recorded cells ran pinned on this kind of machine ({here['cpu']}, "
@@ -136,7 +137,8 @@ def verify(results: str | Path, name: str, run, echo=print) -> bool:
         line = f"{cell.id}: NOT reproduced: {'; '.join(differences)}" + (
             f"; re-run with {', '.join(settings)}" if settings else "; same settings and machine"
         )
-    elsewhere = record.get("machine") not in (None, _machine())
+    here = _machine()
+    elsewhere = record.get("machine") not in (None, here)
     if elsewhere:  # what a re-run on another CPU shows is kept apart: it does not check the record's reproducibility
         line += " [on another kind of machine than the record's: kept in verify/other-machines/]"
     if notes:
@@ -150,7 +152,7 @@ def verify(results: str | Path, name: str, run, echo=print) -> bool:
                 "reproduced": not differences,
                 "line": line,
                 "dev": again["dev"],
-                "machine": _machine(),
+                "machine": here,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             indent=1,

@@ -21,6 +21,8 @@ log-probabilities, its source tokens scored under its prompt (one forward here, 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -89,7 +91,10 @@ class Batcher:
 
     def __init__(self, mt: MultiTask, store: Store | None, config: ServerConfig, seed: int = 0):
         self.mt, self.store, self.config = mt, store, config
-        self.pending: collections.deque[Job] = collections.deque()
+        # queued jobs by kind (classification: True), each queue in arrival order: a step takes classifications
+        # without looking at the generations waiting for room, and the idle worker merges both by arrival
+        self.queues: dict[bool, collections.deque[tuple[int, Job]]] = {k: collections.deque() for k in (True, False)}
+        self._arrivals = itertools.count()
         self.cond = threading.Condition()
         self.stopping = False
         self.running = 0  # rows in the batch being run
@@ -111,57 +116,61 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout=timeout)
         with self.cond:
-            left, self.pending = list(self.pending), collections.deque()
+            left = self.pending
+            for queue in self.queues.values():
+                queue.clear()
         self._fail(left, ApiError(503, "The server is shutting down.", "shutting_down", "server_error"))
 
     @property
+    def pending(self) -> list[Job]:
+        """The queued jobs, in arrival order."""
+        return [job for _, job in heapq.merge(*self.queues.values(), key=lambda q: q[0])]
+
+    @property
     def queued(self) -> int:
-        return len(self.pending)
+        return sum(map(len, self.queues.values()))
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue all of a request's jobs, or none of them (QueueFull)."""
         with self.cond:
-            if len(self.pending) + len(jobs) > self.config.max_queue:
+            if self.queued + len(jobs) > self.config.max_queue:
                 raise QueueFull
-            self.pending.extend(jobs)
+            for job in jobs:
+                self.queues[job.classify].append((next(self._arrivals), job))
             self.cond.notify()
 
     def _take(self, most: int, wait: bool = True, tokens: int | None = None, classify: bool | None = None) -> list[Job]:
         """Up to `most` queued jobs. With `wait`: wait for a first job, then up to max_wait_ms for more; returns []
         when it is time to sync or stop. Without: what is queued now (rows joining a running batch). `tokens`: the
         most input tokens to take, beyond the first job (what one prefill may cost the rows waiting on it).
-        `classify`: take only classification jobs (True) or only generation jobs (False), the others keep their
-        places in the queue; None: any, first come first served."""
+        `classify`: take only classification jobs (True) or only generation jobs (False); None: any, first come
+        first served."""
         cfg = self.config
         with self.cond:
             if wait:
-                self.cond.wait_for(lambda: self.pending or self.stopping, timeout=cfg.reload_interval)
+                self.cond.wait_for(lambda: self.queued or self.stopping, timeout=cfg.reload_interval)
                 deadline = time.monotonic() + cfg.max_wait_ms / 1000
-                while self.pending and len(self.pending) < most and not self.stopping:
+                while self.queued and self.queued < most and not self.stopping:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self.cond.wait(left)
-            batch, kept, taken = [], collections.deque(), 0
-            while self.pending and len(batch) < most and not self.stopping:
-                job = self.pending.popleft()
-                if job.finished:  # its client went away while it waited
-                    continue
-                size = len(job.example.source)
-                if classify is not None and job.classify != classify:
-                    kept.append(job)
-                    continue
-                if batch and tokens is not None and taken + size > tokens:
-                    self.pending.appendleft(job)
+            queues = list(self.queues.values()) if classify is None else [self.queues[classify]]
+            batch, taken = [], 0
+            while len(batch) < most and not self.stopping:
+                heads = [q for q in queues if q]
+                if not heads:
                     break
-                batch.append(job)
-                taken += size
-            self.pending.extendleft(reversed(kept))
+                queue = min(heads, key=lambda q: q[0][0])  # the one whose first job came first
+                job = queue[0][1]
+                size = len(job.example.source)
+                if not job.finished and batch and tokens is not None and taken + size > tokens:
+                    break
+                queue.popleft()
+                if not job.finished:  # its client went away while it waited
+                    batch.append(job)
+                    taken += size
             return batch
-
-    def _queued_generation(self) -> int:
-        with self.cond:
-            return sum(1 for j in self.pending if not j.classify)
 
     def _loop(self) -> None:
         continuous = self.config.batching == "continuous"
@@ -225,7 +234,7 @@ class Batcher:
             self._steps_since_join = 0
             return self._take(room, wait=True)
         scoring = self._take(cfg.max_batch_size, wait=False, tokens=cfg.max_prefill_tokens, classify=True)
-        due = self._queued_generation() >= max(1, room // 2) or self._steps_since_join >= JOIN_EVERY
+        due = len(self.queues[False]) >= max(1, room // 2) or self._steps_since_join >= JOIN_EVERY
         joining = []
         if room > 0 and decoder.can_join and due:
             joining = self._take(room, wait=False, tokens=cfg.max_prefill_tokens, classify=False)
