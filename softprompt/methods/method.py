@@ -187,7 +187,7 @@ class InitContext:
         model's keys/values of a soft or P-tuning prompt file's first n embeddings (`source`)."""
         source = self.source(path, n)
         if source.kv is None:
-            return self.base.family.kv_of_embeddings(source.embeds[:n].float().cpu()).float().cpu()
+            return self.base.family.kv_of_embeddings(source.embeds[:n].float()).float().cpu()
         if source.embeds is not None or source.kv_positions != source.num_kv:
             raise ConfigError(
                 f"Prompt file {path} holds keys/values that do not take positions 0..P-1 before the text (a "
