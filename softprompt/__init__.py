@@ -24,6 +24,7 @@ from .injection import Injection  # noqa: E402
 from .methods import METHODS, MethodConfig, PromptMethod, SoftPromptConfig  # noqa: E402
 from .store import Prompt, Store, load_prompt  # noqa: E402
 from .train import TrainConfig, TrainResult, train  # noqa: E402
+from .transfer import rank_sources, similarity  # noqa: E402
 
 __all__ = [
     "Base",
@@ -49,5 +50,7 @@ __all__ = [
     "load_prompt",
     "load_task",
     "push_to_hub",
+    "rank_sources",
+    "similarity",
     "train",
 ]

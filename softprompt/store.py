@@ -339,6 +339,7 @@ def info(prompt: Prompt) -> dict:
         "method": prompt.method,
         "task": spec.get("name"),
         "base_model": prompt.base.get("model_id"),
+        "method_config": prompt.method_config,  # the init, and for a transferred prompt its source file
         "virtual_tokens": prompt.method_config.get("num_virtual_tokens"),
         "parameters_saved": prompt.num_parameters,
         "parameters_training": prompt.trainable_parameters,

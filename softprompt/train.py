@@ -572,6 +572,15 @@ class Trainer:
         write_safetensors(self.run_dir / CHECKPOINT, tensors, meta)
         self.acc.wait_for_everyone()
 
+    def _same_run(self, saved: dict) -> bool:
+        """Whether a checkpoint's identity is this run's. A method option added since the checkpoint was written
+        (absent from its config) counts at its default, so that upgrading softprompt keeps a killed run resumable."""
+        try:
+            config = type(self.method.config).from_dict(saved.get("method_config", {})).to_dict()
+        except (ConfigError, TypeError):  # an option since removed, or a value no longer allowed
+            return False
+        return json.loads(json.dumps({**saved, "method_config": config})) == json.loads(json.dumps(self.identity))
+
     def _load_checkpoint(self) -> None:
         try:
             tensors, meta = read_safetensors(self.run_dir / CHECKPOINT, what="checkpoint")
@@ -583,7 +592,7 @@ class Trainer:
                 else f"{self.run_dir / CHECKPOINT} is not a softprompt checkpoint ({type(e).__name__}: {e})."
             )
             raise PromptFileError(problem, "pass --no-resume to start over (or another --run-dir).") from e
-        if state["identity"] != json.loads(json.dumps(self.identity)):
+        if not self._same_run(state["identity"]):
             raise ConfigError(
                 f"{self.run_dir} holds a checkpoint of a different run (task, method, model or training "
                 "options differ).",

@@ -16,6 +16,7 @@ import softprompt as sp
 from softprompt.bench import load_grid, run_grid, write_report
 from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
+from softprompt.bench.report import same_machine
 from softprompt.errors import ConfigError
 from softprompt.example import Example
 from softprompt.train import Trainer, init_context
@@ -255,6 +256,7 @@ def test_quick_grid_runs_every_kind_resumes_and_reports(tiny_tasks, model_dir, t
         assert r["dev"]["n"] > 0 and r["zero_shot"]["n"] == r["dev"]["n"]
         assert r["threads"] == r["torch_threads"] == 1 and r["determinism"] == "strict"
         assert r["identity"] == Cell(**r["spec"]).identity and r["machine"]["cores"] >= 1
+        assert r["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX512: which kernels ran
         if r["metric"] == "accuracy":  # one outcome per dev row
             n = r["dev"]["n"]
             assert len(r["rows"]["correct"]) == n and r["rows"]["correct"].count("1") / n == pytest.approx(
@@ -625,6 +627,13 @@ def test_a_replaced_record_is_kept_and_compared_with_its_rerun(tiny_tasks, model
     report = write_report(results).read_text()
     assert "1 of the 1 that ran at the same thread count on the same kind of machine have every dev metric" in report
     assert f"| {cell.id} |" in report.split("## Re-runs of replaced records")[1]
+
+
+def test_machines_are_of_one_kind_when_the_fields_both_recorded_agree():
+    old = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "system": "Linux x86_64"}  # before `isa` was recorded
+    assert same_machine(old, {**old, "isa": "AVX512"})
+    assert not same_machine({**old, "isa": "AVX2"}, {**old, "isa": "AVX512"})  # one CPU name, other kernels
+    assert not same_machine({**old, "cpu": "AMD EPYC"}, old) and not same_machine(None, old)
 
 
 def test_verify_reproduces_a_cell_and_catches_an_edited_record(tiny_tasks, model_dir, tmp_path, capsys, monkeypatch):

@@ -92,6 +92,40 @@ def test_a_run_without_final_evaluation_reports_its_best_in_training_evaluation(
     assert "best during training |" in (tmp_path / "README.md").read_text()  # the card's metrics column is filled
 
 
+def test_prompt_transfer_from_the_command_line(model_dir, tmp_path, capsys):
+    """Train a soft prompt on SST-2, then a deep prompt on TREC that starts from it (--init prompt)."""
+    common = ["--data-dir", DATA, "--model", model_dir, "--steps", 1, "--batch-size", 2, "--no-progress"]
+    common += ["--eval-limit", 4, "--no-final-eval"]
+
+    def train(task: str, out: str, *options):
+        return run(
+            capsys,
+            "train",
+            "--task",
+            task,
+            *common,
+            *options,
+            "--out",
+            tmp_path / out,
+            "--run-dir",
+            tmp_path / f"run-{out}",
+        )
+
+    source = tmp_path / "sst2.safetensors"
+    code, _, err = train("sst2", source.name, "--num-virtual-tokens", 3)
+    assert code == 0, err
+    transfer = ["--method", "deep", "--init", "prompt", "--init-prompt", source]
+    code, _, err = train("trec", "trec.safetensors", *transfer, "--num-virtual-tokens", 2)
+    assert code == 0, err
+    config = json.loads(run(capsys, "info", tmp_path / "trec.safetensors", "--json")[1])["method_config"]
+    assert config["init"] == "prompt" and config["init_prompt"] == str(source)  # the file names its source
+    assert (
+        "prompt from" in run(capsys, "info", tmp_path / "trec.safetensors")[1]
+    )  # then the path (the table may cut it)
+    code, _, err = train("trec", "long.safetensors", *transfer, "--num-virtual-tokens", 5)
+    assert code == 2 and "has 3 virtual tokens, fewer than the 5 asked for" in err and "Traceback" not in err
+
+
 def test_commands_that_run_the_model_take_max_length_truncate_and_no_progress(model_dir, tmp_path, capsys):
     task = ["--task", "sst2", "--data-dir", DATA, "--model", model_dir]
     code, out, err = run(capsys, "eval", *task, "--limit", 8)

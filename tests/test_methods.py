@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_tiny, make_prompt
 
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.example import Example
 from softprompt.injection import Injection
 from softprompt.methods import (
@@ -111,3 +112,50 @@ def test_compiled_soft_prompt_gives_the_same_logits(base, sst2):
 def test_invalid_options_name_the_flag(bad):
     with pytest.raises(ConfigError, match="--"):
         PrefixConfig(**bad)
+
+
+EMBEDS = ("soft", "ptuning")  # methods whose prompt is input embeddings; deep and prefix train keys/values
+
+
+def transfer_config(target: str, source_path, P: int = 4) -> dict:
+    extra = {"prefix_hidden": 32} if target == "prefix" else {}
+    return dict(num_virtual_tokens=P, init="prompt", init_prompt=str(source_path), **extra)
+
+
+@pytest.mark.parametrize("target", ["soft", "ptuning", "deep", "prefix"])
+@pytest.mark.parametrize("source", ["soft", "deep"])
+def test_prompt_transfer_starts_from_the_source_prompt(base, sst2, tmp_path, source, target):
+    """Vu et al.'s SPoT: a new task's prompt starts as a trained one; reparametrized methods fit their last layer."""
+    src = make_prompt(base, sst2.spec, source, 6, seed=1)
+    path = src.save(tmp_path / "source")
+    if source == "deep" and target in EMBEDS:
+        with pytest.raises(ConfigError, match="keys/values, which input embeddings cannot start from"):
+            build_method(target, transfer_config(target, path), ctx(base, sst2))
+        return
+    got = build_method(target, transfer_config(target, path), ctx(base, sst2)).collapse()
+    if target in EMBEDS:
+        want = src.injection.embeds[:4]
+        torch.testing.assert_close(got.embeds, want, rtol=0, atol=0 if target == "soft" else 1e-5)
+        return
+    want = src.injection.kv[:, :, :, :4] if source == "deep" else base.family.kv_of_embeddings(src.injection.embeds[:4])
+    torch.testing.assert_close(got.kv, want, rtol=0, atol=0 if target == "deep" else 1e-5)
+    assert got.kv_positions == 4
+
+
+def test_prompt_transfer_refuses_what_it_cannot_start_from(base, sst2, tmp_path, tokenizer):
+    soft = make_prompt(base, sst2.spec, "soft", 3).save(tmp_path / "soft")
+    hard = make_prompt(base, sst2.spec, None).save(tmp_path / "hard")
+    other_arch = "gpt2" if base.config.model_type == "llama" else "llama"
+    other = make_prompt(build_tiny(other_arch, tokenizer), sst2.spec, "soft", 3).save(tmp_path / "other")
+    for path, problem in [
+        (soft, "has 3 virtual tokens, fewer than the 4 asked for"),
+        (hard, "is a hard prompt"),
+        (other, "was trained for base model"),
+        (tmp_path / "missing.safetensors", "missing.safetensors"),
+    ]:
+        with pytest.raises(SoftpromptError, match=problem):
+            build_method("soft", transfer_config("soft", path), ctx(base, sst2))
+    with pytest.raises(ConfigError, match="needs a prompt file"):
+        build_method("deep", DeepPromptConfig(init="prompt"), ctx(base, sst2))
+    with pytest.raises(ConfigError, match="--init-prompt was given with --init vocab"):
+        SoftPromptConfig(init="vocab", init_prompt=str(soft))

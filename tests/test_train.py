@@ -66,6 +66,21 @@ def test_checkpoint_of_another_run_is_refused(base, sst2, tmp_path):
         sp.train(base, sst2, "soft", method_cfg("soft"), cfg(steps=2, lr=1.0), run_dir=tmp_path)
 
 
+def test_a_checkpoint_from_before_a_new_method_option_resumes(base, sst2, tmp_path, monkeypatch):
+    """A checkpoint whose method config lacks an option added since (init_prompt) resumes, the option at its
+    default; one whose config differs is still refused."""
+    config = method_cfg("soft")
+    older = {k: v for k, v in config.to_dict().items() if k != "init_prompt"}
+    monkeypatch.setattr(type(config), "to_dict", lambda self: dict(older))
+    trainer = Trainer(base, sst2, "soft", config, cfg(steps=4), run_dir=tmp_path)
+    trainer.step = 2
+    trainer._save_checkpoint()
+    monkeypatch.undo()
+    assert Trainer(base, sst2, "soft", method_cfg("soft"), cfg(steps=4), run_dir=tmp_path).step == 2
+    with pytest.raises(sp.SoftpromptError, match="different run"):
+        Trainer(base, sst2, "soft", METHODS["soft"].config_class(num_virtual_tokens=4), cfg(steps=4), run_dir=tmp_path)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_nan_loss_stops_with_error_and_keeps_checkpoint(base, sst2, tmp_path, monkeypatch, bad):
     calls = {"n": 0}

@@ -232,7 +232,9 @@ def _versions() -> dict:
 
 
 def _machine() -> dict:
-    """The kind of machine a cell ran on: CPU model, cores and, on CUDA, the GPU (not part of the identity)."""
+    """The kind of machine a cell ran on (not part of the identity): CPU model, cores, the vector instruction set
+    that torch's CPU kernels dispatch to (`isa`: AVX512, AVX2, ...; a virtual machine's CPU name, such as "Intel(R)
+    Xeon(R) Processor", can cover several generations that differ in it) and, on CUDA, the GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -242,6 +244,7 @@ def _machine() -> dict:
     except OSError:
         pass
     out = {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.machine()}"}
+    out["isa"] = torch.backends.cpu.get_cpu_capability()
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -33,6 +33,12 @@ def _scale(metric: str) -> float:
     return 100.0 if metric == "accuracy" else 1.0  # accuracy in %, BLEU already 0-100
 
 
+def same_machine(a: dict | None, b: dict | None) -> bool:
+    """Whether two `_machine()` records are of one kind. A field added to the record later (`isa`) counts only
+    where both have it; a record without a machine matches none."""
+    return a is not None and b is not None and all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
 def pinned(record: dict) -> bool:
     """The record ran with its thread count and deterministic mode pinned and in its identity."""
     return "determinism" in record and record.get("threads") is not None
@@ -357,7 +363,9 @@ def _setup(results: Path, records: list[dict], grid: list[dict], checks: dict) -
 def _how_table(records: list[dict]) -> str:
     by = defaultdict(list)
     for x in records:
-        key = (x["torch_threads"], x.get("determinism", "(not recorded)"), pinned(x), x.get("machine", {}).get("cpu"))
+        machine = x.get("machine", {})
+        cpu = machine.get("cpu") and machine["cpu"] + (f" ({machine['isa']})" if "isa" in machine else "")
+        key = (x["torch_threads"], x.get("determinism", "(not recorded)"), pinned(x), cpu)
         by[key].append(x)
     rows = []
     for (threads, det, pin, cpu), xs in sorted(by.items(), key=lambda kv: str(kv[0])):
@@ -418,7 +426,7 @@ def _superseded(results: Path, records: list[dict]) -> list[str]:
             unlike = "another thread count"
         elif "machine" not in old:
             unlike = "machine not recorded"
-        elif old["machine"] != new["machine"]:
+        elif not same_machine(old["machine"], new["machine"]):
             unlike = "another machine"
         else:
             unlike = None

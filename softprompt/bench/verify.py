@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from .cell import Cell, _machine, record_path
-from .report import load_records, pinned
+from .report import load_records, pinned, same_machine
 
 
 def record_of(results: Path, name: str) -> Path:
@@ -40,7 +40,7 @@ def pick(results: Path, names: list[str], rng: random.Random) -> list[str]:
     that ran pinned (threads and deterministic mode in their identity) on this kind of machine (another CPU's
     kernels may sum in another order), never one named twice."""
     here = _machine()
-    ours = [r["cell"] for r in load_records(results) if pinned(r) and r["machine"] == here] if names else []
+    ours = [r["cell"] for r in load_records(results) if pinned(r) and same_machine(r["machine"], here)] if names else []
     out: list[str] = []
     for name in names:
         if not name.startswith("random:"):
@@ -138,7 +138,7 @@ def verify(results: str | Path, name: str, run, echo=print) -> bool:
             f"; re-run with {', '.join(settings)}" if settings else "; same settings and machine"
         )
     here = _machine()
-    elsewhere = record.get("machine") not in (None, here)
+    elsewhere = "machine" in record and not same_machine(record["machine"], here)
     if elsewhere:  # what a re-run on another CPU shows is kept apart: it does not check the record's reproducibility
         line += " [on another kind of machine than the record's: kept in verify/other-machines/]"
     if notes:

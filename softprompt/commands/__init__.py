@@ -2,7 +2,7 @@
 
     train, eval, generate, info, demo     commands/train.py (demo: commands/demo.py)
     search templates|autoprompt, explain  commands/search.py
-    store list|show|rm, serve             commands/serve.py
+    store list|show|similar|rm, serve     commands/serve.py
     bench                                 commands/bench.py
     export, import, push, pull            commands/interop.py
 

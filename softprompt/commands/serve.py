@@ -1,4 +1,4 @@
-"""`softprompt serve` and `softprompt store list|show|rm`."""
+"""`softprompt serve` and `softprompt store list|show|similar|rm`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ..errors import ConfigError, SoftpromptError
 from ..serving.config import ServerConfig
@@ -81,6 +82,45 @@ def cmd_store_show(ns) -> None:
     cmd_info(SimpleNamespace(file=path, json=ns.json))
 
 
+def cmd_store_similar(ns) -> None:
+    """SPoT's retrieval: the store's prompts ranked by similarity to a target prompt (a file or a task name)."""
+    from ..store import Prompt, Store
+    from ..transfer import rank_sources
+
+    store = Store(ns.store)
+    path = Path(ns.target) if Path(ns.target).is_file() else store.path(ns.target)
+    if not path.is_file():
+        raise ConfigError(
+            f"No prompt file or task '{ns.target}' (in store {store.root}).",
+            "pass a prompt file, or a task of --store (trained briefly on the new task is enough).",
+        )
+    target = Prompt.load(path)
+    sources, skipped = {}, {}
+    for name in store.names():
+        if store.path(name).resolve() == path.resolve():
+            continue
+        try:
+            sources[name] = Prompt.load(store.path(name))
+        except SoftpromptError as e:  # one damaged file is skipped, not the ranking
+            skipped[name] = e.problem
+    ranking = rank_sources(target, sources, ns.metric)
+    skipped |= ranking.skipped
+    if ns.json:
+        print(json.dumps({"ranked": [{"name": n, "similarity": s} for n, s in ranking.ranked], "skipped": skipped}))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(f"{store.root}: prompts like {path.name} ({ns.metric} cosine similarity)"))
+    for col in ("task", "similarity", "method", "trained on"):
+        t.add_column(col)
+    for name, score in ranking.ranked:
+        t.add_row(Text(name), f"{score:+.4f}", Text(sources[name].method), Text(str(sources[name].task.get("name"))))
+    for name, why in skipped.items():
+        t.add_row(Text(name), "skipped", Text(why), "")
+    console().print(t)
+
+
 def cmd_store_rm(ns) -> None:
     from ..store import Store
 
@@ -151,6 +191,19 @@ def add_commands(sub) -> None:
     show = action("show", "parameters, bytes and metrics of one task's prompt file", cmd_store_show)
     show.add_argument("name", help="task name (the file stem)")
     show.add_argument("--json", action="store_true", help="print JSON")
+    similar = action(
+        "similar",
+        "the store's prompts ranked by similarity to a target prompt: which to transfer from (SPoT)",
+        cmd_store_similar,
+    )
+    similar.add_argument("target", help="a prompt file, or a task name of the store (trained briefly is enough)")
+    similar.add_argument(
+        "--metric",
+        default="average",
+        help="average: cosine similarity of the average tokens (SPoT's best predictor); per-token: averaged over "
+        "every pair of tokens",
+    )
+    similar.add_argument("--json", action="store_true", help="print JSON")
     rm = action("rm", "remove tasks' prompt files (a running server drops them at its next scan)", cmd_store_rm)
     rm.add_argument("names", nargs="+", help="task names")
     _add_serve(sub)

@@ -155,6 +155,9 @@ def cmd_info(ns) -> None:
 
     tokens = f"{d['virtual_tokens']} virtual tokens" if d["virtual_tokens"] else "a text template, no tensors"
     row("method", f"{d['method']} ({tokens})")
+    config = d["method_config"]
+    if "init" in config:  # for prompt transfer, the prompt file it started from
+        row("init", " from ".join(str(config[k]) for k in ("init", "init_prompt") if config.get(k) is not None))
     row("task", str(d["task"]))
     row("base model", str(d["base_model"]))
     row("parameters saved", f"{d['parameters_saved']:,}")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..injection import Injection
-from .method import InitContext, MethodConfig, PromptMethod
+from .method import PROMPT_HELP, InitContext, MethodConfig, PromptMethod
 
-KV_INITS = ("vocab", "labels", "text", "random", "zero")
+KV_INITS = ("vocab", "labels", "text", "random", "zero", "prompt")
 
 
 @dataclass
@@ -28,10 +28,12 @@ class DeepPromptConfig(MethodConfig):
         default="vocab",
         metadata={
             "help": "initialization of the prefixes: the frozen model's keys/values of vocab (sampled frequent "
-            "tokens), labels (class words first), text (--init-text) or random embeddings, or zero"
+            "tokens), labels (class words first), text (--init-text) or random embeddings, zero, or prompt (a "
+            "trained prompt file of this base model, --init-prompt: its keys/values, or those of its embeddings)"
         },
     )
     init_text: str | None = field(default=None, metadata={"help": "text whose tokens' keys/values start the prompt"})
+    init_prompt: str | None = field(default=None, metadata={"help": PROMPT_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,7 +48,7 @@ class DeepPrompt(PromptMethod):
 
     def __init__(self, config: DeepPromptConfig, ctx: InitContext):
         super().__init__(config)
-        kv = ctx.key_values(config.init, config.num_virtual_tokens, config.init_text)
+        kv = ctx.key_values(config.init, config.num_virtual_tokens, config.init_text, config.init_prompt)
         self.kv = nn.Parameter(kv.to(ctx.base.device))  # (L, 2, H_kv, P, hd)
 
     def forward(self) -> Injection:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,11 @@ from torch import nn
 
 from ..errors import ConfigError, check_choice, check_keys, check_types
 from ..injection import Injection
+
+PROMPT_HELP = (
+    "prompt file (of this base model, e.g. trained on a related task) whose first virtual tokens start this "
+    "prompt (init prompt; Vu et al. 2022's prompt transfer)"
+)
 
 
 @dataclass
@@ -32,13 +38,15 @@ class MethodConfig:
                 f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.",
                 "pass --num-virtual-tokens N with N >= 1 (20 is a good start).",
             )
-        # methods that start from a text have `init` and `init_text`; a text given with another init would be ignored
-        init, text = getattr(self, "init", None), getattr(self, "init_text", None)
-        if text is not None and init != "text":
-            raise ConfigError(
-                f"--init-text was given with --init {init}, which does not use it.",
-                "pass --init text to start from the text, or drop --init-text.",
-            )
+        # methods that start from a text or a trained prompt have `init` and `init_text` / `init_prompt`; one given
+        # with another init would be ignored
+        init = getattr(self, "init", None)
+        for source in ("text", "prompt"):
+            if getattr(self, f"init_{source}", None) is not None and init != source:
+                raise ConfigError(
+                    f"--init-{source} was given with --init {init}, which does not use it.",
+                    f"pass --init {source} to start from the {source}, or drop --init-{source}.",
+                )
         check_types(self)  # a bench grid's `config:` or a --config file passes any YAML value (`init_text: 5`)
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> None:
@@ -139,9 +147,58 @@ class InitContext:
         rest = self.vocab(n - len(words)) if n > len(words) else emb[:0]
         return torch.cat([torch.stack(words), rest])
 
-    def embeddings(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
-        """(n, D) initial virtual-token embeddings; mode: random | vocab | text | labels, or auto (labels for a
-        classification task, vocab otherwise)."""
+    def source(self, path: str | Path | None, n: int) -> Injection:
+        """Prompt transfer (Vu et al. 2022, "SPoT: Better Frozen Model Adaptation through Soft Prompt Transfer"):
+        the collapsed injection of the prompt file at `path`, which must have been made for this base model and
+        have at least n virtual tokens (the first n start the new prompt)."""
+        if not path:
+            raise ConfigError(
+                "init 'prompt' needs a prompt file to start from.",
+                "pass --init-prompt PATH (a prompt trained on this base model, e.g. for a related task).",
+            )
+        from ..store import load_prompt
+
+        source = load_prompt(path, self.base).injection  # refused unless made for this base model
+        have = max(source.num_embeds, source.num_kv)
+        if not source.kinds:
+            raise ConfigError(
+                f"Prompt file {path} is a hard prompt (a template, no tensors): there is nothing to start from.",
+                "pass a soft, P-tuning, deep or prefix prompt file as --init-prompt.",
+            )
+        if have < n:
+            raise ConfigError(
+                f"Prompt file {path} has {have} virtual tokens, fewer than the {n} asked for.",
+                f"pass --num-virtual-tokens {have} (or fewer), or a longer source prompt.",
+            )
+        return source
+
+    def prompt_embeddings(self, n: int, path: str | Path | None) -> torch.Tensor:
+        """(n, D) the first n virtual-token embeddings of a soft or P-tuning prompt file (`source`)."""
+        source = self.source(path, n)
+        if source.kv is not None:
+            raise ConfigError(
+                f"Prompt file {path} holds per-layer keys/values, which input embeddings cannot start from.",
+                "pass a soft or P-tuning prompt as --init-prompt, or train --method deep or prefix from this one.",
+            )
+        return source.embeds[:n].float().cpu()
+
+    def prompt_key_values(self, n: int, path: str | Path | None) -> torch.Tensor:
+        """(L, 2, H_kv, n, hd) the first n positions of a deep or prefix prompt file's keys/values, or the frozen
+        model's keys/values of a soft or P-tuning prompt file's first n embeddings (`source`)."""
+        source = self.source(path, n)
+        if source.kv is None:
+            return self.base.family.kv_of_embeddings(source.embeds[:n].float()).float().cpu()
+        if source.embeds is not None or source.kv_positions != source.num_kv:
+            raise ConfigError(
+                f"Prompt file {path} holds keys/values that do not take positions 0..P-1 before the text (a "
+                "compiled mixed prompt), so their first positions are not a prefix of their own.",
+                "pass a deep, prefix, soft or P-tuning prompt file as --init-prompt.",
+            )
+        return source.kv[:, :, :, :n].float().cpu()
+
+    def embeddings(self, mode: str, n: int, text: str | None = None, prompt: str | Path | None = None) -> torch.Tensor:
+        """(n, D) initial virtual-token embeddings; mode: random | vocab | text | labels | prompt (a trained prompt
+        file, `prompt_embeddings`), or auto (labels for a classification task, vocab otherwise)."""
         if mode == "auto":
             mode = "labels" if self.label_words else "vocab"
         return {
@@ -149,15 +206,34 @@ class InitContext:
             "vocab": lambda: self.vocab(n),
             "text": lambda: self.text(n, text),
             "labels": lambda: self.labels(n),
+            "prompt": lambda: self.prompt_embeddings(n, prompt),
         }[mode]()
 
-    def key_values(self, mode: str, n: int, text: str | None = None) -> torch.Tensor:
+    def key_values(self, mode: str, n: int, text: str | None = None, prompt: str | Path | None = None) -> torch.Tensor:
         """(L, 2, H_kv, n, hd) initial per-layer prefixes: the frozen model's keys/values of the tokens that
-        `embeddings(mode, ...)` gives (Li & Liang 2021 initialize with "activations of real words"), or zeros."""
+        `embeddings(mode, ...)` gives (Li & Liang 2021 initialize with "activations of real words"), a trained
+        prompt file's (`prompt_key_values`), or zeros."""
         lay = self.base.kv_layout
         if mode == "zero":
             return torch.zeros(lay.num_layers, 2, lay.num_kv_heads, n, lay.head_dim)
+        if mode == "prompt":
+            return self.prompt_key_values(n, prompt)
         return self.base.family.kv_of_embeddings(self.embeddings(mode, n, text)).float().cpu()
+
+
+@torch.no_grad()
+def fit_output(linear: nn.Linear, h: torch.Tensor, target: torch.Tensor) -> None:
+    """Set the last layer of a reparametrization so that `linear(h)` is `target` (P, out) exactly: h (P, in) are
+    the activations that feed it. With P <= in + 1 and h of full row rank, the least-squares solution of
+    [h, 1] @ [W; b] = target is exact (and of minimal norm). A zero target gives a zero layer."""
+    if not target.any():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        return
+    A = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)  # (P, in + 1)
+    X = torch.linalg.lstsq(A.double(), target.double(), driver="gelsd").solution  # (in + 1, out)
+    linear.weight.copy_(X[:-1].T)
+    linear.bias.copy_(X[-1])
 
 
 class PromptMethod(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import check_at_least
 from ..injection import Injection
 from .deep import DeepPromptConfig
-from .method import InitContext, PromptMethod
+from .method import InitContext, PromptMethod, fit_output
 
 
 @dataclass
@@ -53,31 +53,14 @@ class PrefixTuning(PromptMethod):
         P, D, H = config.num_virtual_tokens, ctx.hidden_size, config.prefix_hidden
         self.shape = (P, lay.num_layers, 2, lay.num_kv_heads, lay.head_dim)
         width = lay.num_layers * 2 * lay.num_kv_heads * lay.head_dim
-        target = ctx.key_values(config.init, P, config.init_text)  # drawn first: same init as `deep` for a seed
+        target = ctx.key_values(config.init, P, config.init_text, config.init_prompt)  # drawn first: as `deep`'s
         self.embedding = nn.Parameter(ctx.random(P))  # (P, D)
         with ctx.seeded():
             self.mlp = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, width))
-        self._fit_output(target)
+        with torch.no_grad():  # the MLP starts out producing `target` exactly
+            h = self.mlp[1](self.mlp[0](self.embedding))  # (P, hidden)
+            fit_output(self.mlp[2], h, target.permute(3, 0, 1, 2, 4).reshape(P, width))  # (P, L*2*H_kv*hd)
         self.to(ctx.base.device)
-
-    @torch.no_grad()
-    def _fit_output(self, target: torch.Tensor) -> None:
-        """Set the last layer so that the MLP starts out producing `target` (L, 2, H_kv, P, hd) exactly.
-
-        With P <= hidden + 1 the hidden activations h (P, hidden) have full row rank, so the
-        least-squares solution of [h, 1] @ [W; b] = target is exact (and of minimal norm).
-        """
-        out = self.mlp[2]
-        flat = target.permute(3, 0, 1, 2, 4).reshape(target.shape[3], -1)  # (P, L*2*H_kv*hd)
-        if not flat.any():
-            out.weight.zero_()
-            out.bias.zero_()
-            return
-        h = self.mlp[1](self.mlp[0](self.embedding))  # (P, hidden)
-        A = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)  # (P, hidden + 1)
-        X = torch.linalg.lstsq(A.double(), flat.double(), driver="gelsd").solution  # (hidden + 1, width)
-        out.weight.copy_(X[:-1].T)
-        out.bias.copy_(X[-1])
 
     def forward(self) -> Injection:
         flat = self.mlp(self.embedding)  # (P, L*2*H_kv*hd)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import check_at_least
 from ..injection import Injection
-from .method import InitContext, PromptMethod
+from .method import InitContext, PromptMethod, fit_output
 from .soft import SoftPromptConfig
 
 
@@ -46,7 +47,9 @@ class PTuning(PromptMethod):
         super().__init__(config)
         D = ctx.hidden_size
         H = config.encoder_hidden or D
-        self.embedding = nn.Parameter(ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text))
+        P, transfer = config.num_virtual_tokens, config.init == "prompt"
+        # prompt transfer: the encoder's input starts as sampled vocab, its last layer is fit to the source below
+        self.embedding = nn.Parameter(ctx.embeddings("vocab" if transfer else config.init, P, config.init_text))
         with ctx.seeded():
             if config.encoder == "lstm":
                 self.lstm = nn.LSTM(D, H, num_layers=2, bidirectional=True, batch_first=True)
@@ -54,10 +57,17 @@ class PTuning(PromptMethod):
             else:
                 self.lstm = None
                 self.mlp = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D))
+        if transfer:
+            with torch.no_grad():  # the encoder starts out producing the source prompt's embeddings exactly
+                fit_output(self.mlp[-1], self._hidden()[0], ctx.prompt_embeddings(P, config.init_prompt))
         self.to(ctx.base.device)
 
-    def forward(self) -> Injection:
+    def _hidden(self) -> torch.Tensor:
+        """(1, P, H) the encoder's activations that feed its last layer."""
         x = self.embedding[None]  # (1, P, D)
         if self.lstm is not None:
             x = self.lstm(x)[0]  # (1, P, 2H)
-        return Injection(embeds=self.mlp(x)[0])  # (P, D)
+        return self.mlp[:-1](x)
+
+    def forward(self) -> Injection:
+        return Injection(embeds=self.mlp[-1](self._hidden())[0])  # (P, D)

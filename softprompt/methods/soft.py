@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..injection import Injection
-from .method import InitContext, MethodConfig, PromptMethod
+from .method import PROMPT_HELP, InitContext, MethodConfig, PromptMethod
 
-INITS = ("auto", "random", "vocab", "text", "labels")
+INITS = ("auto", "random", "vocab", "text", "labels", "prompt")
 
 
 @dataclass
@@ -26,12 +26,14 @@ class SoftPromptConfig(MethodConfig):
         metadata={
             "help": "initialization: random (Gaussian at the embedding scale), vocab (embeddings of tokens sampled "
             "from the task's 5,000 most frequent), text (embeddings of --init-text), labels (class label words "
-            "first, then sampled vocab; Lester et al.'s best), auto (labels for classification, else vocab)"
+            "first, then sampled vocab; Lester et al.'s best), prompt (a trained prompt file of this base model, "
+            "--init-prompt: prompt transfer), auto (labels for classification, else vocab)"
         },
     )
     init_text: str | None = field(
         default=None, metadata={"help": "text whose token embeddings start the prompt (init text)"}
     )
+    init_prompt: str | None = field(default=None, metadata={"help": PROMPT_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,7 +48,7 @@ class SoftPrompt(PromptMethod):
 
     def __init__(self, config: SoftPromptConfig, ctx: InitContext):
         super().__init__(config)
-        init = ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text)
+        init = ctx.embeddings(config.init, config.num_virtual_tokens, config.init_text, config.init_prompt)
         self.embedding = nn.Parameter(init.to(ctx.base.device))  # (P, D)
 
     def forward(self) -> Injection:
