@@ -581,16 +581,20 @@ def test_the_verdict_names_a_winner_only_where_intervals_separate():
         ("t", "soft"): Group(_records("t", "soft", [0.9] * 5, rows=[_correct(0.9, shift=s) for s in range(5)])),
         ("t", "prefix"): Group(_records("t", "prefix", [0.6] * 5, rows=[_correct(0.6, shift=s) for s in range(5)])),
     }
-    assert "**soft** ahead (the intervals separate)" in verdict(far, ["t"], ("soft",), ("prefix",))[0]
+    lines = verdict(far, ["t"], ("soft",), ("prefix",))
+    assert lines[0] == "- t: learned: above chance (50.0%): soft, prefix."  # both clear the majority class
+    assert "**soft** ahead (the intervals separate)" in lines[1]
     near = {
         ("t", "soft"): Group(_records("t", "soft", [0.71, 0.7], rows=[_correct(0.71), _correct(0.7)])),
         ("t", "prefix"): Group(_records("t", "prefix", [0.7, 0.69], rows=[_correct(0.7), _correct(0.69)])),
     }
-    line = verdict(near, ["t"], ("soft",), ("prefix",))[0]
+    line = verdict(near, ["t"], ("soft",), ("prefix",))[-1]
     assert "no difference shown (the intervals overlap)" in line and "[" in line
     old = {k: Group(_records("t", k[1], [0.9, 0.91] if k[1] == "soft" else [0.6, 0.61])) for k in far}
-    line = verdict(old, ["t"], ("soft",), ("prefix",))[0]
+    line = verdict(old, ["t"], ("soft",), ("prefix",))[-1]
     assert "no verdict from intervals over seeds only (they separate, soft higher)" in line and "]†" in line
+    unknown = "- t: chance level unknown: no record has per-row outcomes."
+    assert verdict(old, ["t"], ("soft",), ("prefix",))[0] == unknown
     # nothing above the majority class (half the gold labels are 0): the task is dropped from the verdict
     groups = {("t", "soft"): Group(_records("t", "soft", [0.5, 0.5], rows=[_correct(0.5), _correct(0.5)]))}
     assert learned(groups, "t")[0] is False

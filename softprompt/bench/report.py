@@ -209,6 +209,8 @@ def verdict(groups: dict, tasks: list[str], prompts=PROMPTS, prefixes=PREFIXES) 
         if ok is False:
             lines.append(f"- {task}: dropped: {why}, so it cannot tell prompts from prefixes.")
             continue
+        if why:  # a classification task: which methods clear a constant answer, or why that is unknown
+            lines.append(f"- {task}: {'learned: ' if ok else ''}{why}.")
         for prompt in prompts:
             for pre in prefixes:
                 a, b = groups.get((task, prompt)), groups.get((task, pre))
