@@ -282,10 +282,7 @@ class MultiTask:
                 (lay.num_layers, 2, lay.num_kv_heads, injection.num_positions, lay.head_dim), device="meta"
             )
             return Injection(kv=kv, kv_positions=injection.num_positions)
-        return Injection(
-            *(None if t is None else t.to("meta") for t in (injection.embeds, injection.kv)),
-            kv_positions=injection.kv_positions,
-        )
+        return injection.map(lambda t: t.to("meta"))
 
     def _ready(self, entry: Entry, prompt: Prompt) -> Injection:
         """`prompt` (with its tensors) ready to run as `entry`: on the model's device and dtype, compiled; cached."""

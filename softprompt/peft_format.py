@@ -108,9 +108,15 @@ def unflatten_kv(
 # --- export ----------------------------------------------------------------------------------------------------------
 
 
-def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
-    """The adapter_config.json that PEFT needs to load `prompt` for inference."""
+def _check_exportable(prompt: Prompt) -> None:
+    """Refuse a prompt that no PEFT prompt-learning adapter can hold, with the fix."""
     inj = prompt.injection
+    if inj.adapter is not None:
+        raise PromptFileError(
+            f"A '{prompt.method}' prompt holds adaption prompts (LLaMA-Adapter); softprompt exports PEFT's "
+            "prompt-learning formats only, not its AdaptionPrompt.",
+            "serve the prompt file with softprompt, or export a soft, ptuning, prefix or deep prompt.",
+        )
     if inj.embeds is not None and inj.kv is not None:
         raise PromptFileError(
             f"A '{prompt.method}' prompt holds both virtual-token embeddings and KV prefixes; a PEFT "
@@ -122,6 +128,12 @@ def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
             f"A '{prompt.method}' prompt has no tensors (a text prompt); PEFT has no format for it.",
             "use its template as plain text.",
         )
+
+
+def peft_config(prompt: Prompt, base_model_name: str | None = None) -> dict:
+    """The adapter_config.json that PEFT needs to load `prompt` for inference."""
+    _check_exportable(prompt)
+    inj = prompt.injection
     family = Fingerprint.from_dict(prompt.base).family
     common = {
         "task_type": TASK_TYPES[family],

@@ -1,6 +1,7 @@
 """Prompt files: one small safetensors file per task, and a store (a directory of them).
 
-A prompt file holds the collapsed tensors (`embeds` (P, D) and/or `kv` (L, 2, H_kv, P, hd)) and,
+A prompt file holds the collapsed tensors (`embeds` (P, D) and/or `kv` (L, 2, H_kv, P, hd), or a LLaMA-Adapter's
+`adapter` (L_a, K, D) with its `gate` (L_a,)) and,
 in the safetensors header, JSON metadata: the method and its config, the task's template and
 label map, the base-model fingerprint, parameter and byte counts, and dev metrics. A hard prompt
 (a text template alone) is a file with no tensors.
@@ -115,14 +116,26 @@ def check_meta(meta, path) -> tuple[PromptMeta, TaskSpec]:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # (name, rank, what the dimensions are)
-_TENSORS = {"embeds": (2, "(P, D)"), "kv": (5, "(L, 2, H_kv, P, head_dim)")}
+_TENSORS = {
+    "embeds": (2, "(P, D)"),
+    "kv": (5, "(L, 2, H_kv, P, head_dim)"),
+    "adapter": (3, "(L_a, K, D)"),
+    "gate": (1, "(L_a,)"),
+}
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], path, fix: str = RECREATE) -> None:
     """Refuse tensors of a prompt that have an unknown name, a wrong rank or shape, or non-finite values."""
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
-        raise PromptFileError(f"{path} holds unknown tensor(s) {unknown} (a prompt holds embeds and/or kv).", fix)
+        raise PromptFileError(
+            f"{path} holds unknown tensor(s) {unknown} (a prompt holds embeds and/or kv, or adapter and gate).", fix
+        )
+    if ("adapter" in tensors) != ("gate" in tensors) or (
+        "adapter" in tensors and tensors["gate"].shape[:1] != tensors["adapter"].shape[:1]
+    ):
+        shapes = {k: tuple(tensors[k].shape) for k in ("adapter", "gate") if k in tensors}
+        raise PromptFileError(f"{path}: an adapter (L_a, K, D) needs its gate (L_a,); got {shapes}.", fix)
     for name, t in tensors.items():
         rank, dims = _TENSORS[name]
         if t.dim() != rank or 0 in t.shape or (name == "kv" and t.shape[1] != 2):
@@ -293,7 +306,7 @@ class Prompt:
         meta, spec = check_meta(raw, path)
         check_tensors(tensors, path)
         prompt = cls(
-            injection=Injection(tensors.get("embeds"), tensors.get("kv"), meta.kv_positions),
+            injection=Injection.from_tensors(tensors, meta.kv_positions),
             method=meta.method,
             method_config=meta.method_config,
             task=meta.task,

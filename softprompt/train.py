@@ -606,9 +606,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.history, self.best_metric = state["step"], state["history"], state["best_metric"]
         b = state["best"]
-        self.best = (
-            None if b is None else Injection(b.get("embeds"), b.get("kv"), b["kv_positions"]).to(self.base.device)
-        )
+        self.best = None if b is None else Injection.from_tensors(b, b["kv_positions"]).to(self.base.device)
 
 
 def _reason(e: BaseException) -> str:

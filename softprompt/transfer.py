@@ -8,8 +8,9 @@ transfer from (`--init prompt --init-prompt SOURCE`). Two of the paper's similar
 - average: the cosine similarity of the two prompts' average tokens (SPoT's best predictor);
 - per-token: the average cosine similarity over every pair of tokens, one from each prompt.
 
-A prompt's tokens are its embeddings (P, D), or for a KV prefix each position's keys and values
-in every layer, flattened (P, L * 2 * H_kv * hd). Only prompts of one base model and one kind
+A prompt's tokens are its embeddings (P, D), for a KV prefix each position's keys and values in
+every layer, flattened (P, L * 2 * H_kv * hd), and for LLaMA-Adapter each slot's prompt in every
+adapted layer (K, L * D). Only prompts of one base model and one kind
 compare: another model's vectors live in another space.
 """
 
@@ -28,15 +29,20 @@ METRICS = ("average", "per-token")
 
 
 def token_vectors(injection: Injection) -> torch.Tensor:
-    """(P, F) one vector per virtual token: embeddings (P, D), or a KV prefix's (L, 2, H_kv, P, hd) per position."""
-    if injection.embeds is not None and injection.kv is None:
+    """(P, F) one vector per virtual token: embeddings (P, D), a KV prefix's (L, 2, H_kv, P, hd) per position, or
+    adaption prompts' (L, K, D) per slot."""
+    kinds = injection.kinds
+    if kinds == {"embeds"}:
         return injection.embeds.float()
-    if injection.kv is not None and injection.embeds is None:
+    if kinds == {"kv"}:
         kv = injection.kv.float()
         return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1)  # (P, L*2*H_kv*hd)
+    if kinds == {"adapter"}:
+        a = injection.adapter.float()
+        return a.permute(1, 0, 2).reshape(a.shape[1], -1)  # (K, L*D)
     raise ConfigError(
-        "Only a prompt of embeddings alone or keys/values alone has tokens to compare.",
-        "compare soft, P-tuning, deep or prefix prompts (not hard prompts).",
+        "Only a prompt of one kind (embeddings, keys/values or adaption prompts) has tokens to compare.",
+        "compare soft, P-tuning, deep, prefix or llama-adapter prompts (not hard prompts).",
     )
 
 

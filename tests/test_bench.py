@@ -14,7 +14,15 @@ from helpers import run_cli as run
 
 import softprompt as sp
 from softprompt.bench import load_grid, run_grid, write_report
-from softprompt.bench.baselines import BASELINES, FullFinetune, PeftPrefix, PeftPrompt, PeftPTuning, _right_padded
+from softprompt.bench.baselines import (
+    BASELINES,
+    FullFinetune,
+    PeftAdapter,
+    PeftPrefix,
+    PeftPrompt,
+    PeftPTuning,
+    _right_padded,
+)
 from softprompt.bench.cell import BenchTrainer, Cell, record_path, run_cell
 from softprompt.bench.report import same_machine
 from softprompt.errors import ConfigError
@@ -150,7 +158,7 @@ def test_the_smollm2_grid_expands_as_documented():
         ("e2e_nlg", "vocab"),
     }
     kinds = {c.kind for c in cells}
-    assert kinds == {"hard", "soft", "prefix", "deep", "ptuning", *BASELINES}
+    assert kinds == {"hard", "soft", "prefix", "deep", "ptuning", "llama-adapter", *BASELINES}
     for c in cells:  # every PEFT prompt method is paired with a softprompt entry of the same config and seeds
         if c.pair:
             ours = next(o for o in cells if o.method == c.pair and o.task == c.task and o.seed == c.seed)
@@ -366,15 +374,28 @@ PEFT_PROMPTS = {
     "peft-prompt": (PeftPrompt, {"num_virtual_tokens": 3, "init": "random"}),
     "peft-prefix": (PeftPrefix, {"num_virtual_tokens": 3, "prefix_hidden": 8}),
     "peft-ptuning": (PeftPTuning, {"num_virtual_tokens": 3, "encoder_hidden": 8, "init": "random"}),
+    "peft-adapter": (PeftAdapter, {"num_virtual_tokens": 3, "adapter_layers": 2}),
 }
+
+
+def build_peft(kind, base, sst2):
+    """The PEFT baseline `kind` on `base`, or None after checking that ours refuses it (adaption prompts on GPT-2's
+    fused attention)."""
+    cls, config = PEFT_PROMPTS[kind]
+    if kind == "peft-adapter" and base.config.model_type == "gpt2":
+        with pytest.raises(ConfigError, match="cannot take adaption prompts"):
+            cls(cls.config_class(**config), init_context(base, sst2, 0))
+        return None
+    return cls(cls.config_class(**config), init_context(base, sst2, 0))
 
 
 @pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
 def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
     """Our evaluator on PEFT's collapsed prompt gives PEFT's own logits, also inside a left-padded batch."""
-    cls, config = PEFT_PROMPTS[kind]
     torch.manual_seed(0)
-    method = cls(cls.config_class(**config), init_context(base, sst2, 0))
+    method = build_peft(kind, base, sst2)
+    if method is None:
+        return
     with torch.no_grad():  # move the prompt away from its initialization
         for p in method.parameters():
             if p.requires_grad:
@@ -397,11 +418,13 @@ def test_collapsed_peft_prompt_reproduces_peft_forward(base, sst2, kind):
 @pytest.mark.parametrize("kind", sorted(PEFT_PROMPTS))
 def test_peft_loss_is_our_loss_on_the_same_prompt(base, sst2, kind):
     """PEFT trains on the same objective: its loss (right padding, full logits) equals our target-token loss."""
-    cls, config = PEFT_PROMPTS[kind]
+    method = build_peft(kind, base, sst2)
+    if method is None:
+        return
     trainer = BenchTrainer(
         base,
         sst2,
-        trainable=cls(cls.config_class(**config), init_context(base, sst2, 0)),
+        trainable=method,
         config=sp.TrainConfig(batch_size=4, progress=False),
     )
     rows = sst2.split("train")

@@ -8,8 +8,9 @@
 6. A row of a batch that mixes methods (and no prompt at all) equals the row alone.
 
 KV-prefix methods (prefix, deep) on models whose layers take no keys/values (Mamba, Mamba-2) or
-whose attention takes no cache in transformers (DeBERTa-v2, ModernBERT) are refused with an error
-that names the methods to use instead; that refusal is their contract.
+whose attention takes no cache in transformers (DeBERTa-v2, ModernBERT), and LLaMA-Adapter on models
+without attention of their own k_proj / v_proj (or not causal LMs), are refused with an error that
+names the methods to use instead; that refusal is their contract.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ from softprompt.train import init_context
 
 NO_KV = {"mamba", "mamba2", "deberta-v2", "modernbert"}  # no layer takes a key/value prefix
 KV_METHODS = {name for name, m in METHODS.items() if "kv" in m.fills}
+# no attention with its own k_proj and v_proj through AttentionInterface (fused projections, older attention code,
+# none at all), or no causal LM: adaption prompts (LLaMA-Adapter) have nowhere to go
+NO_ADAPTER = {"phi3", "gpt_neox", "falcon", "bloom", "gpt2", "gpt_bigcode", "mamba", "stablelm", "mamba2"}
+NO_ADAPTER |= set(zoo.SEQ2SEQ + zoo.ENCODER)
+ADAPTER_METHODS = {name for name, m in METHODS.items() if "adapter" in m.fills}
 TEMPLATE = "Review: {sentence}\nSentiment:{mask}"  # one template for every family: the label word goes at {mask}
 ATOL = 1e-4  # log-probabilities; padded and unpadded rows run through different kernels
 
 
 def refused(arch: str, method: str) -> bool:
-    return arch in NO_KV and method in KV_METHODS
+    return (arch in NO_KV and method in KV_METHODS) or (arch in NO_ADAPTER and method in ADAPTER_METHODS)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ E2E_INPUTS = ["name[The Eagle], eatType[pub]", "name[Fun], food[italian], area[n
 
 
 def task_prompts(base, sst2, e2e) -> dict[str, sp.Prompt]:
-    """Every method, different numbers of virtual tokens, classification and generation, a template alone,
-    and a task whose class words are several tokens long."""
+    """Every method (LLaMA-Adapter where the model takes it: not GPT-2), different numbers of virtual tokens,
+    classification and generation, a template alone, and a task whose class words are several tokens long."""
     cls, gen = sst2.spec, e2e.spec
     multi = spec_like(cls, name="sst2-words", labels={"0": "bad", "1": "great fun", "2": "awful boring plot"})
-    return {
+    adapter = {} if base.config.model_type == "gpt2" else {"sst2-adapter": make_prompt(base, cls, "llama-adapter", 3)}
+    return adapter | {
         "sst2-soft": make_prompt(base, cls, "soft", 3),
         "e2e-prefix": make_prompt(base, gen, "prefix", 5, seed=1),
         "sst2-deep": make_prompt(base, multi, "deep", 2, seed=2),

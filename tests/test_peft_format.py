@@ -28,6 +28,8 @@ def fresh_prompt(base, spec, method: str, P: int = 4):
 
 
 peft = pytest.importorskip("peft")
+# the methods of PEFT's prompt-learning formats; LLaMA-Adapter's export is refused (test_llama_adapter.py)
+EXPORTED = sorted(m for m, cls in METHODS.items() if "adapter" not in cls.fills)
 
 TOL = 1e-5
 
@@ -86,7 +88,7 @@ def text_positions(mask):
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", EXPORTED)
 def test_export_gives_peft_the_same_logits(base, sst2, tmp_path, method):
     prompt = sp.load_prompt(fresh_prompt(base, sst2.spec, method).save(tmp_path / "p"), base)
     notes = export_peft(prompt, tmp_path / "peft")
@@ -151,7 +153,7 @@ def test_import_gives_peft_the_same_logits(base, tmp_path, kind):
         assert diff < TOL, f"{kind} padded={padded}: max |diff| {diff:.2e}"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", EXPORTED)
 def test_export_then_import_restores_the_prompt(base, sst2, tmp_path, method):
     prompt = fresh_prompt(base, sst2.spec, method)
     export_peft(prompt, tmp_path)

@@ -45,7 +45,7 @@ def test_rank_sources_ranks_the_close_prompt_first_and_says_why_it_skipped(llama
     assert [name for name, _ in ranking.ranked] == ["near", "far"]  # best first
     assert set(ranking.skipped) == {"prefix", "hard", "other"}
     assert "another base model" in ranking.skipped["other"] and "a hard prompt" in ranking.skipped["hard"]
-    with pytest.raises(ConfigError, match="Only a prompt of embeddings alone"):
+    with pytest.raises(ConfigError, match="Only a prompt of one kind"):
         rank_sources(sources["hard"], {"near": near})
 
 

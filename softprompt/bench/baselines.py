@@ -5,15 +5,18 @@ with the same data stream, optimizer, schedule and seed as our methods:
 
 - `full`: every base weight trainable (the ceiling). Its `forward()` injects nothing; the loss is
   our usual target-token loss through the (now trainable) model.
-- `peft-prompt`, `peft-prefix`, `peft-ptuning`, `peft-lora`: Hugging Face PEFT's PromptTuning,
-  PrefixTuning (with `prefix_projection`), P-tuning (PromptEncoder) and LoRA. They are trained with
+- `peft-prompt`, `peft-prefix`, `peft-ptuning`, `peft-adapter`, `peft-lora`: Hugging Face PEFT's
+  PromptTuning, PrefixTuning (with `prefix_projection`), P-tuning (PromptEncoder), AdaptionPrompt
+  (LLaMA-Adapter) and LoRA. They are trained with
   PEFT's own forward and loss (`loss(batch)`, as a PEFT user runs them: right-padded batches, the
   model's cross-entropy over full logits). They are scored by our evaluator on their collapsed
   prompt, which reproduces PEFT's forward on every unpadded row (tested against PEFT's logits):
   PEFT's cached `generate` drops prefix-tuning prompts on transformers 5.x, and PEFT prompt tuning
   ignores position ids under left padding. A PEFT prefix occupies positions (the text starts at
-  position P), so its injection carries `kv_positions=P`. LoRA changes the base model in place, so
-  its injection is empty and the evaluator runs the LoRA model.
+  position P), so its injection carries `kv_positions=P`. AdaptionPrompt wraps the attention modules
+  in place: they are swapped in for PEFT's loss and out for our evaluator, which runs PEFT's prompts
+  and gates as an `Injection`. LoRA changes the base model in place, so its injection is empty and
+  the evaluator runs the LoRA model.
 
 PEFT is an optional dependency (`pip install -e .[bench]`); it is imported only when a PEFT cell
 is built.
@@ -31,7 +34,17 @@ from ..data import Task, TaskSpec
 from ..errors import ConfigError, check_at_least
 from ..example import Example
 from ..injection import EMPTY, Injection
-from ..methods import InitContext, MethodConfig, PrefixTuning, PromptMethod, PTuning, PTuningConfig, SoftPrompt
+from ..methods import (
+    InitContext,
+    LlamaAdapter,
+    LlamaAdapterConfig,
+    MethodConfig,
+    PrefixTuning,
+    PromptMethod,
+    PTuning,
+    PTuningConfig,
+    SoftPrompt,
+)
 from ..methods.soft import SoftPromptConfig
 
 
@@ -295,6 +308,57 @@ class PeftPTuning(PeftEmbeddingsMethod):
         )
 
 
+class PeftAdapter(PeftMethod):
+    """PEFT AdaptionPrompt (LLaMA-Adapter, Zhang et al. 2023): gated adaption prompts in the last layers.
+
+    PEFT starts its prompts from a standard Gaussian of its own and its gates at zero; the prompts here start as
+    softprompt's for the same init and seed, so both tools start from the same tensors.
+    """
+
+    name = "peft-adapter"
+    config_class = LlamaAdapterConfig
+    fills = ("adapter",)
+    default_lr = LlamaAdapter.default_lr
+
+    def __init__(self, config: LlamaAdapterConfig, ctx: InitContext):
+        self.layers = len(ctx.base.family.adaption_layers(config.adapter_layers))  # refuses what PEFT would not run
+        super().__init__(config, ctx)
+        start = LlamaAdapter(config, ctx).adapter.detach()  # (L, K, D)
+        # PEFT's AdaptedAttention modules, bottom to top: each holds one layer's prompt (1, K, D) and gate (1,)
+        self.adapted = [m for m in self.peft.modules() if hasattr(m, "adaption_gate")]
+        with torch.no_grad():
+            for m, p in zip(self.adapted, start):
+                m.adaption_prompt.copy_(p[None])
+        self.swapped_in = True
+
+    def peft_config(self, ctx: InitContext):
+        from peft import AdaptionPromptConfig, TaskType
+
+        c = self.config
+        return AdaptionPromptConfig(
+            task_type=TaskType.CAUSAL_LM, adapter_len=c.num_virtual_tokens, adapter_layers=self.layers
+        )
+
+    def _swap(self, adapted: bool) -> None:
+        if adapted != self.swapped_in:
+            base = self.peft.base_model  # PEFT's AdaptionPromptModel
+            base.enable_adapter_layers() if adapted else base.disable_adapter_layers()
+            self.swapped_in = adapted
+
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        self._swap(True)
+        return super().loss(batch)
+
+    def artifact(self, directory: Path) -> tuple[int, int]:
+        self._swap(True)  # PEFT saves the prompts of the modules in place
+        return super().artifact(directory)
+
+    def forward(self) -> Injection:
+        self._swap(False)  # our evaluator runs PEFT's tensors through the frozen model
+        adapter = torch.cat([m.adaption_prompt for m in self.adapted])  # (L, K, D)
+        return Injection(adapter=adapter, gate=torch.cat([m.adaption_gate for m in self.adapted]))  # gate (L,)
+
+
 @dataclass
 class LoraOptions(Options):
     r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -328,5 +392,5 @@ class PeftLora(PeftMethod):
 
 
 BASELINES: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (FullFinetune, PeftPrompt, PeftPrefix, PeftPTuning, PeftLora)
+    m.name: m for m in (FullFinetune, PeftPrompt, PeftPrefix, PeftPTuning, PeftAdapter, PeftLora)
 }

@@ -23,11 +23,15 @@ the real tokens it was initialized from; a compiled soft prompt stays exact.
 KV prefixes go into the layers that hold keys and values, found by running two tokens through the
 model once: every layer of a transformer, the attention layers of a hybrid (Jamba, Falcon-H1,
 Qwen3-Next), none of a pure state-space model (Mamba), which therefore takes soft prompts only.
+
+Adaption prompts (LLaMA-Adapter) go into the last attention layers through a wrapper around the
+model's attention function (`adaption.py`), passed with every forward; they take no positions and no
+cache slots, so padding, positions and decoding are those of the prompt's other parts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -36,6 +40,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from ..errors import ConfigError, InputTooLongError
 from ..example import MASK, Example
 from ..injection import Injection
+from .adaption import KWARG, Adaption, inner_implementation, install, uninstall
 from .family import Family, ReadOnlyPrefixLayer, group_by, read_only, stack_padded
 
 WINDOWED = ("sliding_attention", "chunked_attention")
@@ -52,6 +57,7 @@ class Layout:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per prefix layer: keys, values, each (B, H_kv, K, hd)
     slot_positions: torch.Tensor  # (B, K) positions of the prefix slots (meaningful where mask[:, :K] is 1)
     labels: torch.Tensor | None = None  # (B, S), -100 where no loss
+    adaption: Adaption | None = None  # the rows' adaption prompts, passed with every forward of this batch
 
 
 class Causal(Family):
@@ -161,6 +167,64 @@ class Causal(Family):
             cache.layers[i].update(k.contiguous(), v.contiguous())
         return cache
 
+    @cached_property
+    def _adaption_layers(self) -> list[int]:
+        """The attention layers that take adaption prompts: all of them, once the attention wrapper is installed
+        (outputs without adaption prompts stay bit-identical), if every one met a probe through it with its own
+        k_proj and v_proj; else none, and the model is left as it was. Read off one forward of two tokens."""
+        if not self.prefix_layers or not install(self.model):
+            return []
+        probe = Adaption([], torch.zeros(1, 0, dtype=torch.bool), torch.zeros(1, 0), {})
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.call(None, input_ids=ids, **{KWARG: probe})
+        if not set(self.prefix_layers) <= probe.seen:
+            uninstall(self.model)
+            return []
+        return self.prefix_layers
+
+    def adaption_layers(self, n: int | None = None) -> list[int]:
+        layers = self._adaption_layers
+        if not layers:
+            raise ConfigError(
+                f"The attention layers of this {self.config.model_type} model cannot take adaption prompts "
+                "(LLaMA-Adapter needs attention with its own k_proj and v_proj, run through transformers' "
+                "AttentionInterface).",
+                "use --method deep or prefix (keys/values in every layer), or --method soft.",
+            )
+        n = len(layers) if n is None else n
+        if not 1 <= n <= len(layers):
+            raise ConfigError(
+                f"Adaption prompts for {n} layers were asked for; this model has {len(layers)} attention layers.",
+                f"pass --adapter-layers between 1 and {len(layers)}.",
+            )
+        return layers[-n:]
+
+    def _adaption(self, rows: list[Injection]) -> Adaption | None:
+        """The rows' adaption prompts for the last L attention layers, L the most any row has. A row's prompts go
+        into its own last layers; in the others, and in rows without any, its gate is 0 and its slots zeros."""
+        if all(r.adapter is None for r in rows):
+            return None
+        L = max(r.num_adapter_layers for r in rows)
+        layers = self.adaption_layers(L)
+        some = next(r.adapter for r in rows if r.adapter is not None)
+        if all(r.adapter is some for r in rows):  # one prompt for all rows: views, no copies
+            B, (_, K, D) = len(rows), some.shape
+            prompts = [some[j].expand(B, K, D) for j in range(L)]
+            return Adaption(prompts, some.new_ones(B, K, dtype=torch.bool), rows[0].gate.expand(B, L), _index(layers))
+        K = max(r.adapter.shape[1] for r in rows if r.adapter is not None)
+        valid = torch.ones(len(rows), K, dtype=torch.bool, device=some.device)
+        for i, r in enumerate(rows):
+            if r.adapter is not None:
+                valid[i, r.adapter.shape[1] :] = False
+        prompts = [
+            stack_padded([_layer(r.adapter, j - L + r.num_adapter_layers) for r in rows], 0, some, (0, some.shape[2]))
+            for j in range(L)
+        ]  # per layer (B, K, D)
+        zero = some.new_zeros(L)
+        gates = [zero if r.gate is None else torch.cat([zero[: L - len(r.gate)], r.gate]) for r in rows]
+        return Adaption(prompts, valid, torch.stack(gates), _index(layers))
+
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:
         super().check_spec(spec)
@@ -227,7 +291,7 @@ class Causal(Family):
             out_labels = torch.where(in_text, picked, torch.full_like(picked, -100))
         prefix, kv_mask, slot_positions = self._kv_prefix(rows, tok_emb, kv_pos)
         mask = torch.cat([kv_mask, seq_mask], dim=1).long()
-        return Layout(embeds, mask, positions, prefix, slot_positions, out_labels)
+        return Layout(embeds, mask, positions, prefix, slot_positions, out_labels, self._adaption(rows))
 
     def _left_padded(self, seqs: list[list[int]], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, T) left-padded with the pad token; labels (B, T): each row's target at its end, else -100."""
@@ -330,7 +394,7 @@ class Causal(Family):
         return masks
 
     def _mask_format(self, allowed: torch.Tensor) -> torch.Tensor:
-        impl = self.model.config._attn_implementation
+        impl = inner_implementation(self.model)
         if impl == "sdpa":
             return allowed
         if impl == "eager":
@@ -363,6 +427,8 @@ class Causal(Family):
             kwargs["position_ids"] = layout.positions if positions is None else positions
         if self.accepts("logits_to_keep"):
             kwargs["logits_to_keep"] = logits_to_keep
+        if layout.adaption is not None:
+            kwargs[KWARG] = layout.adaption
         out = self.call(cache, **kwargs)
         logits = out.logits
         if logits_to_keep and not self.accepts("logits_to_keep"):
@@ -432,6 +498,7 @@ class Causal(Family):
             state.layout.positions[index],
             None if state.layout.prefix is None else [(k[index], v[index]) for k, v in state.layout.prefix],
             state.layout.slot_positions[index],
+            adaption=None if state.layout.adaption is None else state.layout.adaption.select(index),
         )
         state.cache.batch_select_indices(index)
         state.position = state.position[index]
@@ -545,7 +612,9 @@ class Causal(Family):
         cache and each row's last position (B,)."""
         B, dev = mask.shape[0], mask.device
         none = torch.zeros(B, 0, dtype=torch.long, device=dev)
-        layout = Layout(torch.zeros(B, 0, self.hidden_size, dtype=self.dtype, device=dev), mask, none, None, none)
+        rows = [e.injection.to(dev, self.dtype) for e in examples]
+        embeds = torch.zeros(B, 0, self.hidden_size, dtype=self.dtype, device=dev)
+        layout = Layout(embeds, mask, none, None, none, adaption=self._adaption(rows))
         state = _Decoding(examples, layout, True)
         state.cache, state.position = cache, position
         state.k_positions, state.k_valid = none, none.bool()
@@ -578,7 +647,16 @@ class Causal(Family):
         if injection.embeds is None or not self.compiles:
             return injection
         kv = self.kv_of_embeddings(injection.embeds, injection if injection.kv is not None else None)
-        return Injection(kv=kv, kv_positions=injection.num_positions)
+        return replace(injection, embeds=None, kv=kv, kv_positions=injection.num_positions)
+
+
+def _index(layers: list[int]) -> dict[int, int]:
+    return {layer: j for j, layer in enumerate(layers)}
+
+
+def _layer(adapter: torch.Tensor | None, j: int) -> torch.Tensor | None:
+    """Layer j's (K, D) of a row's adaption prompts, or None where the row has none there (j < 0 or no prompts)."""
+    return None if adapter is None or j < 0 else adapter[j]
 
 
 def _pad_left(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:

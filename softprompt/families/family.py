@@ -235,6 +235,24 @@ class Family:
                     f"({lay.num_layers} layers x 2 x {lay.num_kv_heads} KV heads x P x {lay.head_dim}).",
                     "use the base model the prompt was trained for.",
                 )
+        if injection.adapter is not None:
+            self.adaption_layers(injection.num_adapter_layers)  # refuses a model that takes none, or too few
+            shape, gate = tuple(injection.adapter.shape), tuple(injection.gate.shape)
+            if len(shape) != 3 or shape[2] != self.hidden_size or gate != shape[:1]:
+                raise ConfigError(
+                    f"{what} has adaption prompts of shape {shape} with gates {gate}; the model takes "
+                    f"(L_a, K, {self.hidden_size}) with (L_a,).",
+                    "use the base model the prompt was trained for.",
+                )
+
+    def adaption_layers(self, n: int | None = None) -> list[int]:
+        """The n model layers that take adaption prompts (LLaMA-Adapter): the last n attention layers (None: all of
+        them). Raises where the model takes none, or fewer."""
+        raise ConfigError(
+            f"LLaMA-Adapter's adaption prompts go into the attention layers of a causal LM; a {self.name} model "
+            "takes none.",
+            "use --method deep or prefix (keys/values in every layer), or --method soft.",
+        )
 
     # --- text -> token ids --------------------------------------------------------------------------------------------
     def check_spec(self, spec) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .deep import DeepPrompt, DeepPromptConfig
+from .llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from .method import InitContext, MethodConfig, PromptMethod
 from .prefix import PrefixConfig, PrefixTuning
 from .ptuning import PTuning, PTuningConfig
 from .soft import SoftPrompt, SoftPromptConfig
 
-METHODS: dict[str, type[PromptMethod]] = {m.name: m for m in (SoftPrompt, PrefixTuning, DeepPrompt, PTuning)}
+METHODS: dict[str, type[PromptMethod]] = {
+    m.name: m for m in (SoftPrompt, PrefixTuning, DeepPrompt, PTuning, LlamaAdapter)
+}
 
 
 def get_method(name: str) -> type[PromptMethod]:
@@ -41,6 +44,8 @@ __all__ = [
     "DeepPrompt",
     "DeepPromptConfig",
     "InitContext",
+    "LlamaAdapter",
+    "LlamaAdapterConfig",
     "MethodConfig",
     "PTuning",
     "PTuningConfig",
