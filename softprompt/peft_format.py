@@ -246,6 +246,12 @@ def read_peft(path: str | Path) -> tuple[dict, torch.Tensor, dict | None]:
         meta = header_metadata(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path / WEIGHTS} is truncated or corrupted ({e}).", "re-save the adapter.") from e
+    if config.get("peft_type") == "ADAPTION_PROMPT":
+        raise PromptFileError(
+            f"{path} is a PEFT AdaptionPrompt (LLaMA-Adapter) adapter; softprompt imports PEFT's prompt-learning "
+            "formats only.",
+            "train the prompt with softprompt (--method llama-adapter), or import a prompt-learning adapter.",
+        )
     if "prompt_embeddings" not in tensors:
         raise PromptFileError(
             f"{path / WEIGHTS} has no 'prompt_embeddings' tensor (it has {sorted(tensors)}).",

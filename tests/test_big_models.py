@@ -58,7 +58,7 @@ def test_a_quantized_base_keeps_its_embedding_and_fingerprint(full, quantized):
     assert torch.isfinite(q).all() and not torch.equal(q, f)  # the weights really are stored differently
 
 
-@pytest.mark.parametrize("method", ["soft", "prefix"])
+@pytest.mark.parametrize("method", ["soft", "prefix", "llama-adapter"])
 def test_only_the_full_precision_prompt_trains_on_a_quantized_base(quantized, sst2, method, tmp_path):
     # bitsandbytes' CPU backend repacks the weights for its kernel on the first forward (state_dict() then
     # re-serializes them differently at each call): compare the parameters and the function after that
@@ -88,7 +88,7 @@ def test_only_the_full_precision_prompt_trains_on_a_quantized_base(quantized, ss
     assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("method", ["soft", "prefix"])
+@pytest.mark.parametrize("method", ["soft", "prefix", "llama-adapter"])
 def test_gradients_through_a_quantized_base_match_finite_differences(quantized, sst2, method):
     """After forwards without gradients in eval mode (evaluation, the KV layout probe), as training interleaves them:
     bitsandbytes' CPU inference kernel, which it switches 4-bit weights to there, has no backward."""
@@ -100,6 +100,8 @@ def test_gradients_through_a_quantized_base_match_finite_differences(quantized, 
     ]
     m = build_method(method, METHODS[method].config_class(num_virtual_tokens=3), InitContext(quantized, [], None))
     with torch.no_grad():
+        if method == "llama-adapter":  # open the zero-init gates: at zero the slope is below int8's rounding
+            m.gate.fill_(0.5)
         quantized.family.loss([dataclasses.replace(r, injection=m()) for r in rows])  # a forward with no gradient
 
     def loss():
@@ -120,8 +122,10 @@ def test_gradients_through_a_quantized_base_match_finite_differences(quantized, 
                 p.sub_(sign * eps * d)
     slope = (values[0] - values[1]) / (2 * eps)
     analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()  # the gradient's norm
-    # int8 (LLM.int8) also rounds the activations to 8 bits, so its loss is only piecewise smooth at this scale
-    assert analytic > 0 and slope == pytest.approx(analytic, rel=0.05 if quantized.quantization == "nf4" else 0.15)
+    # int8 (LLM.int8) also rounds the activations to 8 bits, so its loss is only piecewise smooth at this scale; the
+    # adaption prompts go through two more of its matmuls in every layer (k_proj, v_proj)
+    rel = 0.05 if quantized.quantization == "nf4" else 0.25 if method == "llama-adapter" else 0.15
+    assert analytic > 0 and slope == pytest.approx(analytic, rel=rel)
 
 
 def test_a_prompt_moves_between_full_precision_and_quantized_bases_with_a_warning(

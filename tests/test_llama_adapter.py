@@ -15,7 +15,7 @@ from softprompt.errors import ConfigError, PromptFileError
 from softprompt.example import Example
 from softprompt.injection import EMPTY, Injection
 from softprompt.methods import InitContext, LlamaAdapterConfig, build_method
-from softprompt.peft_format import export_peft
+from softprompt.peft_format import export_peft, import_peft
 
 
 def adapter(base, sst2, seed=0, **config):
@@ -126,7 +126,14 @@ def test_train_eval_and_info_from_the_command_line(model_dir, tmp_path, capsys):
     assert "accuracy" in out
 
 
-def test_peft_export_refuses_adaption_prompts_with_the_fix(llama, sst2, tmp_path):
+def test_peft_interop_refuses_adaption_prompts_with_the_fix(llama, sst2, tmp_path):
+    """PEFT's prompt-learning formats hold no adaption prompts, and its AdaptionPrompt files are not imported."""
+    peft = pytest.importorskip("peft")
     with pytest.raises(PromptFileError, match="AdaptionPrompt") as e:
         export_peft(make_prompt(llama, sst2.spec, "llama-adapter", 3), tmp_path / "peft")
     assert "serve the prompt file with softprompt" in e.value.fix and not (tmp_path / "peft").exists()
+    config = peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1)
+    peft.get_peft_model(copy.deepcopy(llama.model), config).save_pretrained(tmp_path / "theirs")
+    with pytest.raises(PromptFileError, match="AdaptionPrompt") as e:
+        import_peft(tmp_path / "theirs", llama)
+    assert "--method llama-adapter" in e.value.fix
