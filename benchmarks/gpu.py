@@ -345,7 +345,7 @@ def make_prompt(base, task, method: str | None, P: int, seed: int) -> sp.Prompt:
 
 def bench_train(s: Setup, clock: Clock) -> dict:
     grid = load_grid(HERE / "smollm2.yaml")
-    pairs = grid_pairs(grid, "sst2")  # soft / peft-prompt, prefix / peft-prefix, ptuning / peft-ptuning
+    pairs = grid_pairs(grid, "sst2")  # soft / peft-prompt, prefix / peft-prefix, ptuning / peft-ptuning, adapters
     runs = [(b, o, p) for b in s.sizes.train_batch_sizes for o, p in pairs]
     rows = []
     for i, (batch, ours, peft) in enumerate(runs):

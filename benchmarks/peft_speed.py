@@ -9,6 +9,7 @@ each tool's peak memory in a step (`benchmarks/gpu.py` runs this on a GPU).
 
     python benchmarks/peft_speed.py                       # SmolLM2, the grid's pairs, SST-2 and E2E
     python benchmarks/peft_speed.py --tasks sst2 --steps 6 --out benchmarks/results/smollm2/peft_speed.json
+    python benchmarks/peft_speed.py --only peft-adapter   # re-time one pair; the file keeps the other pairs' rows
 """
 
 from __future__ import annotations
@@ -122,11 +123,15 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,e2e_nlg")
     p.add_argument("--steps", type=int, default=6, help="timed steps per method (after one warm-up step)")
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2" / "peft_speed.json"))
+    p.add_argument("--only", action="append", help="PEFT entries to time (repeatable); --out keeps the others' rows")
     a = p.parse_args()
     grid = load_grid(a.grid, model=a.model)
+    kept = []
+    if a.only and Path(a.out).is_file():
+        kept = [r for r in json.loads(Path(a.out).read_text())["pairs"] if r["peft"] not in a.only]
     rows = []
     for name in a.tasks.split(","):
-        pairs = grid_pairs(grid, name)
+        pairs = [(o, t) for o, t in grid_pairs(grid, name) if not a.only or t.method in a.only]
         task = pairs[0][0].load_task() if pairs else None
         for ours, peft in pairs:
             base = sp.load_base(grid.model, device=grid.device, dtype=grid.dtype)  # fresh: PEFT wraps it
@@ -134,7 +139,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     atomic_write_text(
-        a.out, json.dumps({"model": grid.model, "threads": torch.get_num_threads(), "pairs": rows}, indent=1)
+        a.out, json.dumps({"model": grid.model, "threads": torch.get_num_threads(), "pairs": kept + rows}, indent=1)
     )
     print(f"wrote {a.out}")
 

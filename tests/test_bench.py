@@ -142,7 +142,8 @@ def test_the_smollm2_grid_expands_as_documented():
     assert [t for t in tasks if any(c.task == t for c in cells)] == tasks
     trained = [c for c in cells if c.kind != "hard"]
     question = {"soft", "prefix", "deep", "ptuning", "peft-prompt", "peft-prefix", "peft-ptuning"}
-    for t in tasks:  # 5 seeds for the methods that answer "prompt or prefix?" and their PEFT pairs, except on RTE
+    question |= {"llama-adapter", "peft-adapter"}
+    for t in tasks:  # 5 seeds for the methods that answer "prompt or prefix?", LLaMA-Adapter and their PEFT pairs
         for m in {c.method for c in trained if c.task == t}:
             seeds = {c.seed for c in trained if c.task == t and c.method == m}
             assert seeds == ({0, 1, 2, 3, 4} if m in question and t != "rte" else {0, 1}), (t, m)

@@ -54,7 +54,7 @@ def test_dry_run_writes_every_section_with_finite_numbers_and_the_contract_holdi
     assert not bad
     # 1. every PEFT pair timed, both tools
     pairs = sections["train"]["pairs"]
-    assert {p["peft_kind"] for p in pairs} == {"peft-prompt", "peft-prefix", "peft-ptuning"}
+    assert {p["peft_kind"] for p in pairs} == {"peft-prompt", "peft-prefix", "peft-ptuning", "peft-adapter"}
     assert all(p["steps"] >= 1 and min(p["seconds_per_step"].values()) > 0 for p in pairs)
     # 2. prefill: the compiled soft prompt gives the uncompiled one's logits
     for b in sections["prefill"]["batches"]:
