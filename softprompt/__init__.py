@@ -22,6 +22,7 @@ from .generate import Sampling, generate_ids  # noqa: E402
 from .hub import from_pretrained, push_to_hub  # noqa: E402
 from .injection import Injection  # noqa: E402
 from .methods import METHODS, MethodConfig, PromptMethod, SoftPromptConfig  # noqa: E402
+from .mpt_source import train_source  # noqa: E402
 from .store import Prompt, Store, load_prompt  # noqa: E402
 from .train import TrainConfig, TrainResult, train  # noqa: E402
 from .transfer import rank_sources, similarity  # noqa: E402
@@ -53,4 +54,5 @@ __all__ = [
     "rank_sources",
     "similarity",
     "train",
+    "train_source",
 ]

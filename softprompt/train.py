@@ -283,7 +283,7 @@ class Trainer:
         self.has_eval = task.has_split(c.eval_split)
         self.eval_seed = c.seed if eval_seed is None else eval_seed
         self.identity = {
-            "task": task.name,
+            "task": self.label,
             "method": self.method_name,
             "method_config": trainable.config.to_dict(),
             "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
@@ -292,6 +292,11 @@ class Trainer:
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
         self._check_same_step()
+
+    @property
+    def label(self) -> str:
+        """What this run trains on, in its identity, progress bar and plot title."""
+        return self.task.name
 
     @property
     def is_main(self) -> bool:
@@ -312,10 +317,11 @@ class Trainer:
         """The micro-batch `micro` of optimizer step `step` for this process (fitted to the prompt's shape)."""
         c, world, rank = self.config, self.acc.num_processes, self.acc.process_index
         k = (step * c.grad_accum + micro) * world + rank  # index in the global stream of micro-batches
-        return [
-            self.enc.training_example(*self.examples.get(k * c.batch_size + i), self._shape)
-            for i in range(c.batch_size)
-        ]
+        return [self.example(k * c.batch_size + i) for i in range(c.batch_size)]
+
+    def example(self, g: int) -> Example:
+        """Row g of the training stream, formatted and fitted around the prompt."""
+        return self.enc.training_example(*self.examples.get(g), self._shape)
 
     # --- steps --------------------------------------------------------------------------------------------------
     def loss(self, batch: list[Example]) -> torch.Tensor:
@@ -336,6 +342,10 @@ class Trainer:
             "seed": self.eval_seed,
             "max_length": c.max_length,
         }
+
+    def progress(self) -> dict[str, str]:
+        """What the progress bar shows after an evaluation."""
+        return {self.metric_name: f"{self.best_metric:.3f}"}
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -438,7 +448,7 @@ class Trainer:
             window = []
         if self.has_eval and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
             self._eval_and_keep_best()
-            bar.set_postfix(loss=f"{ema:.3f}", **{self.metric_name: f"{self.best_metric:.3f}"})
+            bar.set_postfix(loss=f"{ema:.3f}", **self.progress())
         else:
             bar.set_postfix(loss=f"{ema:.3f}")
         bar.update(1)
@@ -462,7 +472,7 @@ class Trainer:
         bar = tqdm(
             total=c.steps,
             initial=self.step,
-            desc=f"train {self.task.name}/{self.method_name}",
+            desc=f"train {self.label}/{self.method_name}",
             disable=not (c.progress and self.is_main),
             dynamic_ncols=True,
         )
@@ -502,14 +512,18 @@ class Trainer:
                 prompt.metrics["zero_shot"] = {**self.evaluate(None, c.final_eval_limit), "split": c.eval_split}
             prompt.metrics[c.eval_split] = {**self.evaluate(self.best, c.final_eval_limit), "split": c.eval_split}
         self._saved = self._save(prompt) if self.out and self.is_main else None
-        if self.run_dir and self.is_main:  # after the prompt file: a plot that fails is a warning, never a lost run
+        self._plot()
+        return prompt
+
+    def _plot(self) -> None:
+        """The curves, after the prompt files: a plot that fails is a warning, never a lost run."""
+        if self.run_dir and self.is_main:
             from .plots import plot_history
 
             try:
-                plot_history(self.history, self.run_dir / "curves.png", title=f"{self.task.name} / {self.method_name}")
+                plot_history(self.history, self.run_dir / "curves.png", title=f"{self.label} / {self.method_name}")
             except Exception as e:  # noqa: BLE001 - matplotlib fails in many ways; none may cost the prompt
                 self._warn(f"the training curves {self.run_dir / 'curves.png'} were not written: {_reason(e)}")
-        return prompt
 
     def _save(self, prompt: Prompt) -> Path:
         """Write the prompt to `out`. A file that appeared there during training (without overwrite) is kept, and the

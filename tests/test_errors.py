@@ -264,7 +264,7 @@ CLI_CASES = {
     "unknown-method-in-config-file": (
         lambda t, *_: ["train", "--config", _write(t / "run.yaml", b"task: sst2\nmethod: lora\n")],
         "Unknown method 'lora'",
-        "use one of ['deep', 'llama-adapter', 'prefix', 'ptuning', 'soft'] (--method)",
+        "use one of ['deep', 'llama-adapter', 'mpt', 'prefix', 'ptuning', 'soft'] (--method)",
     ),
     "init-text-with-another-init": (
         lambda *_: ["train", "--task", "sst2", "--init", "vocab", "--init-text", "Review:"],

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command is None:
             parser.print_help()
             return 2
-        if getattr(ns, "needs_task", False) and not ns.task:
+        if getattr(ns, "needs_task", False) and not ns.task and not getattr(ns, "tasks", None):
             raise ConfigError(
                 f"`softprompt {ns.command}` needs a task.", "pass --task NAME_OR_SPEC (or `task:` in --config)."
             )

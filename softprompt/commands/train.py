@@ -36,6 +36,8 @@ def cmd_train(ns, method_names: list[str]) -> None:
 
     cfg = TrainConfig(**pick(ns, [f.name for f in dataclasses.fields(TrainConfig)]))
     method_cfg = method_config_from(ns, method_names)
+    if ns.tasks:
+        return cmd_train_source(ns, cfg, method_cfg)
     task = load_task_from(ns)
     task.check_split("train")  # before the model loads; a named eval split too (without dev, no evaluation)
     if cfg.eval_split != "dev":
@@ -54,6 +56,38 @@ def cmd_train(ns, method_names: list[str]) -> None:
     c = console()
     c.print(f"saved [bold]{path}[/] ({fmt_bytes(path.stat().st_size)}); run record in {run_dir}/")
     c.print(f"{_measured(result.prompt.metrics, cfg.eval_split)}   {result.seconds_per_step:.2f} s/step")
+
+
+def cmd_train_source(ns, cfg, method_cfg) -> None:
+    """`train --tasks A B ... --method mpt`: MPT's source stage, one prompt file per task and the source file."""
+    from ..data import load_task
+    from ..mpt_source import SOURCE_FILE, train_source
+    from ..store import Prompt
+    from ..train import is_main_process
+
+    if ns.task or ns.method != "mpt":
+        raise ConfigError(
+            "--tasks trains one shared prompt on several tasks (MPT's source stage): it takes --method mpt, no --task.",
+            "pass --method mpt --tasks A B ..., or --task NAME to train one task.",
+        )
+    tasks = [load_task(name, ns.data_dir, ns.dev_from_train) for name in ns.tasks]
+    label = "+".join(t.name for t in tasks)
+    out = Path(ns.out or f"prompts/{label}-mpt")
+    for name in [*(f"{t.name}.safetensors" for t in tasks), SOURCE_FILE]:  # before the model loads
+        check_out(out / name, ns.overwrite)
+    base = load_base(ns)
+    run_dir = Path(ns.run_dir or f"runs/{label}-mpt")
+    result = train_source(
+        base, tasks, method_cfg, cfg, run_dir=run_dir, resume=ns.resume, out=out, overwrite=ns.overwrite
+    )
+    if not is_main_process():
+        return
+    write_card(out)
+    c = console()
+    c.print(f"saved {len(tasks)} task prompts and [bold]{out / SOURCE_FILE}[/] in {out}/; run record in {run_dir}/")
+    for t in tasks:
+        c.print(f"  {t.name}: {_measured(Prompt.load(out / f'{t.name}.safetensors').metrics, cfg.eval_split)}")
+    c.print(f"{result.seconds_per_step:.2f} s/step")
 
 
 def _measured(metrics: dict, split: str) -> str:
@@ -205,11 +239,22 @@ def _train_parser(sub) -> None:
     )
     t.add_argument("--config", help="YAML/JSON file of options (keys = long option names); flags override it")
     add_task_options(t, dev_split=True)
+    t.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="MPT's source stage (--method mpt): train one shared prompt on these tasks together; --out is then a "
+        "folder of one prompt file per task and source/mpt-source.safetensors, which a target task starts from",
+    )
     add_model_options(t)
     method_names = add_method_options(t)
     add_dataclass_options(t, TrainConfig, "training")
     g = t.add_argument_group("output")
-    g.add_argument("--out", help="prompt file to write (default: prompts/TASK-METHOD.safetensors)")
+    g.add_argument(
+        "--out",
+        help="prompt file to write (default: prompts/TASK-METHOD.safetensors); with --tasks, a folder "
+        "(default: prompts/A+B-mpt)",
+    )
     add_overwrite_option(g)
     g.add_argument("--run-dir", help="folder for metrics, curves and checkpoints (default: runs/TASK-METHOD)")
     g.add_argument(

@@ -10,12 +10,13 @@ from ..errors import ConfigError
 from .deep import DeepPrompt, DeepPromptConfig
 from .llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from .method import InitContext, MethodConfig, PromptMethod
+from .mpt import MultitaskPrompt, MultitaskPromptConfig
 from .prefix import PrefixConfig, PrefixTuning
 from .ptuning import PTuning, PTuningConfig
 from .soft import SoftPrompt, SoftPromptConfig
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (SoftPrompt, PrefixTuning, DeepPrompt, PTuning, LlamaAdapter)
+    m.name: m for m in (SoftPrompt, PrefixTuning, DeepPrompt, PTuning, LlamaAdapter, MultitaskPrompt)
 }
 
 
@@ -47,6 +48,8 @@ __all__ = [
     "LlamaAdapter",
     "LlamaAdapterConfig",
     "MethodConfig",
+    "MultitaskPrompt",
+    "MultitaskPromptConfig",
     "PTuning",
     "PTuningConfig",
     "PrefixConfig",

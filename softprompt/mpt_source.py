@@ -1,0 +1,160 @@
+"""MPT's source stage: one shared prompt trained with each task's rank-r factors on several tasks at once.
+
+Wang et al. 2023, "Multitask Prompt Tuning Enables Parameter-Efficient Transfer Learning" (the method:
+`softprompt.methods.mpt`). Row g of the training stream comes from source task g mod T, is formatted by that
+task's template and runs with that task's prompt P_k = P* ∘ (U_k @ V_k): one backward pass updates P* from every
+task's rows and U_k, V_k from task k's rows only. It is `Trainer`'s loop (steps, accumulation, schedule, clipping,
+checkpoints and resume, several processes); only the rows, the loss's prompts, the evaluations and the output differ.
+
+The run writes one folder, a prompt store (`softprompt serve --store FOLDER` serves it as is):
+- TASK.safetensors per source task: its collapsed prompt P_k (P, D), with its final evaluation;
+- source/mpt-source.safetensors: P*, every U_k and V_k, the task names and the base's fingerprint, which a target
+  task starts from (`softprompt train --task TARGET --method mpt --init source --init-source
+  FOLDER/source/mpt-source.safetensors`).
+
+Not implemented: the paper's distillation from single-task teacher prompts (its L_Logits and L_Hidden terms); the
+shared prompt here learns from the source tasks' labels alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .data import Encoder, Task
+from .errors import ConfigError
+from .evaluate import evaluate, primary_metric
+from .methods import InitContext
+from .methods.mpt import MultitaskPrompt, MultitaskPromptConfig
+from .store import Prompt, check_replace
+from .train import TrainConfig, Trainer, TrainResult
+
+SOURCE_FILE = "source/mpt-source.safetensors"  # in a subfolder: not one of the store's tasks
+
+
+class SourceTrainer(Trainer):
+    """Trains a `MultitaskPrompt` on `tasks` (two or more) together; `out` is the folder it writes."""
+
+    def __init__(
+        self,
+        base,
+        tasks: list[Task],
+        method_config: MultitaskPromptConfig | dict | None = None,
+        config=None,
+        run_dir: str | Path | None = None,
+        resume: bool = True,
+        accelerator=None,
+        out: str | Path | None = None,
+        overwrite: bool = True,
+    ):
+        self.tasks = _check_tasks(tasks)
+        names = [t.name for t in self.tasks]
+        c = config or TrainConfig()
+        cfg = MultitaskPromptConfig.from_dict(method_config) if isinstance(method_config, dict) else method_config
+        cfg = dataclasses.replace(cfg or MultitaskPromptConfig(), num_tasks=len(self.tasks))
+        # every file the run will write, refused now (not after the training time is spent) when it may not be replaced
+        self.out_dir = None if out is None else Path(out)
+        if self.out_dir is not None:
+            for name in [*(f"{n}.safetensors" for n in names), SOURCE_FILE]:
+                check_replace(self.out_dir / name, overwrite, base)
+        self.streams = [t.examples("train", c.seed) for t in self.tasks]
+        words = list(dict.fromkeys(w for t in self.tasks for w in t.spec.verbalizers or []))
+        texts = [s for stream in self.streams for s in stream.texts(5000 // len(self.tasks))]
+        trainable = MultitaskPrompt(cfg, InitContext(base, words, texts, seed=c.seed))
+        super().__init__(
+            base, self.tasks[0], config=c, run_dir=run_dir, resume=resume, accelerator=accelerator, trainable=trainable
+        )
+        self.encs = [Encoder(t.spec, base, c.truncate, c.max_length) for t in self.tasks]
+        self.has_eval = any(t.has_split(c.eval_split) for t in self.tasks)
+        self.last_eval: dict[str, dict] = {}
+
+    @property
+    def label(self) -> str:
+        return "+".join(t.name for t in self.tasks)
+
+    def example(self, g: int):
+        """Row g of the training stream: (its task's index, the example formatted by that task's template)."""
+        k, T = g % len(self.tasks), len(self.tasks)
+        return k, self.encs[k].training_example(*self.streams[k].get(g // T), self._shape)
+
+    def loss(self, batch) -> torch.Tensor:
+        prompts = {k: self.method(k) for k in sorted({k for k, _ in batch})}  # each task's live prompt, built once
+        return self.base.family.loss([dataclasses.replace(e, injection=prompts[k]) for k, e in batch])
+
+    def _evaluations(self, limit: int | None) -> dict[str, dict]:
+        """Each source task's metrics with its own prompt P_k, on the task's eval split (where it has one)."""
+        split = self.config.eval_split
+        return {
+            t.name: evaluate(self.base, t, self.method.collapse(k), **self.eval_options(limit))
+            for k, t in enumerate(self.tasks)
+            if t.has_split(split)
+        }
+
+    def _eval_and_keep_best(self) -> None:
+        # no best step: the source tasks' metrics (accuracy, BLEU) share no scale to pick one by; the last step's
+        # prompt is kept, as in the paper's source stage
+        self.last_eval = self._evaluations(self.config.eval_limit)
+        self._log({"step": self.step, "eval_tasks": self.last_eval})
+
+    def progress(self) -> dict[str, str]:
+        return {name: f"{m[self._metric(name)]:.3f}" for name, m in self.last_eval.items()}
+
+    def _metric(self, name: str) -> str:
+        return primary_metric(next(t for t in self.tasks if t.name == name).spec)
+
+    def _finish(self) -> Prompt:
+        """Every source task's prompt with its final evaluation, and the source file, written to `out`."""
+        c = self.config
+        final = self._evaluations(c.final_eval_limit) if c.final_eval else {}
+        prompts = [
+            Prompt.for_base(
+                self.base,
+                self.method.collapse(k),
+                self.method_name,
+                self.method.config.to_dict(),
+                t.spec,
+                trainable_parameters=self.method.num_trainable(),
+                metrics={c.eval_split: {**final[t.name], "split": c.eval_split}} if t.name in final else {},
+                train={k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} | {"steps_done": self.step},
+            )
+            for k, t in enumerate(self.tasks)
+        ]
+        self._saved = None
+        if self.out_dir is not None and self.is_main:
+            for prompt, t in zip(prompts, self.tasks):
+                prompt.save(self.out_dir / f"{t.name}.safetensors")
+            self.method.save_source(self.out_dir / SOURCE_FILE, self.base, [t.name for t in self.tasks])
+            self._saved = self.out_dir
+        self._plot()
+        return prompts[0]
+
+
+def _check_tasks(tasks: list[Task]) -> list[Task]:
+    names = [t.name for t in tasks]
+    if len(tasks) < 2:
+        raise ConfigError(
+            f"MPT's source stage trains one shared prompt on several tasks; got {len(tasks)} ({names}).",
+            "pass two or more tasks (--tasks A B ...), or train one task with --method mpt --task NAME.",
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"The source tasks {names} name a task twice.", "pass each task once.")
+    for t in tasks:
+        t.check_split("train")
+    return list(tasks)
+
+
+def train_source(
+    base,
+    tasks: list[Task],
+    method_config: MultitaskPromptConfig | dict | None = None,
+    config=None,
+    run_dir: str | Path | None = None,
+    resume: bool = True,
+    accelerator=None,
+    out: str | Path | None = None,
+    overwrite: bool = True,
+) -> TrainResult:
+    """MPT's source stage over `tasks`; writes each task's prompt and `SOURCE_FILE` into the folder `out`."""
+    return SourceTrainer(base, tasks, method_config, config, run_dir, resume, accelerator, out, overwrite).run()
