@@ -12,26 +12,45 @@ The run writes one folder, a prompt store (`softprompt serve --store FOLDER` ser
   task starts from (`softprompt train --task TARGET --method mpt --init source --init-source
   FOLDER/source/mpt-source.safetensors`).
 
-Not implemented: the paper's distillation from single-task teacher prompts (its L_Logits and L_Hidden terms); the
-shared prompt here learns from the source tasks' labels alone.
+Distillation (section 3.1, optional): with a teacher prompt per source task (a prompt file of this base model trained
+on that task alone, any method), the loss adds weight * T^2 * KL(teacher || student) of the softened (temperature T)
+next-token distributions at every target token, the paper's L_Logits. Its L_Hidden (a mean squared error between
+the teacher's and the student's hidden states) is not implemented: the families hand over target logits, and
+hidden states differ in kind between them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .data import Encoder, Task
-from .errors import ConfigError
+from .errors import ConfigError, check_positive
 from .evaluate import evaluate, primary_metric
+from .families import mean_nll
+from .injection import Injection
 from .methods import InitContext
 from .methods.mpt import MultitaskPrompt, MultitaskPromptConfig
-from .store import Prompt, check_replace
+from .store import Prompt, check_replace, load_prompt
 from .train import TrainConfig, Trainer, TrainResult
 
 SOURCE_FILE = "source/mpt-source.safetensors"  # in a subfolder: not one of the store's tasks
+
+
+@dataclass
+class Distillation:
+    """Teacher prompts (source task name -> prompt file of this base model) and the KL term's weight and temperature."""
+
+    teachers: dict[str, str] = field(default_factory=dict)
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        check_positive(self, "distill_weight", "distill_temperature")
 
 
 class SourceTrainer(Trainer):
@@ -48,8 +67,10 @@ class SourceTrainer(Trainer):
         accelerator=None,
         out: str | Path | None = None,
         overwrite: bool = True,
+        distill: Distillation | None = None,
     ):
         self.tasks = _check_tasks(tasks)
+        self.distill = distill or Distillation()
         names = [t.name for t in self.tasks]
         c = config or TrainConfig()
         cfg = MultitaskPromptConfig.from_dict(method_config) if isinstance(method_config, dict) else method_config
@@ -66,6 +87,7 @@ class SourceTrainer(Trainer):
         super().__init__(
             base, self.tasks[0], config=c, run_dir=run_dir, resume=resume, accelerator=accelerator, trainable=trainable
         )
+        self.teachers = self._teachers(base, names)
         self.encs = [Encoder(t.spec, base, c.truncate, c.max_length) for t in self.tasks]
         self.has_eval = any(t.has_split(c.eval_split) for t in self.tasks)
         self.last_eval: dict[str, dict] = {}
@@ -74,6 +96,32 @@ class SourceTrainer(Trainer):
     def label(self) -> str:
         return "+".join(t.name for t in self.tasks)
 
+    def identity_extra(self) -> dict:
+        return {"distill": dataclasses.asdict(self.distill)} if self.distill.teachers else {}
+
+    def _teachers(self, base, names: list[str]) -> dict[int, Injection]:
+        """Task index -> its teacher's prompt, each file checked against the base model."""
+        unknown = sorted(set(self.distill.teachers) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"Teacher prompts were given for {unknown}, which are not source tasks of this run ({names}).",
+                "pass --teacher TASK=FILE for source tasks only.",
+            )
+        return {
+            names.index(name): load_prompt(path, base).injection.to(base.device)
+            for name, path in self.distill.teachers.items()
+        }
+
+    def _start(self) -> None:
+        super()._start()
+        for k, teacher in self.teachers.items():  # the rows are fitted around the student's prompt
+            if teacher.num_positions > self._shape.num_positions:
+                raise ConfigError(
+                    f"The teacher prompt of {self.tasks[k].name} takes {teacher.num_positions} positions, more than "
+                    f"this run's {self._shape.num_positions}: long rows would not fit it.",
+                    f"pass --num-virtual-tokens {teacher.num_positions} (or more), or a shorter teacher.",
+                )
+
     def example(self, g: int):
         """Row g of the training stream: (its task's index, the example formatted by that task's template)."""
         k, T = g % len(self.tasks), len(self.tasks)
@@ -81,7 +129,27 @@ class SourceTrainer(Trainer):
 
     def loss(self, batch) -> torch.Tensor:
         prompts = {k: self.method(k) for k in sorted({k for k, _ in batch})}  # each task's live prompt, built once
-        return self.base.family.loss([dataclasses.replace(e, injection=prompts[k]) for k, e in batch])
+        rows = [dataclasses.replace(e, injection=prompts[k]) for k, e in batch]
+        if not self.teachers:
+            return self.base.family.loss(rows)
+        logits, targets, mask = self.base.family.target_logits(rows)  # (B, K, V), (B, K), (B, K)
+        return mean_nll(logits, targets, mask) + self._distillation(batch, logits, mask)
+
+    def _distillation(self, batch, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """weight * T^2 * KL(teacher || student) of the distributions softened by T, summed over the target tokens of
+        the rows whose task has a teacher and divided by all the batch's target tokens (as the NLL is)."""
+        d, taught = self.distill, [i for i, (k, _) in enumerate(batch) if k in self.teachers]
+        if not taught:
+            return logits.new_zeros(())
+        with torch.no_grad():
+            rows = [dataclasses.replace(batch[i][1], injection=self.teachers[batch[i][0]]) for i in taught]
+            teacher, _, teacher_mask = self.base.family.target_logits(rows)  # (b, K', V), _, (b, K')
+        # the target tokens in row order (N, V): a family may place a row's targets anywhere in its batch's K slots
+        student = logits[taught][mask[taught].bool()].float()
+        teacher = teacher[teacher_mask.bool()].float()
+        T = d.distill_temperature
+        kl = F.kl_div((student / T).log_softmax(-1), (teacher / T).log_softmax(-1), log_target=True, reduction="sum")
+        return d.distill_weight * T * T * kl / mask.sum()
 
     def _evaluations(self, limit: int | None) -> dict[str, dict]:
         """Each source task's metrics with its own prompt P_k, on the task's eval split (where it has one)."""
@@ -155,6 +223,8 @@ def train_source(
     accelerator=None,
     out: str | Path | None = None,
     overwrite: bool = True,
+    distill: Distillation | None = None,
 ) -> TrainResult:
     """MPT's source stage over `tasks`; writes each task's prompt and `SOURCE_FILE` into the folder `out`."""
-    return SourceTrainer(base, tasks, method_config, config, run_dir, resume, accelerator, out, overwrite).run()
+    trainer = SourceTrainer(base, tasks, method_config, config, run_dir, resume, accelerator, out, overwrite, distill)
+    return trainer.run()

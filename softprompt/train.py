@@ -288,10 +288,14 @@ class Trainer:
             "method_config": trainable.config.to_dict(),
             "base": base.fingerprint.config_hash + ":" + base.fingerprint.embedding_sha256[:16],
             "train": {k: getattr(c, k) for k in TrainConfig.IDENTITY},
-        }
+        } | self.identity_extra()
         if resume and self.run_dir and (self.run_dir / CHECKPOINT).exists():
             self._load_checkpoint()
         self._check_same_step()
+
+    def identity_extra(self) -> dict:
+        """Options of a subclass's run that a checkpoint must share to resume it (none here)."""
+        return {}
 
     @property
     def label(self) -> str:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import DATA, build_tiny, make_prompt
 from helpers import run_cli as run
 
@@ -15,7 +16,7 @@ from softprompt.errors import ConfigError, PromptFileError
 from softprompt.example import Example
 from softprompt.injection import EMPTY
 from softprompt.methods import InitContext, MultitaskPromptConfig, build_method
-from softprompt.mpt_source import SOURCE_FILE, SourceTrainer, train_source
+from softprompt.mpt_source import SOURCE_FILE, Distillation, SourceTrainer, train_source
 from softprompt.multitask import MultiTask
 from softprompt.store import Store, load_prompt
 from softprompt.train import TrainConfig
@@ -147,6 +148,16 @@ def test_source_and_target_stages_from_the_command_line(model_dir, tmp_path, cap
     assert info["method"] == "mpt" and info["method_config"]["source_task"] == "average"
     code, _, err = run(capsys, "train", "--task", "cb", "--tasks", "sst2", "trec", *common)
     assert code == 2 and "no --task" in err
+    code, _, err = run(capsys, "train", "--tasks", "sst2", "trec", *common, "--teacher", "sst2")
+    assert code == 2 and "is not TASK=FILE" in err
+    code, _, err = run(capsys, "train", "--task", "cb", *common, "--teacher", f"cb={target}")
+    assert code == 2 and "distills MPT's source stage" in err
+    code, out, err = run(
+        capsys,
+        *("train", "--tasks", "sst2", "trec", *common, "--teacher", f"trec={target}", "--distill-temperature", 2),
+        *("--out", tmp_path / "distilled", "--run-dir", tmp_path / "run-distilled"),
+    )
+    assert code == 0, err
 
 
 def test_a_source_run_resumes_from_its_checkpoint_and_refuses_another_task_list(llama, sst2, e2e, tmp_path):
@@ -157,3 +168,42 @@ def test_a_source_run_resumes_from_its_checkpoint_and_refuses_another_task_list(
     assert all(torch.equal(a, b) for a, b in zip(again.method.parameters(), first.method.parameters()))
     with pytest.raises(ConfigError, match="different run"):
         SourceTrainer(llama, [e2e, sst2], {"num_virtual_tokens": 3}, options, run_dir=tmp_path / "run")
+
+
+def test_distillation_adds_the_teachers_kl_on_their_tasks_rows(llama, sst2, e2e, tmp_path):
+    """loss = NLL + weight * T^2 * KL(teacher || student) over the target tokens of the taught task's rows; a teacher
+    that is the student's own prompt adds nothing."""
+    teacher = make_prompt(llama, sst2.spec, "soft", 3, seed=5).save(tmp_path / "teacher.safetensors")
+    distill = Distillation({"sst2": str(teacher)}, distill_weight=0.5, distill_temperature=2.0)
+    plain = SourceTrainer(llama, [sst2, e2e], {"num_virtual_tokens": 3}, quick())
+    taught = SourceTrainer(llama, [sst2, e2e], {"num_virtual_tokens": 3}, quick(), distill=distill)
+    for t in (plain, taught):
+        t._start()
+    batch = taught.micro_batch(0, 0)
+    assert {k for k, _ in batch} == {0, 1}
+    rows = [dataclasses.replace(e, injection=taught.method(k)) for k, e in batch]
+    _, _, mask = llama.family.target_logits(rows)
+    first = [i for i, (k, _) in enumerate(batch) if k == 0]
+    with torch.no_grad():
+        s = llama.family.target_logits([rows[i] for i in first])
+        t = llama.family.target_logits([dataclasses.replace(batch[i][1], injection=taught.teachers[0]) for i in first])
+        kl = F.kl_div((s[0] / 2).log_softmax(-1), (t[0] / 2).log_softmax(-1), log_target=True, reduction="none")
+        expected = 0.5 * 4 * (kl.sum(-1) * s[2]).sum() / mask.sum()
+        added = taught.loss(batch) - plain.loss(batch)
+        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-6)
+        assert added > 0
+        taught.teachers[0] = taught.method.collapse(0)
+        torch.testing.assert_close(taught.loss(batch), plain.loss(batch), rtol=0, atol=1e-5)
+
+
+def test_bad_teachers_are_refused(llama, sst2, e2e, tmp_path):
+    long = make_prompt(llama, sst2.spec, "soft", 5).save(tmp_path / "long.safetensors")
+    with pytest.raises(ConfigError, match="not source tasks"):
+        SourceTrainer(llama, [sst2, e2e], None, quick(), distill=Distillation({"trec": str(long)}))
+    distill = Distillation({"sst2": str(long)})
+    trainer = SourceTrainer(llama, [sst2, e2e], {"num_virtual_tokens": 3}, quick(), distill=distill)
+    with pytest.raises(ConfigError, match="takes 5 positions") as e:
+        trainer._start()
+    assert "--num-virtual-tokens 5" in e.value.fix
+    with pytest.raises(ConfigError, match="distill_weight must be positive"):
+        Distillation(distill_weight=0)

@@ -38,6 +38,8 @@ def cmd_train(ns, method_names: list[str]) -> None:
     method_cfg = method_config_from(ns, method_names)
     if ns.tasks:
         return cmd_train_source(ns, cfg, method_cfg)
+    if ns.teacher:
+        raise ConfigError("--teacher distills MPT's source stage.", "pass it with --method mpt --tasks A B ...")
     task = load_task_from(ns)
     task.check_split("train")  # before the model loads; a named eval split too (without dev, no evaluation)
     if cfg.eval_split != "dev":
@@ -61,7 +63,7 @@ def cmd_train(ns, method_names: list[str]) -> None:
 def cmd_train_source(ns, cfg, method_cfg) -> None:
     """`train --tasks A B ... --method mpt`: MPT's source stage, one prompt file per task and the source file."""
     from ..data import load_task
-    from ..mpt_source import SOURCE_FILE, train_source
+    from ..mpt_source import SOURCE_FILE, Distillation, train_source
     from ..store import Prompt
     from ..train import is_main_process
 
@@ -70,6 +72,7 @@ def cmd_train_source(ns, cfg, method_cfg) -> None:
             "--tasks trains one shared prompt on several tasks (MPT's source stage): it takes --method mpt, no --task.",
             "pass --method mpt --tasks A B ..., or --task NAME to train one task.",
         )
+    distill = Distillation(_teachers(ns.teacher), ns.distill_weight, ns.distill_temperature)
     tasks = [load_task(name, ns.data_dir, ns.dev_from_train) for name in ns.tasks]
     label = "+".join(t.name for t in tasks)
     out = Path(ns.out or f"prompts/{label}-mpt")
@@ -78,7 +81,7 @@ def cmd_train_source(ns, cfg, method_cfg) -> None:
     base = load_base(ns)
     run_dir = Path(ns.run_dir or f"runs/{label}-mpt")
     result = train_source(
-        base, tasks, method_cfg, cfg, run_dir=run_dir, resume=ns.resume, out=out, overwrite=ns.overwrite
+        base, tasks, method_cfg, cfg, run_dir, ns.resume, out=out, overwrite=ns.overwrite, distill=distill
     )
     if not is_main_process():
         return
@@ -88,6 +91,20 @@ def cmd_train_source(ns, cfg, method_cfg) -> None:
     for t in tasks:
         c.print(f"  {t.name}: {_measured(Prompt.load(out / f'{t.name}.safetensors').metrics, cfg.eval_split)}")
     c.print(f"{result.seconds_per_step:.2f} s/step")
+
+
+def _teachers(pairs: list[str]) -> dict[str, str]:
+    """--teacher TASK=FILE values -> {task: file}."""
+    out = {}
+    for pair in pairs:
+        task, sep, path = pair.partition("=")
+        if not sep or not task or not path or task in out:
+            raise ConfigError(
+                f"--teacher {pair!r} is not TASK=FILE, or names a task twice.",
+                "pass --teacher sst2=prompts/sst2-soft.safetensors, once per source task.",
+            )
+        out[task] = path
+    return out
 
 
 def _measured(metrics: dict, split: str) -> str:
@@ -246,6 +263,16 @@ def _train_parser(sub) -> None:
         help="MPT's source stage (--method mpt): train one shared prompt on these tasks together; --out is then a "
         "folder of one prompt file per task and source/mpt-source.safetensors, which a target task starts from",
     )
+    d = t.add_argument_group("distillation", "MPT's source stage (--tasks): distill each task's teacher prompt")
+    d.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="TASK=FILE",
+        help="a prompt file of this base model trained on that source task alone; repeat per task",
+    )
+    d.add_argument("--distill-weight", type=float, default=1.0, help="weight of the KL term (default 1.0)")
+    d.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature T (default 1.0)")
     add_model_options(t)
     method_names = add_method_options(t)
     add_dataclass_options(t, TrainConfig, "training")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .causal import Causal
-from .family import Family, KVLayout
+from .family import Family, KVLayout, mean_nll
 from .masked_lm import MaskedLM
 from .seq2seq import Seq2Seq
 
@@ -28,4 +28,4 @@ def family_class(config) -> type[Family]:
     )
 
 
-__all__ = ["FAMILIES", "Causal", "Family", "KVLayout", "MaskedLM", "Seq2Seq", "family_class"]
+__all__ = ["FAMILIES", "Causal", "Family", "KVLayout", "MaskedLM", "Seq2Seq", "family_class", "mean_nll"]

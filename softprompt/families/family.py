@@ -293,14 +293,11 @@ class Family:
 
     def target_log_probs(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(target token) at every target position: (logp (B, K), mask (B, K)), zero where masked."""
-        logits, targets, mask = self.target_logits(examples)
-        logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        return logp * mask, mask
+        return token_log_probs(*self.target_logits(examples))
 
     def loss(self, examples: list[Example]) -> torch.Tensor:
         """Mean negative log-likelihood over all target tokens of the batch: the training loss of every method."""
-        logp, mask = self.target_log_probs(examples)
-        return -logp.sum() / mask.sum()
+        return mean_nll(*self.target_logits(examples))
 
     def class_scores(self, rows: list[tuple[Example, list[list[int]]]]) -> list[torch.Tensor]:
         """Log-likelihood of each class's label-word tokens at each row's slot; one (C_i,) tensor per row.
@@ -418,6 +415,19 @@ def _checkpoint_in_eval_mode(layer):
         return checkpoint(in_eval_mode, *args, use_reentrant=False)
 
     return run
+
+
+def token_log_probs(logits, targets, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_logits`' (logits (B, K, V), targets (B, K), mask (B, K)) -> (log p(target) (B, K), zero where masked;
+    mask)."""
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return logp * mask, mask
+
+
+def mean_nll(logits, targets, mask) -> torch.Tensor:
+    """The mean negative log-likelihood over the unmasked target tokens of `target_logits`' output."""
+    logp, mask = token_log_probs(logits, targets, mask)
+    return -logp.sum() / mask.sum()
 
 
 def group_by(keys: list) -> list[list[int]]:
