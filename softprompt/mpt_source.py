@@ -213,18 +213,7 @@ def _check_tasks(tasks: list[Task]) -> list[Task]:
     return list(tasks)
 
 
-def train_source(
-    base,
-    tasks: list[Task],
-    method_config: MultitaskPromptConfig | dict | None = None,
-    config=None,
-    run_dir: str | Path | None = None,
-    resume: bool = True,
-    accelerator=None,
-    out: str | Path | None = None,
-    overwrite: bool = True,
-    distill: Distillation | None = None,
-) -> TrainResult:
-    """MPT's source stage over `tasks`; writes each task's prompt and `SOURCE_FILE` into the folder `out`."""
-    trainer = SourceTrainer(base, tasks, method_config, config, run_dir, resume, accelerator, out, overwrite, distill)
-    return trainer.run()
+def train_source(base, tasks: list[Task], *args, **kwargs) -> TrainResult:
+    """MPT's source stage over `tasks` (`SourceTrainer`'s arguments); writes each task's prompt and `SOURCE_FILE`
+    into the folder `out`."""
+    return SourceTrainer(base, tasks, *args, **kwargs).run()
