@@ -77,20 +77,28 @@ class SourceTrainer(Trainer):
         cfg = dataclasses.replace(cfg or MultitaskPromptConfig(), num_tasks=len(self.tasks))
         # every file the run will write, refused now (not after the training time is spent) when it may not be replaced
         self.out_dir = None if out is None else Path(out)
-        if self.out_dir is not None:
-            for name in [*(f"{n}.safetensors" for n in names), SOURCE_FILE]:
-                check_replace(self.out_dir / name, overwrite, base)
+        for path in output_files(self.out_dir, names) if out is not None else []:
+            check_replace(path, overwrite, base)
         self.streams = [t.examples("train", c.seed) for t in self.tasks]
         words = list(dict.fromkeys(w for t in self.tasks for w in t.spec.verbalizers or []))
         texts = [s for stream in self.streams for s in stream.texts(5000 // len(self.tasks))]
         trainable = MultitaskPrompt(cfg, InitContext(base, words, texts, seed=c.seed))
         super().__init__(
-            base, self.tasks[0], config=c, run_dir=run_dir, resume=resume, accelerator=accelerator, trainable=trainable
+            base,
+            self.tasks[0],
+            config=c,
+            run_dir=run_dir,
+            resume=resume,
+            accelerator=accelerator,
+            trainable=trainable,
+            examples=self.streams[0],
         )
         self.teachers = self._teachers(base, names)
-        self.encs = [Encoder(t.spec, base, c.truncate, c.max_length) for t in self.tasks]
+        self.encs = [self.enc, *(Encoder(t.spec, base, c.truncate, c.max_length) for t in self.tasks[1:])]
         self.has_eval = any(t.has_split(c.eval_split) for t in self.tasks)
+        self.metrics = {t.name: primary_metric(t.spec) for t in self.tasks}  # what the progress bar shows per task
         self.last_eval: dict[str, dict] = {}
+        self.prompts: list[Prompt] = []  # every source task's, once the run has finished
 
     @property
     def label(self) -> str:
@@ -124,8 +132,8 @@ class SourceTrainer(Trainer):
 
     def example(self, g: int):
         """Row g of the training stream: (its task's index, the example formatted by that task's template)."""
-        k, T = g % len(self.tasks), len(self.tasks)
-        return k, self.encs[k].training_example(*self.streams[k].get(g // T), self._shape)
+        i, k = divmod(g, len(self.tasks))
+        return k, self.encs[k].training_example(*self.streams[k].get(i), self._shape)
 
     def loss(self, batch) -> torch.Tensor:
         prompts = {k: self.method(k) for k in sorted({k for k, _ in batch})}  # each task's live prompt, built once
@@ -167,36 +175,35 @@ class SourceTrainer(Trainer):
         self._log({"step": self.step, "eval_tasks": self.last_eval})
 
     def progress(self) -> dict[str, str]:
-        return {name: f"{m[self._metric(name)]:.3f}" for name, m in self.last_eval.items()}
-
-    def _metric(self, name: str) -> str:
-        return primary_metric(next(t for t in self.tasks if t.name == name).spec)
+        return {name: f"{m[self.metrics[name]]:.3f}" for name, m in self.last_eval.items()}
 
     def _finish(self) -> Prompt:
         """Every source task's prompt with its final evaluation, and the source file, written to `out`."""
         c = self.config
         final = self._evaluations(c.final_eval_limit) if c.final_eval else {}
-        prompts = [
-            Prompt.for_base(
-                self.base,
+        self.prompts = [
+            self._prompt_for(
                 self.method.collapse(k),
-                self.method_name,
-                self.method.config.to_dict(),
                 t.spec,
-                trainable_parameters=self.method.num_trainable(),
-                metrics={c.eval_split: {**final[t.name], "split": c.eval_split}} if t.name in final else {},
-                train={k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} | {"steps_done": self.step},
+                {c.eval_split: {**final[t.name], "split": c.eval_split}} if t.name in final else {},
             )
             for k, t in enumerate(self.tasks)
         ]
         self._saved = None
         if self.out_dir is not None and self.is_main:
-            for prompt, t in zip(prompts, self.tasks):
-                prompt.save(self.out_dir / f"{t.name}.safetensors")
-            self.method.save_source(self.out_dir / SOURCE_FILE, self.base, [t.name for t in self.tasks])
+            names = [t.name for t in self.tasks]
+            *files, source = output_files(self.out_dir, names)
+            for prompt, path in zip(self.prompts, files):
+                prompt.save(path)
+            self.method.save_source(source, self.base, names)
             self._saved = self.out_dir
         self._plot()
-        return prompts[0]
+        return self.prompts[0]
+
+
+def output_files(out: str | Path, names: list[str]) -> list[Path]:
+    """What a source run writes into the folder `out`: each task's prompt file, in task order, then `SOURCE_FILE`."""
+    return [*(Path(out) / f"{name}.safetensors" for name in names), Path(out) / SOURCE_FILE]
 
 
 def _check_tasks(tasks: list[Task]) -> list[Task]:

@@ -232,6 +232,7 @@ class Trainer:
     """Trains one method on one task. Use `train()` unless you need the pieces.
 
     eval_seed: the seed of the fixed evaluation subset (default: the training seed; the benchmark fixes it).
+    examples: the task's train split as `task.examples("train", seed)` gives it, when the caller has read it already.
     """
 
     def __init__(
@@ -248,6 +249,7 @@ class Trainer:
         eval_seed: int | None = None,
         out: str | Path | None = None,
         overwrite: bool = True,
+        examples=None,
     ):
         self.base, self.task, self.config = base, task, config or TrainConfig()
         # where the prompt goes, checked before any training time is spent (and again when it is written)
@@ -266,7 +268,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         c = self.config
         self.enc = Encoder(task.spec, base, c.truncate, c.max_length)
-        self.examples = task.examples("train", c.seed)  # in memory, or streamed when the spec says `streaming: true`
+        # in memory, or streamed when the spec says `streaming: true`; `examples`: the caller read them already
+        self.examples = examples if examples is not None else task.examples("train", c.seed)
         if trainable is None:
             trainable = build_method(method, method_config, init_context(base, task, c.seed, self.examples))
         self.method, self.method_name = trainable, trainable.name
@@ -545,16 +548,20 @@ class Trainer:
         print(f"softprompt: warning: {message}", file=sys.stderr)
 
     def _prompt(self) -> Prompt:
-        c = self.config
+        metrics = {"best_during_training": self._best_eval()} if self.has_eval else {}
+        return self._prompt_for(self.best, self.task.spec, metrics)
+
+    def _prompt_for(self, injection: Injection, spec, metrics: dict) -> Prompt:
+        """A prompt file's contents: `injection` for the task `spec`, with this run's method, options and steps."""
         return Prompt.for_base(
             self.base,
-            self.best,
+            injection,
             self.method_name,
             self.method.config.to_dict(),
-            self.task.spec,
+            spec,
             trainable_parameters=self.method.num_trainable(),
-            metrics={"best_during_training": self._best_eval()} if self.has_eval else {},
-            train={k: v for k, v in asdict(c).items() if k != "progress"} | {"steps_done": self.step},
+            metrics=metrics,
+            train={k: v for k, v in asdict(self.config).items() if k != "progress"} | {"steps_done": self.step},
         )
 
     def _best_eval(self) -> dict:

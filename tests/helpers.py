@@ -86,6 +86,15 @@ def make_prompt(base, spec, method: str | None, P: int = 0, seed: int = 0, init:
     )
 
 
+def text_rows(base) -> list:
+    """Three unpadded rows of text to score, with no target and no prompt (set one with `dataclasses.replace`)."""
+    from softprompt.example import Example
+    from softprompt.injection import EMPTY
+
+    ids = [base.tokenizer(t)["input_ids"] for t in ("the film was fun", "a dull plot", "it was great fun and the plot")]
+    return [Example(s, len(s), [], EMPTY) for s in ids]
+
+
 def write_spec(directory: Path, body: str = BASIC, files: dict[str, str | bytes] | None = None) -> Path:
     """A task spec `body` as DIRECTORY/task.yaml, next to data `files` {name: content}."""
     for name, content in (files or {}).items():

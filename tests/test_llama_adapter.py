@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
-from helpers import DATA, build_tiny, make_prompt
+from helpers import DATA, build_tiny, make_prompt, text_rows
 from helpers import run_cli as run
 
 from softprompt.errors import ConfigError, PromptFileError
-from softprompt.example import Example
 from softprompt.injection import EMPTY, Injection
 from softprompt.methods import InitContext, LlamaAdapterConfig, build_method
 from softprompt.peft_format import export_peft, import_peft
@@ -21,11 +20,6 @@ from softprompt.peft_format import export_peft, import_peft
 def adapter(base, sst2, seed=0, **config):
     ctx = InitContext(base, sst2.spec.verbalizers, sst2.split("train").prompts[:100], seed=seed)
     return build_method("llama-adapter", LlamaAdapterConfig(**({"num_virtual_tokens": 4} | config)), ctx)
-
-
-def rows(base, n=3):
-    ids = [base.tokenizer(t)["input_ids"] for t in ("the film was fun", "a dull plot", "it was great fun and the plot")]
-    return [Example(s, len(s), [], EMPTY) for s in ids[:n]]
 
 
 def logits(base, examples, injection):
@@ -38,21 +32,21 @@ def test_zero_gates_give_the_frozen_model_and_the_wrapper_changes_nothing(tokeni
     (on first use) leaves every other prompt's logits bit-identical."""
     base = build_tiny("llama", tokenizer)
     soft = torch.randn(3, base.hidden_size, generator=torch.Generator().manual_seed(0))
-    before = [logits(base, rows(base), inj) for inj in (EMPTY, Injection(embeds=soft))]
+    before = [logits(base, text_rows(base), inj) for inj in (EMPTY, Injection(embeds=soft))]
     method = adapter(base, sst2)
     assert base.model.config._attn_implementation.startswith("softprompt_adaption_")
-    assert torch.equal(logits(base, rows(base), method()), before[0])
-    after = [logits(base, rows(base), inj) for inj in (EMPTY, Injection(embeds=soft))]
+    assert torch.equal(logits(base, text_rows(base), method()), before[0])
+    after = [logits(base, text_rows(base), inj) for inj in (EMPTY, Injection(embeds=soft))]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     method.gate.fill_(0.5)
-    assert not torch.allclose(logits(base, rows(base), method()), before[0])
+    assert not torch.allclose(logits(base, text_rows(base), method()), before[0])
 
 
 def test_training_starts_by_opening_the_gates(tokenizer, sst2):
     """With zero gates only the gates get a gradient (the prompts' is exactly zero), as the paper intends."""
     base = build_tiny("llama", tokenizer)
     method = adapter(base, sst2)
-    examples = [dataclasses.replace(e, target=[5], injection=method()) for e in rows(base)]
+    examples = [dataclasses.replace(e, target=[5], injection=method()) for e in text_rows(base)]
     base.family.loss(examples).backward()
     assert method.gate.grad.abs().sum() > 0 and not method.adapter.grad.any()
 
@@ -82,13 +76,13 @@ def test_logits_equal_peft_adaption_prompt(tokenizer, sst2, arch, record_parity)
     for m, p, g in zip(modules, method.adapter, method.gate):
         m.adaption_prompt.copy_(p[None])
         m.adaption_gate.fill_(float(g))
-    for row in rows(base):  # unpadded rows: PEFT's adapter attends from pads too
+    for row in text_rows(base):  # unpadded rows: PEFT's adapter attends from pads too
         ids = torch.tensor([row.source])
         ref = theirs(input_ids=ids).logits[0, -1]
         ours = logits(base, [row], method())[0]
         record_parity(f"llama-adapter {arch}", float((ours - ref).abs().max()))
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-    assert not torch.allclose(ours, logits(base, [rows(base)[-1]], EMPTY)[0])
+    assert not torch.allclose(ours, logits(base, [text_rows(base)[-1]], EMPTY)[0])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "phi3", "falcon", "t5", "bert"])

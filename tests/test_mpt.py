@@ -9,12 +9,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DATA, build_tiny, make_prompt
+from helpers import DATA, build_tiny, make_prompt, text_rows
 from helpers import run_cli as run
 
 from softprompt.errors import ConfigError, PromptFileError
-from softprompt.example import Example
-from softprompt.injection import EMPTY
 from softprompt.methods import InitContext, MultitaskPromptConfig, build_method
 from softprompt.mpt_source import SOURCE_FILE, Distillation, SourceTrainer, train_source
 from softprompt.multitask import MultiTask
@@ -25,11 +23,6 @@ from softprompt.train import TrainConfig
 def mpt(base, task, seed=0, **config):
     ctx = InitContext(base, task.spec.verbalizers, task.split("train").prompts[:100], seed=seed)
     return build_method("mpt", MultitaskPromptConfig(**({"num_virtual_tokens": 3} | config)), ctx)
-
-
-def rows(base):
-    ids = [base.tokenizer(t)["input_ids"] for t in ("the film was fun", "a dull plot", "it was great fun and the plot")]
-    return [Example(s, len(s), [], EMPTY) for s in ids]
 
 
 def quick(**kw) -> TrainConfig:
@@ -64,7 +57,7 @@ def test_logits_equal_peft_multitask_prompt_tuning(tokenizer, sst2, arch, record
     encoder.prefix_task_cols.copy_(method.cols)
     encoder.prefix_task_rows.copy_(method.rows)
     for k in range(2):
-        for row in rows(base):
+        for row in text_rows(base):
             ref = theirs(input_ids=torch.tensor([row.source]), task_ids=torch.tensor([k])).logits[0, -1]
             ours = base.family.next_token_logits([dataclasses.replace(row, injection=method(k))])[0]
             record_parity(f"mpt {arch}", float((ours - ref).abs().max()))

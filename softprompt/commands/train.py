@@ -63,8 +63,7 @@ def cmd_train(ns, method_names: list[str]) -> None:
 def cmd_train_source(ns, cfg, method_cfg) -> None:
     """`train --tasks A B ... --method mpt`: MPT's source stage, one prompt file per task and the source file."""
     from ..data import load_task
-    from ..mpt_source import SOURCE_FILE, Distillation, train_source
-    from ..store import Prompt
+    from ..mpt_source import SOURCE_FILE, Distillation, SourceTrainer, output_files
     from ..train import is_main_process
 
     if ns.task or ns.method != "mpt":
@@ -76,20 +75,21 @@ def cmd_train_source(ns, cfg, method_cfg) -> None:
     tasks = [load_task(name, ns.data_dir, ns.dev_from_train) for name in ns.tasks]
     label = "+".join(t.name for t in tasks)
     out = Path(ns.out or f"prompts/{label}-mpt")
-    for name in [*(f"{t.name}.safetensors" for t in tasks), SOURCE_FILE]:  # before the model loads
-        check_out(out / name, ns.overwrite)
+    for path in output_files(out, [t.name for t in tasks]):  # before the model loads
+        check_out(path, ns.overwrite)
     base = load_base(ns)
     run_dir = Path(ns.run_dir or f"runs/{label}-mpt")
-    result = train_source(
+    trainer = SourceTrainer(
         base, tasks, method_cfg, cfg, run_dir, ns.resume, out=out, overwrite=ns.overwrite, distill=distill
     )
+    result = trainer.run()
     if not is_main_process():
         return
     write_card(out)
     c = console()
     c.print(f"saved {len(tasks)} task prompts and [bold]{out / SOURCE_FILE}[/] in {out}/; run record in {run_dir}/")
-    for t in tasks:
-        c.print(f"  {t.name}: {_measured(Prompt.load(out / f'{t.name}.safetensors').metrics, cfg.eval_split)}")
+    for t, prompt in zip(tasks, trainer.prompts):
+        c.print(f"  {t.name}: {_measured(prompt.metrics, cfg.eval_split)}")
     c.print(f"{result.seconds_per_step:.2f} s/step")
 
 

@@ -252,9 +252,10 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def collapse(self) -> Injection:
-        """The injection as plain tensors (float32, detached): what a prompt file stores."""
-        return self().to(dtype=torch.float32).detach()
+    def collapse(self, *args) -> Injection:
+        """The injection as plain tensors (float32, detached): what a prompt file stores. `args` go to `forward`
+        (MPT's task index)."""
+        return self(*args).to(dtype=torch.float32).detach()
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, PromptFileError
+from ..errors import ConfigError, PromptFileError, check_at_least
 from ..injection import Injection
 from .method import PROMPT_HELP, InitContext, MethodConfig, PromptMethod
 
@@ -63,11 +63,7 @@ class MultitaskPromptConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.choice("init", INITS)
-        for name in ("num_tasks", "rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.", f"pass {flag} N with N >= 1.")
+        check_at_least(self, 1, "num_tasks", "rank")  # integers: check_types (MethodConfig) saw to that
         if (self.init == "source") != (self.init_source is not None):
             raise ConfigError(
                 "--init source and --init-source go together.",
@@ -97,10 +93,6 @@ class MultitaskPrompt(PromptMethod):
 
     def forward(self, task: int = 0) -> Injection:
         return Injection(embeds=self.shared * (self.cols[task] @ self.rows[task]))  # (P, D) ∘ (P, r) @ (r, D)
-
-    @torch.no_grad()
-    def collapse(self, task: int = 0) -> Injection:
-        return self(task).to(dtype=torch.float32).detach()
 
     def save_source(self, path: str | Path, base, tasks: list[str]) -> Path:
         """Write what a target task starts from (`source_factors`): the shared prompt, every task's factors, the
@@ -153,7 +145,8 @@ def source_factors(path: str | Path, ctx: InitContext, P: int, T: int, r: int, t
     if task == "average":
         cols, rows = cols.mean(0, keepdim=True), rows.mean(0, keepdim=True)
     elif task in names:
-        cols, rows = cols[names.index(task)][None], rows[names.index(task)][None]
+        k = names.index(task)
+        cols, rows = cols[k][None], rows[k][None]
     else:
         raise ConfigError(
             f"--source-task {task!r} is not a task of {path}.", f"use average, shared, or one of {names}."
